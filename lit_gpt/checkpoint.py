@@ -1,0 +1,173 @@
+"""Checkpoint folders: reading and writing them safely, atomically and one tensor at a time.
+
+A checkpoint folder holds `model.safetensors`, `model_config.yaml` and the tokenizer files. It is written under a
+temporary name and renamed when complete, so an interrupted write never leaves a folder that later loads.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lit_gpt.config import CONFIG_FILENAME
+from lit_gpt.model import GPT, WEIGHTS_FILENAME
+from lit_gpt.tokenizer import TOKENIZER_FILES
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / WEIGHTS_FILENAME).is_file() and (path / CONFIG_FILENAME).is_file()
+
+
+@contextmanager
+def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary folder beside `target`; renames it to `target` only when the block completes."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{str(target)!r} already holds files; pass --overwrite to replace them.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(destination) / name)
+            copied.append(name)
+    return copied
+
+
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights as saved: a tied lm_head is the embedding and is stored once."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def write_model_files(model: GPT, folder: Path, tokenizer_dir: Path | None = None, state: dict | None = None) -> None:
+    """Weights, config and tokenizer files into an existing (temporary) folder."""
+    save_file(state if state is not None else model_state_dict(model), folder / WEIGHTS_FILENAME,
+              metadata={"format": "pt"})
+    model.config.save(folder / CONFIG_FILENAME)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, folder)
+
+
+def save_model_dir(model: GPT, target: Path, tokenizer_dir: Path | None = None, overwrite: bool = False) -> None:
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        write_model_files(model, tmp, tokenizer_dir)
+
+
+def safe_torch_load(path: Path, mmap: bool = True) -> dict:
+    """torch.load that never runs code from the file: only tensors and plain containers are accepted.
+    Files in the zip format are memory-mapped; older (legacy pickle) files are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"Refusing to load {str(path)!r}: it holds Python objects beyond tensors, which could run code"
+            f" ({first_line}). Use a .safetensors copy of it."
+        ) from None
+    except RuntimeError as error:
+        if mmap and "mmap can only be used" in str(error):
+            return safe_torch_load(path, mmap=False)
+        raise
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Reads tensors one at a time with plain reads (no memory map), so only the current one is resident."""
+    header, start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            dtype = TORCH_DTYPES[info["dtype"]]
+            if end == begin:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            data = bytearray(end - begin)
+            f.seek(start + begin)
+            f.readinto(data)
+            yield name, torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info["shape"])
+
+
+class SafetensorsStreamWriter:
+    """Writes a .safetensors file one tensor at a time, in any order, into a layout fixed up front from the expected
+    names, shapes and dtypes; memory holds the tensor being written, never the whole checkpoint."""
+
+    def __init__(self, path: Path, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        header, offset = {}, 0
+        for name in sorted(spec):
+            shape, dtype = spec[name]
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.spec, self.header, self.pending = spec, header, set(spec)
+        self.data_start = 8 + len(encoded)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self.file.truncate(self.data_start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.spec:
+            raise KeyError(f"Unexpected tensor {name!r}: the model config has no such weight.")
+        if name not in self.pending:
+            raise KeyError(f"Tensor {name!r} was given twice.")
+        shape, dtype = self.spec[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"Tensor {name!r} has shape {tuple(tensor.shape)}, the model config expects {tuple(shape)}."
+            )
+        tensor = tensor.detach().to(dtype).contiguous()
+        self.file.seek(self.data_start + self.header[name]["data_offsets"][0])
+        if tensor.numel():
+            self.file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.pending:
+            missing = sorted(self.pending)
+            more = " ..." if len(missing) > 5 else ""
+            raise KeyError(f"Missing tensor(s) {missing[:5]}{more} in the source checkpoint.")

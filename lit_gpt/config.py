@@ -1,0 +1,234 @@
+"""Model configuration: one dataclass of plain values for every family, and the named presets."""
+
+import difflib
+import math
+from copy import deepcopy
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_FILENAME = "model_config.yaml"
+
+TEMPERATURE_MODES = ("none", "ssa", "ssa_position", "logn", "ssmax", "constant")
+CHOICES = {
+    "position_embedding": ("rope", "learned"),
+    "norm_class_name": ("LayerNorm", "RMSNorm"),
+    "mlp_class_name": ("GptNeoxMLP", "LLaMAMLP"),
+    "gelu_approximate": ("none", "tanh"),
+    "attention_temperature": TEMPERATURE_MODES,
+    "ssa_token_weights": ("shared", "separate"),
+}
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+def close_matches_hint(word: str, possibilities) -> str:
+    matches = difflib.get_close_matches(word, list(possibilities), n=5, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+@dataclass
+class Config:
+    name: str = ""
+    hf_repo: str = ""  # the Hugging Face repository the preset describes
+    # sizes
+    block_size: int = 4096
+    vocab_size: int = 50254
+    padding_multiple: int = 512
+    padded_vocab_size: int | None = None
+    n_layer: int = 16
+    n_head: int = 32
+    n_embd: int = 4096
+    head_size: int | None = None
+    n_query_groups: int | None = None  # n_head: multi-head, 1: multi-query, in between: grouped-query
+    intermediate_size: int | None = None
+    # family differences
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rotary_percentage: float = 0.25
+    rope_base: float = 10000.0
+    rope_adjustments: dict | None = None  # Llama-3.1 frequency scaling
+    parallel_residual: bool = True
+    bias: bool = True
+    lm_head_bias: bool = False
+    norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    norm_eps: float = 1e-5
+    mlp_class_name: Literal["GptNeoxMLP", "LLaMAMLP"] = "GptNeoxMLP"
+    gelu_approximate: Literal["none", "tanh"] = "none"
+    tie_embeddings: bool = False
+    # attention temperature: Selective Self-Attention and the baselines it is compared with
+    attention_temperature: Literal["none", "ssa", "ssa_position", "logn", "ssmax", "constant"] = "none"
+    ssa_query: bool = True  # query temperature (inverse softmax temperature of each query)
+    ssa_value: bool = True  # value temperature (scales each value token)
+    ssa_key: bool = False  # key temperature (ablation)
+    ssa_position: bool = True  # position-aware term sigmoid(alpha) * log(n)
+    ssa_token: bool = True  # token-aware term tanh(u . gelu(features))
+    ssa_token_weights: Literal["shared", "separate"] = "shared"
+    ssa_position_init: float = 1e-2  # sigmoid(alpha) at initialisation
+    logn_length: int | None = None  # L in max(1, log_L(n)); defaults to block_size
+    ssmax_init: float | None = None  # s in s * log(n); defaults to 1 / log(block_size)
+    constant_init: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"Config.{key} must be one of {choices}, got {getattr(self, key)!r}.")
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+            self.head_size = self.n_embd // self.n_head
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = find_multiple(self.vocab_size, self.padding_multiple)
+        self.vocab_size = min(self.vocab_size, self.padded_vocab_size)
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups}).")
+        if self.intermediate_size is None:
+            if self.mlp_class_name == "LLaMAMLP":
+                raise ValueError(f"Config {self.name!r} uses LLaMAMLP and must set intermediate_size.")
+            self.intermediate_size = 4 * self.n_embd
+        if self.attention_temperature == "ssa":
+            if not (self.ssa_query or self.ssa_value or self.ssa_key):
+                raise ValueError("attention_temperature='ssa' needs at least one of ssa_query, ssa_value, ssa_key.")
+            if not (self.ssa_position or self.ssa_token):
+                raise ValueError("attention_temperature='ssa' needs at least one of ssa_position, ssa_token.")
+        if not 0.0 < self.ssa_position_init < 1.0:
+            raise ValueError(
+                f"ssa_position_init is sigmoid(alpha) and must lie in (0, 1), got {self.ssa_position_init}."
+            )
+        if self.logn_length is None:
+            self.logn_length = self.block_size
+        if self.ssmax_init is None:
+            self.ssmax_init = 1.0 / math.log(self.block_size)
+
+    @property
+    def rope_n_elem(self) -> int:
+        return int(self.rotary_percentage * self.head_size) if self.position_embedding == "rope" else 0
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in name_to_config:
+            raise ValueError(f"Unknown model preset {name!r}.{close_matches_hint(name, name_to_config)}")
+        return cls.from_dict({**name_to_config[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            key = unknown[0]
+            raise ValueError(f"Unknown config field {key!r}.{close_matches_hint(key, known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "Config":
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"Expected a model config file at {str(path)!r}, found nothing there.")
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"{str(path)!r} should hold a mapping of config fields, found {type(values).__name__}.")
+        return cls.from_dict({**values, **overrides})
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILENAME
+        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False), encoding="utf-8")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+##########
+# Presets: one row per model, named as the Hugging Face repository it describes.
+##########
+configs: list[dict] = [
+    # a CPU-sized model for tests and demos
+    dict(name="debug", block_size=256, vocab_size=1024, padding_multiple=64, n_layer=2, n_head=4, n_embd=64,
+         n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
+         mlp_class_name="LLaMAMLP", intermediate_size=176),
+    # the bundled demo: about 3M parameters with the bundled 4096-token tokenizer
+    dict(name="demo", block_size=256, vocab_size=4096, padding_multiple=64, n_layer=4, n_head=4, n_embd=192,
+         rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
+         mlp_class_name="LLaMAMLP", intermediate_size=512, tie_embeddings=True),
+]
+
+gpt2 = dict(block_size=1024, vocab_size=50257, padded_vocab_size=50257, position_embedding="learned",
+            parallel_residual=False, gelu_approximate="tanh", tie_embeddings=True)
+configs += [
+    dict(name="gpt2", hf_repo="openai-community/gpt2", n_layer=12, n_head=12, n_embd=768, **gpt2),
+    dict(name="gpt2-medium", hf_repo="openai-community/gpt2-medium", n_layer=24, n_head=16, n_embd=1024, **gpt2),
+    dict(name="gpt2-large", hf_repo="openai-community/gpt2-large", n_layer=36, n_head=20, n_embd=1280, **gpt2),
+    dict(name="gpt2-xl", hf_repo="openai-community/gpt2-xl", n_layer=48, n_head=25, n_embd=1600, **gpt2),
+]
+
+pythia = [
+    dict(name="pythia-14m", block_size=512, n_layer=6, n_embd=128, n_head=4, padding_multiple=128),
+    dict(name="pythia-31m", block_size=1024, n_layer=6, n_embd=256, n_head=8, padding_multiple=128),
+    dict(name="pythia-70m", block_size=2048, n_layer=6, n_embd=512, n_head=8, padding_multiple=128),
+    dict(name="pythia-160m", block_size=2048, n_layer=12, n_embd=768, n_head=12, padding_multiple=128),
+    dict(name="pythia-410m", block_size=2048, n_layer=24, n_embd=1024, n_head=16, padding_multiple=128),
+    dict(name="pythia-1b", block_size=2048, n_layer=16, n_embd=2048, n_head=8, padding_multiple=128),
+    dict(name="pythia-1.4b", block_size=2048, n_layer=24, n_embd=2048, n_head=16, padding_multiple=128),
+    dict(name="pythia-2.8b", block_size=2048, n_layer=32, n_embd=2560, n_head=32, padding_multiple=128),
+    dict(name="pythia-6.9b", block_size=2048, n_layer=32, n_embd=4096, n_head=32, padding_multiple=256),
+    dict(name="pythia-12b", block_size=2048, n_layer=36, n_embd=5120, n_head=40, padding_multiple=512),
+]
+for row in pythia:
+    configs.append(dict(row, hf_repo=f"EleutherAI/{row['name']}"))
+    if row["name"] not in ("pythia-14m", "pythia-31m"):  # these two have no deduped run
+        configs.append(dict(row, name=f"{row['name']}-deduped", hf_repo=f"EleutherAI/{row['name']}-deduped"))
+
+llama = dict(rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
+             mlp_class_name="LLaMAMLP")
+llama3 = dict(llama, vocab_size=128000, padded_vocab_size=128256, rope_base=500000.0)
+llama31_rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+llama32_rope = dict(llama31_rope, factor=32.0)
+smollm2 = dict(llama, block_size=8192, vocab_size=49152, padded_vocab_size=49152, tie_embeddings=True)
+for suffix, hf_suffix in (("", ""), ("-chat", "-chat")):
+    configs += [
+        dict(name=f"Llama-2-7b{suffix}-hf", hf_repo=f"meta-llama/Llama-2-7b{hf_suffix}-hf", vocab_size=32000,
+             padding_multiple=64, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, **llama),
+        dict(name=f"Llama-2-13b{suffix}-hf", hf_repo=f"meta-llama/Llama-2-13b{hf_suffix}-hf", vocab_size=32000,
+             padding_multiple=64, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, **llama),
+        dict(name=f"Llama-2-70b{suffix}-hf", hf_repo=f"meta-llama/Llama-2-70b{hf_suffix}-hf", vocab_size=32000,
+             padding_multiple=64, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8, intermediate_size=28672,
+             **llama),
+    ]
+for suffix in ("", "-Instruct"):
+    configs += [
+        dict(name=f"Llama-3-8B{suffix}", hf_repo=f"meta-llama/Meta-Llama-3-8B{suffix}", block_size=8192,
+             n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336, **llama3),
+        dict(name=f"Llama-3-70B{suffix}", hf_repo=f"meta-llama/Meta-Llama-3-70B{suffix}", block_size=8192,
+             n_layer=80, n_head=64, n_embd=8192, n_query_groups=8, intermediate_size=28672, **llama3),
+        dict(name=f"Llama-3.1-8B{suffix}", hf_repo=f"meta-llama/Llama-3.1-8B{suffix}", block_size=131072,
+             n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336,
+             rope_adjustments=llama31_rope, **llama3),
+        dict(name=f"Llama-3.2-1B{suffix}", hf_repo=f"meta-llama/Llama-3.2-1B{suffix}", block_size=131072,
+             n_layer=16, n_head=32, n_embd=2048, n_query_groups=8, intermediate_size=8192,
+             rope_adjustments=llama32_rope, tie_embeddings=True, **llama3),
+        dict(name=f"Llama-3.2-3B{suffix}", hf_repo=f"meta-llama/Llama-3.2-3B{suffix}", block_size=131072,
+             n_layer=28, n_head=24, n_embd=3072, n_query_groups=8, intermediate_size=8192,
+             rope_adjustments=llama32_rope, tie_embeddings=True, **llama3),
+        dict(name=f"SmolLM2-135M{suffix}", hf_repo=f"HuggingFaceTB/SmolLM2-135M{suffix}", n_layer=30, n_head=9,
+             n_embd=576, n_query_groups=3, intermediate_size=1536, rope_base=100000.0, **smollm2),
+        dict(name=f"SmolLM2-360M{suffix}", hf_repo=f"HuggingFaceTB/SmolLM2-360M{suffix}", n_layer=32, n_head=15,
+             n_embd=960, n_query_groups=5, intermediate_size=2560, rope_base=100000.0, **smollm2),
+        dict(name=f"SmolLM2-1.7B{suffix}", hf_repo=f"HuggingFaceTB/SmolLM2-1.7B{suffix}", n_layer=24, n_head=32,
+             n_embd=2048, n_query_groups=32, intermediate_size=8192, rope_base=130000.0, **smollm2),
+    ]
+tiny_llama = dict(block_size=2048, vocab_size=32000, padding_multiple=64, n_layer=22, n_head=32, n_embd=2048,
+                  n_query_groups=4, intermediate_size=5632, **llama)
+configs += [
+    dict(name="tiny-llama-1.1b", hf_repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", **tiny_llama),
+    dict(name="tiny-llama-1.1b-chat", hf_repo="TinyLlama/TinyLlama-1.1B-Chat-v1.0", **tiny_llama),
+]
+
+name_to_config: dict[str, dict] = {row["name"]: deepcopy(row) for row in configs}

@@ -1,0 +1,204 @@
+"""Checkpoint conversion between Hugging Face folders and ours, both ways, one tensor at a time.
+
+Reading streams (safetensors without a memory map; `.bin` files memory-mapped with `weights_only=True`) and so does
+writing (into a file whose layout is fixed up front), so peak memory stays near the largest tensor. Outputs appear
+under their final name only when complete.
+"""
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from lit_gpt.checkpoint import (
+    TORCH_DTYPES,
+    SafetensorsStreamWriter,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    is_checkpoint,
+    iter_safetensors,
+    model_state_dict,
+    read_safetensors_header,
+    safe_torch_load,
+)
+from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
+from lit_gpt.model import GPT, WEIGHTS_FILENAME
+from lit_gpt.utils import parse_dtype
+
+
+def find_weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, safetensors preferred, in the order of its index where it has one."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "*.bin")):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (checkpoint_dir / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index_name} lists {missing[0]!r}, which is not in {str(checkpoint_dir)!r}.")
+            return [checkpoint_dir / n for n in names]
+        files = sorted(p for p in checkpoint_dir.glob(pattern) if p.name != "training_args.bin")
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"No weights in {str(checkpoint_dir)!r}: expected *.safetensors or pytorch_model*.bin files there."
+    )
+
+
+def iter_weight_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        yield from iter_safetensors(path)
+        return
+    state = safe_torch_load(path, mmap=True)
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def count_tensors(files: list[Path]) -> int | None:
+    if all(f.suffix == ".safetensors" for f in files):
+        return sum(len(read_safetensors_header(f)[0]) for f in files)
+    return None
+
+
+def source_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype of the first floating-point tensor of the checkpoint."""
+    for _, tensor in iter_weight_file(files[0]):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> Config:
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(
+            f"Expected a Hugging Face model folder at {str(checkpoint_dir)!r}, found nothing there."
+        )
+    config_file = checkpoint_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"Expected {str(config_file)!r} (the Hugging Face config), found nothing there.")
+    return config_from_hf(json.loads(config_file.read_text()), name=model_name)
+
+
+def convert_hf_checkpoint(
+    checkpoint_dir: Path,
+    output_dir: Path | None = None,
+    model_name: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a Hugging Face model folder into a checkpoint folder of ours.
+
+    Args:
+        checkpoint_dir: the Hugging Face folder (config.json and *.safetensors or pytorch_model*.bin).
+        output_dir: where to write; defaults to a sibling folder named `<checkpoint_dir>-lit`.
+        model_name: a preset name; it must agree with config.json. Inferred from config.json when left out.
+        dtype: float32, float16 or bfloat16; defaults to the checkpoint's own.
+        overwrite: replace an output folder that already holds files.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_hf_config(checkpoint_dir, model_name)
+    files = find_weight_files(checkpoint_dir)
+    output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + "-lit")
+    target_dtype = parse_dtype(dtype) or source_dtype(files)
+    with torch.device("meta"):
+        spec = {k: (tuple(v.shape), target_dtype) for k, v in model_state_dict(GPT(config)).items()}
+
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec)
+        items = (item for f in files for item in iter_weight_file(f))
+        progress = tqdm(total=count_tensors(files), desc="converting", unit="tensor")
+        try:
+            for name, tensor in lit_weights_from_hf(config, progress_of(items, progress), dtype=target_dtype):
+                writer.write(name, tensor)
+        finally:
+            progress.close()
+            writer.file.close()
+        writer.close()
+        config.save(tmp / CONFIG_FILENAME)
+        copied = copy_tokenizer_files(checkpoint_dir, tmp)
+    tokenizer = ", ".join(copied) or "none"
+    print(f"Wrote {output_dir} ({config.name}, {len(spec)} tensors, {target_dtype}; tokenizer: {tokenizer})")
+    return output_dir
+
+
+def progress_of(items, progress):
+    for item in items:
+        yield item
+        progress.update()
+
+
+SSA_SIDE_FILE = "ssa_parameters.safetensors"
+
+
+def convert_lit_checkpoint(
+    checkpoint_dir: Path,
+    output_dir: Path,
+    drop_ssa: bool = False,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a checkpoint folder of ours into a Hugging Face model folder.
+
+    Args:
+        checkpoint_dir: a folder with model.safetensors and model_config.yaml.
+        output_dir: the Hugging Face folder to write.
+        drop_ssa: write a model with an attention temperature without it (its parameters go to a side file).
+        dtype: float32, float16 or bfloat16; defaults to the checkpoint's own.
+        overwrite: replace an output folder that already holds files.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not is_checkpoint(checkpoint_dir):
+        raise FileNotFoundError(
+            f"Expected a checkpoint folder with {WEIGHTS_FILENAME} and model_config.yaml at {str(checkpoint_dir)!r}."
+        )
+    config = Config.from_file(checkpoint_dir)
+    backbone = check_temperature(config, drop_ssa)
+    with torch.device("meta"):
+        model = GPT(config)
+    temperature_names = model.temperature_parameter_names()
+    meta_state = {k: v for k, v in model_state_dict(model).items() if k not in temperature_names}
+    weights = checkpoint_dir / WEIGHTS_FILENAME
+    header, _ = read_safetensors_header(weights)
+    source_dtype = TORCH_DTYPES[next(info["dtype"] for n, info in header.items() if n not in temperature_names)]
+    out_dtype = parse_dtype(dtype) or source_dtype
+    spec = {name: (tuple(t.shape), out_dtype) for name, t in hf_weights_from_lit(backbone, meta_state.items())}
+
+    with atomic_output_dir(Path(output_dir), overwrite=overwrite) as tmp:
+        writer, side = SafetensorsStreamWriter(tmp / "model.safetensors", spec), {}
+        for name, tensor in tqdm(iter_safetensors(weights), total=len(header), desc="converting", unit="tensor"):
+            if name in temperature_names:
+                side[name] = tensor
+                continue
+            for hf_name, hf_tensor in hf_weights_from_lit(backbone, [(name, tensor)]):
+                writer.write(hf_name, hf_tensor)
+        writer.close()
+        hf_config = dict(hf_config_from_lit(backbone), dtype=str(out_dtype).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if side:
+            save_file(side, tmp / SSA_SIDE_FILE, metadata={"attention_temperature": config.attention_temperature})
+        copy_tokenizer_files(checkpoint_dir, tmp)
+    print(f"Wrote {output_dir} ({hf_config['architectures'][0]}, {len(spec)} tensors, {out_dtype})")
+    return Path(output_dir)
+
+
+def check_temperature(config: Config, drop_ssa: bool) -> Config:
+    """The config to write: the same one, or its backbone when the temperatures are dropped on request."""
+    if config.attention_temperature == "none":
+        return config
+    if not drop_ssa:
+        raise ValueError(
+            f"This checkpoint has attention_temperature={config.attention_temperature!r}, which no Hugging Face model"
+            " class implements. Pass --drop_ssa to write the backbone alone (its temperature parameters go to"
+            f" {SSA_SIDE_FILE}); that model will not behave like this one."
+        )
+    warnings.warn(
+        f"Dropping attention_temperature={config.attention_temperature!r}: the Hugging Face model computes vanilla"
+        f" attention and will differ from this checkpoint. The temperature parameters are kept in {SSA_SIDE_FILE}.",
+        stacklevel=2,
+    )
+    return Config(**{**config.to_dict(), "attention_temperature": "none"})

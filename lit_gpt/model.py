@@ -1,0 +1,428 @@
+"""One model file for GPT-2, Pythia (GPT-NeoX) and Llama-family models, with Selective Self-Attention (SSA).
+
+Every difference between the families is a field of `Config`. The attention temperatures (SSA and the baselines it
+is compared with) are per-(token, head) scalars that multiply queries, keys or values before
+`scaled_dot_product_attention`, so no T x T matrix is ever built; `../SSA.md` gives the method and our choices.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from lit_gpt.config import CONFIG_FILENAME, Config
+
+WEIGHTS_FILENAME = "model.safetensors"
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=build_norm(config),
+            )
+        )
+        if config.position_embedding == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        self.tie_weights()
+        self.apply(self._init_weights)
+        for block in self.transformer.h:  # scaled residual projections, as in GPT-2
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.max_seq_length = config.block_size
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2 initialisation; the temperatures initialise themselves so that SSA starts as vanilla attention."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """The longest sequence the RoPE cache (and KV cache) covers; at most `block_size` for learned positions."""
+        if self.config.position_embedding == "learned" and value > self.config.block_size:
+            raise ValueError(f"This model learned {self.config.block_size} positions; cannot serve {value}.")
+        self._max_seq_length = value
+        self.reset_rope_cache()
+
+    def reset_rope_cache(self, device: torch.device | None = None) -> None:
+        device = device or self.lm_head.weight.device
+        cos, sin = build_rope_cache(self.max_seq_length, self.config, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        details: list | None = None,
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache.
+        mask: an extra attention mask, boolean (True = attend) or additive, broadcastable to (B, nh, T, keys).
+        details: pass a list to run the explicit attention path; each layer appends a dict with its attention
+        probabilities and temperatures (for analysis)."""
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError(f"Expected at least one token per sequence, got input of shape {tuple(idx.shape)}.")
+        if input_pos is None:
+            if T > self.max_seq_length:
+                raise ValueError(f"Sequence length {T} exceeds the model's max_seq_length {self.max_seq_length}.")
+            positions = torch.arange(T, device=idx.device)
+        else:
+            if self.transformer.h[0].attn.kv_cache is None:
+                raise RuntimeError("input_pos is for decoding with the KV cache: call `model.set_kv_cache(...)` first.")
+            positions = input_pos
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.position_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, positions, input_pos, mask, details)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None):
+        """Allocate a KV cache of `max_seq_length` positions (default: the model's max_seq_length)."""
+        length = max_seq_length or self.max_seq_length
+        if length > self.max_seq_length:
+            raise ValueError(
+                f"A KV cache of {length} positions exceeds the model's max_seq_length {self.max_seq_length}."
+            )
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(self.config, batch_size, length, self.lm_head.weight, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def temperature_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules() if isinstance(m, Temperature) for p in m.parameters()]
+
+    def temperature_parameter_names(self) -> set[str]:
+        ids = {id(p) for p in self.temperature_parameters()}
+        return {name for name, p in self.named_parameters() if id(p) in ids}
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        config: Config | None = None,
+        allow_missing: set[str] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> "GPT":
+        """Build the model a checkpoint folder describes and load its weights strictly.
+
+        `config` replaces the folder's config (to add SSA to a vanilla checkpoint, for instance); the only keys that
+        may then be missing from the weights are those named in `allow_missing`, and they keep their initialisation.
+        """
+        checkpoint_dir = Path(checkpoint_dir)
+        config = config or Config.from_file(checkpoint_dir / CONFIG_FILENAME)
+        weights = checkpoint_dir / WEIGHTS_FILENAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
+        state_dict = load_file(weights, device=str(device))
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_dict(model, state_dict, allow_missing or set(), source=str(weights))
+        model.to_empty_and_reset(device, dtype)
+        return model
+
+    def to_empty_and_reset(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+        """Materialise what is still on the meta device after loading: newly added temperatures and buffers."""
+        dtype = dtype or self.transformer.wte.weight.dtype
+        for module in self.modules():
+            if isinstance(module, Temperature) and any(p.is_meta for p in module.parameters()):
+                module.to_empty(device=device)
+                module.reset_parameters()
+                module.to(dtype)
+        self.reset_rope_cache(torch.device(device))
+
+
+def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], source: str) -> None:
+    """Strict loading with an explicit allow-list of keys that may be missing. A tied lm_head is the embedding."""
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        state_dict.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state_dict) - allow_missing)
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise KeyError(
+            f"{source} does not match the model config {model.config.name!r}: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
+            " Is this checkpoint from another model?"
+        )
+    for name, tensor in state_dict.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects"
+                f" {tuple(expected[name].shape)}. Is this checkpoint from another model?"
+            )
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = build_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = build_norm(config)
+        self.mlp = GptNeoxMLP(config) if config.mlp_class_name == "GptNeoxMLP" else LLaMAMLP(config)
+        self.parallel_residual = config.parallel_residual
+
+    def forward(self, x, cos, sin, positions, input_pos=None, mask=None, details=None) -> torch.Tensor:
+        h = self.attn(self.norm_1(x), cos, sin, positions, input_pos, mask, details)
+        if self.parallel_residual:  # GPT-NeoX: x + attn(norm_1(x)) + mlp(norm_2(x))
+            return x + h + self.mlp(self.norm_2(x))
+        x = x + h
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
+        self.qkv = nn.Linear(config.n_embd, (nh + 2 * ng) * hs, bias=config.bias)  # [q; k; v]
+        self.proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
+        self.query_temperature = Temperature.build(config, "query")
+        self.key_temperature = Temperature.build(config, "key")
+        self.value_temperature = Temperature.build(config, "value")
+        self.kv_cache: KVCache | None = None
+        self.config = config
+
+    def forward(self, x, cos, sin, positions, input_pos=None, mask=None, details=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
+        q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
+        q, k, v = q.view(B, T, nh, hs), k.view(B, T, ng, hs), v.view(B, T, ng, hs)
+
+        log_n = torch.log1p(positions.to(torch.float32)).to(x.dtype)  # log(n), n = absolute position + 1
+        taus = [t(x, f, log_n) if t is not None else None for t, f in self.temperatures_and_features(q, k, v)]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or ng, T, hs)
+        if self.config.rope_n_elem:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t if tau is None else t * tau for t, tau in zip((q, k, v), taus))  # tau: (B, heads, T, 1)
+
+        if input_pos is not None:
+            k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = keys seen so far
+        attn_mask = build_attention_mask(T, k.size(2), positions, input_pos, mask)
+        if details is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=nh != ng
+            )
+        else:
+            y, probs = explicit_attention(q, k, v, attn_mask)
+            details.append(temperature_details(probs, taus, T))
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
+        return self.proj(y)
+
+    def temperatures_and_features(self, q, k, v):
+        return (self.query_temperature, q), (self.key_temperature, k), (self.value_temperature, v)
+
+
+def build_attention_mask(T: int, S: int, positions, input_pos, mask) -> torch.Tensor | None:
+    """Causal mask (T, S) combined with an optional extra mask; None where plain causal attention suffices."""
+    if mask is None and (input_pos is None or T == 1):
+        return None  # causal without a cache: `is_causal`; a single new token sees every cached key
+    causal = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (T, S)
+    if mask is None:
+        return causal
+    if mask.shape[-2:] != (T, S):
+        raise ValueError(f"The extra attention mask must end in (queries, keys) = {(T, S)}, got {tuple(mask.shape)}.")
+    if mask.dtype == torch.bool:
+        return causal & mask
+    return mask.masked_fill(~causal, float("-inf"))
+
+
+def explicit_attention(q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialised attention for analysis; equals the fused path. Returns (output, probabilities)."""
+    T, S = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):  # grouped-query attention
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    else:
+        scores = scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    return probs @ v, probs
+
+
+def temperature_details(probs, taus, T: int) -> dict:
+    out = {"attention": probs}
+    for name, tau in zip(("query_temperature", "key_temperature", "value_temperature"), taus):
+        out[name] = None if tau is None else tau.squeeze(-1).expand(-1, -1, T)  # (B or 1, heads, T)
+    return out
+
+
+class Temperature(nn.Module):
+    """A per-(token, head) multiplier of queries, keys or values.
+
+    kind "ssa":      tau = 1 + sigmoid(alpha) * log(n) + tanh(u . gelu(f(x)))   (either term may be off)
+    kind "logn":     tau = max(1, log(n) / log(L))                               (Qwen's logn attention)
+    kind "ssmax":    tau = s * log(n)                                            (Scalable-Softmax)
+    kind "constant": tau = c                                                     (a learned temperature per head)
+    """
+
+    def __init__(self, config: Config, kind: str, n_heads: int, position: bool = True, token: bool = False) -> None:
+        super().__init__()
+        self.config, self.kind, self.n_heads = config, kind, n_heads
+        hs = config.head_size
+        self.position_logit = nn.Parameter(torch.empty(n_heads)) if kind == "ssa" and position else None
+        self.token_weight = nn.Parameter(torch.empty(n_heads, hs)) if kind == "ssa" and token else None
+        self.token_proj = None
+        if self.token_weight is not None and config.ssa_token_weights == "separate":
+            self.token_proj = nn.Linear(config.n_embd, n_heads * hs, bias=config.bias)
+        self.scale = nn.Parameter(torch.empty(n_heads)) if kind in ("ssmax", "constant") else None
+        self.reset_parameters()
+
+    @classmethod
+    def build(cls, config: Config, side: str) -> "Temperature | None":
+        mode = config.attention_temperature
+        heads = config.n_head if side == "query" else config.n_query_groups
+        if mode == "ssa" and getattr(config, f"ssa_{side}"):
+            return cls(config, "ssa", heads, position=config.ssa_position, token=config.ssa_token)
+        if side != "query" or mode in ("none", "ssa"):
+            return None
+        if mode == "ssa_position":  # the official code: one alpha per layer, query side only
+            return cls(config, "ssa", 1, position=True, token=False)
+        return cls(config, mode, heads)
+
+    def reset_parameters(self) -> None:
+        init = self.config.ssa_position_init
+        with torch.no_grad():
+            if self.position_logit is not None:
+                self.position_logit.fill_(math.log(init / (1.0 - init)))
+            if self.token_weight is not None:
+                self.token_weight.zero_()  # tanh(0) = 0: the token term starts switched off
+            if self.token_proj is not None:
+                nn.init.normal_(self.token_proj.weight, std=0.02)
+                if self.token_proj.bias is not None:
+                    self.token_proj.bias.zero_()
+            if self.scale is not None:
+                self.scale.fill_(self.config.ssmax_init if self.kind == "ssmax" else self.config.constant_init)
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) attention input; features: (B, T, heads, hs) this side's projection before RoPE;
+        log_n: (T,). Returns tau broadcastable to (B, heads, T, 1)."""
+        log_n = log_n.view(1, 1, -1, 1)
+        if self.kind == "logn":
+            return (log_n / math.log(self.config.logn_length)).clamp(min=1.0)
+        if self.kind == "ssmax":
+            return self.scale.view(1, -1, 1, 1) * log_n
+        if self.kind == "constant":
+            return self.scale.view(1, -1, 1, 1)
+        tau = torch.ones_like(log_n)
+        if self.position_logit is not None:
+            tau = tau + torch.sigmoid(self.position_logit).view(1, -1, 1, 1) * log_n
+        if self.token_weight is not None:
+            if self.token_proj is not None:
+                features = self.token_proj(x).view(*x.shape[:2], self.n_heads, -1)
+            token_term = torch.einsum("bthd,hd->bht", F.gelu(features), self.token_weight)  # (B, heads, T)
+            tau = tau + torch.tanh(token_term).unsqueeze(-1)
+        return tau
+
+
+class KVCache(nn.Module):
+    """Keys (after RoPE and key temperature) and values (after value temperature) of the positions seen so far."""
+
+    def __init__(self, config: Config, batch_size: int, max_seq_length: int, like: torch.Tensor, dtype=None) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
+        dtype = dtype or like.dtype
+        self.register_buffer("k", torch.zeros(shape, device=like.device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=like.device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B, end = k.size(0), int(input_pos[-1]) + 1
+        if end > self.k.size(2):
+            raise ValueError(f"Position {end - 1} is beyond the KV cache's length {self.k.size(2)}.")
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+class GptNeoxMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class LLaMAMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+def build_norm(config: Config) -> nn.Module:
+    if config.norm_class_name == "RMSNorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def build_rope_cache(seq_len: int, config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, rope_n_elem) in the rotate-half layout of GPT-NeoX and Llama."""
+    n_elem = config.rope_n_elem
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n_elem, 2, device=device).float() / n_elem))
+    if config.rope_adjustments is not None:
+        inv_freq = llama3_scale_frequencies(inv_freq, **config.rope_adjustments)
+    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (seq_len, n_elem / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def llama3_scale_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_seq_len):
+    """Llama-3.1 RoPE scaling: long wavelengths are divided by `factor`, short ones kept, the middle blended."""
+    low_freq_wavelen = original_max_seq_len / low_freq_factor
+    high_freq_wavelen = original_max_seq_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.size(-1) channels of x (B, heads, T, hs); the rest pass through (partial rotary)."""
+    n_elem = cos.size(-1)
+    x_rope, x_pass = x[..., :n_elem], x[..., n_elem:]
+    x1, x2 = x_rope.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    roped = (x_rope * cos + rotated * sin).to(x.dtype)
+    return roped if x_pass.size(-1) == 0 else torch.cat((roped, x_pass), dim=-1)

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from lit_gpt import GPT, Config
+from lit_gpt.config import configs, name_to_config
+
+REQUIRED_PRESETS = [
+    "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl",
+    "pythia-14m", "pythia-31m", "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b",
+    "pythia-2.8b", "pythia-6.9b", "pythia-12b", "pythia-70m-deduped", "pythia-12b-deduped",
+    "Llama-2-7b-hf", "Llama-2-13b-hf", "Llama-2-70b-hf", "Llama-3-8B", "Llama-3-70B", "Llama-3.1-8B",
+    "Llama-3.2-1B", "Llama-3.2-3B", "tiny-llama-1.1b", "SmolLM2-135M", "SmolLM2-360M", "SmolLM2-1.7B", "debug",
+]
+
+
+def test_required_presets_exist_with_their_source():
+    for name in REQUIRED_PRESETS:
+        assert name in name_to_config, name
+        assert name == "debug" or name_to_config[name]["hf_repo"], name
+
+
+@pytest.mark.parametrize("row", configs, ids=[row["name"] for row in configs])
+def test_every_preset_builds_on_the_meta_device(row):
+    config = Config.from_name(row["name"], attention_temperature="ssa")
+    with torch.device("meta"):
+        model = GPT(config)
+    assert model.lm_head.weight.shape == (config.padded_vocab_size, config.n_embd)
+
+
+@pytest.mark.parametrize(
+    "name, billions", [("gpt2", 0.124), ("pythia-160m", 0.162), ("Llama-2-7b-hf", 6.74), ("Llama-3-8B", 8.03),
+                       ("SmolLM2-135M", 0.135), ("tiny-llama-1.1b", 1.10), ("Llama-3.2-1B", 1.24)]
+)
+def test_preset_sizes_match_the_published_parameter_counts(name, billions):
+    with torch.device("meta"):
+        model = GPT(Config.from_name(name))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = Config.from_name("Llama-3.1-8B", attention_temperature="ssa", ssa_token_weights="separate")
+    config.save(tmp_path)
+    assert Config.from_file(tmp_path) == config
+    assert Config.from_file(tmp_path / "model_config.yaml", n_layer=2).n_layer == 2
+
+
+def test_unknown_preset_lists_close_matches():
+    with pytest.raises(ValueError, match="Did you mean 'pythia-160m'"):
+        Config.from_name("pythia-160")
+
+
+def test_config_typo_is_named(tmp_path):
+    (tmp_path / "model_config.yaml").write_text("n_layer: 2\nattention_temprature: ssa\n")
+    with pytest.raises(ValueError, match="field 'attention_temprature'. Did you mean 'attention_temperature'"):
+        Config.from_file(tmp_path)
+
+
+def test_invalid_choice_is_refused():
+    with pytest.raises(ValueError, match="attention_temperature must be one of"):
+        Config.from_name("debug", attention_temperature="selective")
+
+
+def test_derived_fields_are_checked():
+    with pytest.raises(ValueError, match="divisible by n_query_groups"):
+        Config.from_name("debug", n_query_groups=3)
+    with pytest.raises(ValueError, match="at least one of ssa_position, ssa_token"):
+        Config.from_name("debug", attention_temperature="ssa", ssa_position=False, ssa_token=False)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_config.yaml"):
+        Config.from_file(tmp_path)

@@ -1,0 +1,227 @@
+"""The model and its attention temperatures: SSA as ../shared/SSA.md specifies it."""
+
+import math
+
+import pytest
+import torch
+from conftest import TEMPERATURE_MODES, randomize_temperatures
+
+from lit_gpt import GPT, Config
+
+FAMILIES = {
+    "gpt2": dict(name="gpt2-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4, n_embd=32,
+                 position_embedding="learned", parallel_residual=False, gelu_approximate="tanh", tie_embeddings=True),
+    "pythia": dict(name="pythia-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4,
+                   n_embd=32, rotary_percentage=0.25),
+    "llama": dict(name="llama-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4,
+                  n_embd=32, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                  norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48,
+                  rope_adjustments=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_seq_len=16)),
+}
+SSA_VARIANTS = {
+    "ssa-shared": dict(attention_temperature="ssa"),
+    "ssa-separate": dict(attention_temperature="ssa", ssa_token_weights="separate"),
+    "ssa-all-sides": dict(attention_temperature="ssa", ssa_key=True),
+    "ssa-position-only": dict(attention_temperature="ssa", ssa_token=False),
+    "ssa-token-only": dict(attention_temperature="ssa", ssa_position=False),
+    "ssa-query-only": dict(attention_temperature="ssa", ssa_value=False),
+    "ssa-value-only": dict(attention_temperature="ssa", ssa_query=False),
+    **{mode: dict(attention_temperature=mode) for mode in TEMPERATURE_MODES if mode != "ssa"},
+}
+
+
+def build(family: str, seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(Config(**{**FAMILIES[family], **overrides})).eval()
+
+
+def with_weights_of(vanilla: GPT, **overrides) -> GPT:
+    """The same backbone with another attention temperature; new parameters keep their initialisation."""
+    model = GPT(Config(**{**vanilla.config.to_dict(), **overrides})).eval()
+    missing, unexpected = model.load_state_dict(vanilla.state_dict(), strict=False)
+    assert not unexpected and set(missing) == model.temperature_parameter_names()
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_switched_off_is_bit_identical_to_vanilla(family):
+    vanilla = build(family)
+    off = with_weights_of(vanilla, attention_temperature="none", ssa_key=True, ssa_token_weights="separate")
+    assert set(off.state_dict()) == set(vanilla.state_dict())
+    idx = torch.randint(0, 97, (2, 24))
+    assert torch.equal(off(idx), vanilla(idx))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("weights", ["shared", "separate"])
+def test_token_term_alone_starts_exactly_as_vanilla(family, weights):
+    vanilla = build(family)
+    ssa = with_weights_of(vanilla, attention_temperature="ssa", ssa_position=False, ssa_token_weights=weights)
+    idx = torch.randint(0, 97, (2, 24))
+    torch.testing.assert_close(ssa(idx), vanilla(idx), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ssa_at_initialisation_stays_close_to_vanilla(family):
+    """With the fine-tuning start (sigmoid(alpha) = 6e-4) the temperatures are 1 + 6e-4 log(n) <= 1.003 at n = 64:
+    the next-token distributions may move by at most 1e-3 in total variation."""
+    vanilla = build(family)
+    ssa = with_weights_of(vanilla, attention_temperature="ssa", ssa_position_init=6e-4)
+    idx = torch.randint(0, 97, (2, 64))
+    with torch.no_grad():
+        p, q = vanilla(idx).softmax(-1), ssa(idx).softmax(-1)
+    assert 0 < (p - q).abs().sum(-1).max() / 2 < 1e-3
+
+
+def test_initial_temperatures_are_the_position_term():
+    ssa = build("llama", attention_temperature="ssa", ssa_key=True)
+    details = []
+    ssa(torch.randint(0, 97, (1, 10)), details=details)
+    expected = 1 + 1e-2 * torch.log(torch.arange(1, 11, dtype=torch.float32))
+    for layer in details:
+        for name in ("query_temperature", "key_temperature", "value_temperature"):
+            torch.testing.assert_close(layer[name][0, 0], expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", SSA_VARIANTS)
+def test_explicit_path_equals_fused_path(family, variant):
+    model = build(family, **SSA_VARIANTS[variant])
+    randomize_temperatures(model)
+    idx = torch.randint(0, 97, (2, 30))
+    details = []
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, details=details), model(idx), rtol=1e-5, atol=1e-5)
+    assert len(details) == model.config.n_layer
+    probs = details[0]["attention"]
+    assert probs.shape == (2, model.config.n_head, 30, 30)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, model.config.n_head, 30))
+    assert probs.triu(diagonal=1).abs().max() == 0  # causal
+
+
+def generate_greedy(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> torch.Tensor:
+    tokens = prompt
+    if use_cache:
+        model.set_kv_cache(batch_size=prompt.size(0))
+        logits = model(prompt, input_pos=torch.arange(prompt.size(1)))
+    for step in range(new_tokens):
+        if not use_cache:
+            logits = model(tokens)
+        next_token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat((tokens, next_token), dim=1)
+        if use_cache and step < new_tokens - 1:
+            logits = model(next_token, input_pos=torch.tensor([tokens.size(1) - 1]))
+    model.clear_kv_cache()
+    return tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", SSA_VARIANTS)
+def test_kv_cache_decoding_equals_full_recomputation(family, variant):
+    model = build(family, **SSA_VARIANTS[variant])
+    randomize_temperatures(model)
+    prompt = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        cached = generate_greedy(model, prompt, 20, use_cache=True)
+        full = generate_greedy(model, prompt, 20, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("variant", SSA_VARIANTS)
+def test_kv_cache_logits_use_absolute_positions(variant):
+    """Chunked prefill through the cache gives the logits of one full pass (the reference code's log(1) bug)."""
+    model = build("llama", **SSA_VARIANTS[variant])
+    randomize_temperatures(model)
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=1)
+        first = model(idx[:, :12], input_pos=torch.arange(12))
+        rest = model(idx[:, 12:], input_pos=torch.arange(12, 20))
+    torch.testing.assert_close(torch.cat((first, rest), dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [v for v in SSA_VARIANTS if v not in ("none", "logn")])
+def test_gradients_reach_every_temperature_parameter(variant):
+    model = build("llama", **SSA_VARIANTS[variant]).train()
+    randomize_temperatures(model)
+    params = model.temperature_parameters()
+    assert params
+    idx = torch.randint(0, 97, (2, 16))
+    torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    for name, p in model.named_parameters():
+        if any(p is q for q in params):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gradients_reach_zero_initialised_token_weights():
+    model = build("llama", attention_temperature="ssa").train()  # u = 0 at initialisation
+    idx = torch.randint(0, 97, (2, 16))
+    torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    u = model.transformer.h[0].attn.query_temperature.token_weight
+    assert u.abs().sum() == 0 and u.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "pythia-160m"])
+def test_shared_ssa_adds_under_half_a_percent(name):
+    with torch.device("meta"):
+        vanilla = sum(p.numel() for p in GPT(Config.from_name(name)).parameters())
+        shared = sum(p.numel() for p in GPT(Config.from_name(name, attention_temperature="ssa")).parameters())
+        separate = sum(
+            p.numel()
+            for p in GPT(Config.from_name(name, attention_temperature="ssa", ssa_token_weights="separate")).parameters()
+        )
+    assert 0 < (shared - vanilla) / vanilla < 0.005
+    assert (separate - vanilla) / vanilla > 0.05
+
+
+def test_baseline_temperatures_follow_their_formulas():
+    config = dict(attention_temperature="logn", logn_length=4)
+    model = build("llama", **config)
+    details = []
+    model(torch.randint(0, 97, (1, 16)), details=details)
+    n = torch.arange(1, 17, dtype=torch.float32)
+    torch.testing.assert_close(details[0]["query_temperature"][0, 0], (n.log() / math.log(4)).clamp(min=1))
+    model = build("llama", attention_temperature="ssmax", ssmax_init=0.5)
+    details = []
+    model(torch.randint(0, 97, (1, 16)), details=details)
+    torch.testing.assert_close(details[0]["query_temperature"][0, 3], 0.5 * n.log())
+    assert details[0]["value_temperature"] is None
+    model = build("llama", attention_temperature="ssa_position")
+    assert model.transformer.h[0].attn.query_temperature.position_logit.shape == (1,)
+
+
+def test_extra_boolean_and_additive_masks_agree():
+    model = build("llama", attention_temperature="ssa")
+    randomize_temperatures(model)
+    idx = torch.randint(0, 97, (1, 12))
+    keep = torch.rand(12, 12) > 0.3
+    keep.fill_diagonal_(True)
+    additive = torch.zeros(12, 12).masked_fill(~keep, float("-inf"))
+    details = []
+    with torch.no_grad():
+        boolean_logits = model(idx, mask=keep)
+        torch.testing.assert_close(model(idx, mask=additive), boolean_logits)
+        torch.testing.assert_close(model(idx, mask=keep, details=details), boolean_logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(boolean_logits, model(idx))
+    assert details[0]["attention"][0, 0][~keep].abs().max() == 0
+
+
+def test_extra_mask_of_wrong_shape_is_refused():
+    model = build("llama")
+    with pytest.raises(ValueError, match=r"\(queries, keys\) = \(12, 12\)"):
+        model(torch.randint(0, 97, (1, 12)), mask=torch.ones(12, 5, dtype=torch.bool))
+
+
+def test_empty_input_is_refused_and_one_token_works():
+    model = build("pythia", attention_temperature="ssa")
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    assert model(torch.tensor([[5]])).shape == (1, 1, 128)
+
+
+def test_too_long_input_is_refused():
+    model = build("gpt2")
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_length 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
