@@ -87,17 +87,21 @@ def save_model_dir(model: GPT, target: Path, tokenizer_dir: Path | None = None, 
         write_model_files(model, tmp, tokenizer_dir)
 
 
+def unsafe_pickle_error(path: Path, error: Exception) -> ValueError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(
+        f"Refusing to load {str(path)!r}: it holds Python objects beyond tensors, which could run code"
+        f" ({first_line}). Use a .safetensors copy of it."
+    )
+
+
 def safe_torch_load(path: Path, mmap: bool = True) -> dict:
     """torch.load that never runs code from the file: only tensors and plain containers are accepted.
     Files in the zip format are memory-mapped; older (legacy pickle) files are read whole."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(
-            f"Refusing to load {str(path)!r}: it holds Python objects beyond tensors, which could run code"
-            f" ({first_line}). Use a .safetensors copy of it."
-        ) from None
+        raise unsafe_pickle_error(path, error) from None
     except RuntimeError as error:
         if mmap and "mmap can only be used" in str(error):
             return safe_torch_load(path, mmap=False)
@@ -151,9 +155,9 @@ class SafetensorsStreamWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.spec:
-            raise KeyError(f"Unexpected tensor {name!r}: the model config has no such weight.")
+            raise ValueError(f"Unexpected tensor {name!r}: the model config has no such weight.")
         if name not in self.pending:
-            raise KeyError(f"Tensor {name!r} was given twice.")
+            raise ValueError(f"Tensor {name!r} was given twice.")
         shape, dtype = self.spec[name]
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(
@@ -170,4 +174,4 @@ class SafetensorsStreamWriter:
         if self.pending:
             missing = sorted(self.pending)
             more = " ..." if len(missing) > 5 else ""
-            raise KeyError(f"Missing tensor(s) {missing[:5]}{more} in the source checkpoint.")
+            raise ValueError(f"Missing tensor(s) {missing[:5]}{more} in the source checkpoint.")

@@ -1,5 +1,6 @@
 """Sampling and KV-cache decoding, shared by generate/, eval/ and the tests."""
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -69,17 +70,47 @@ def generate(
         model.clear_kv_cache()
 
 
-def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: list[str] | None = None,
-                  **kwargs) -> str:
-    """The completion of a text prompt, stopped at EOS or at the first stop string (excluded)."""
-    ids = tokenizer.encode(prompt).unsqueeze(0).to(model.lm_head.weight.device)
+def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_seq_length: int, truncate: bool = False):
+    """Token ids (1, T) of a prompt, checked (or, with `truncate`, cut from the left) to leave room for the reply."""
+    if not prompt:
+        raise ValueError("The prompt is empty: give at least one character of text.")
+    ids = tokenizer.encode(prompt)
+    room = max_seq_length - max_new_tokens
+    if truncate and ids.numel() > room > 0:
+        warnings.warn(f"Keeping the last {room} of the prompt's {ids.numel()} tokens to fit the context.", stacklevel=2)
+        ids = ids[-room:]
+    check_length(ids.numel(), max_new_tokens, max_seq_length)
+    return ids.unsqueeze(0)
+
+
+def stream_text(model: GPT, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None,
+                **kwargs) -> Iterator[str]:
+    """Pieces of the completion as they are decoded, ending at EOS or before the first stop string. A piece is held
+    back while it could still be the start of a stop string or of a multi-byte character."""
+    stop = [s for s in (stop or []) if s]
     new: list[int] = []
-    text = ""
-    for token in generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs):
-        if int(token) == tokenizer.eos_id:
+    emitted = 0
+    for token in generate(model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs):
+        if int(token[0]) == tokenizer.eos_id:
             break
-        new.append(int(token))
+        new.append(int(token[0]))
         text = tokenizer.decode(new)
-        if stop and any(s in text for s in stop):
-            return text[: min(text.index(s) for s in stop if s in text)]
-    return text
+        hits = [text.index(s) for s in stop if s in text]
+        if hits:
+            yield text[emitted : min(hits)]
+            return
+        safe = len(text) - max([len(s) - 1 for s in stop] + [0])
+        safe = min(safe, len(text.rstrip("\ufffd")))
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = tokenizer.decode(new)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: list[str] | None = None,
+                  truncate: bool = False, **kwargs) -> str:
+    """The completion of a text prompt, stopped at EOS or at the first stop string (excluded)."""
+    ids = prepare_prompt(tokenizer, prompt, max_new_tokens, model.max_seq_length, truncate)
+    return "".join(stream_text(model, tokenizer, ids.to(model.lm_head.weight.device), max_new_tokens, stop, **kwargs))

@@ -121,7 +121,7 @@ def lit_weights_from_hf(
             continue
         template, layer = split_layer(hf_key.removeprefix(prefix))
         if template not in table:
-            raise KeyError(f"Unexpected tensor {hf_key!r} for a {family} model: it has no counterpart in ours.")
+            raise ValueError(f"Unexpected tensor {hf_key!r} for a {family} model: it has no counterpart in ours.")
         target, transform = table[template] if isinstance(table[template], tuple) else (table[template], None)
         target = target.format(layer)
         if target == "lm_head.weight" and config.tie_embeddings:
@@ -140,7 +140,7 @@ def lit_weights_from_hf(
             tensor = torch.cat([parts["q"], parts["k"], parts["v"]])
         yield target, tensor
     if pending:
-        raise KeyError(f"Incomplete attention projections: {sorted(pending)} lack some of q_proj, k_proj, v_proj.")
+        raise ValueError(f"Incomplete attention projections: {sorted(pending)} lack some of q_proj, k_proj, v_proj.")
 
 
 def hf_weights_from_lit(
@@ -161,7 +161,7 @@ def hf_weights_from_lit(
             continue
         template, layer = split_layer(key)
         if template not in inverse:
-            raise KeyError(f"Tensor {key!r} has no counterpart in a Hugging Face {family} model.")
+            raise ValueError(f"Tensor {key!r} has no counterpart in a Hugging Face {family} model.")
         for hf_template, transform in inverse[template]:
             out = tensor
             if transform == "T":

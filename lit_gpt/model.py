@@ -168,7 +168,7 @@ def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], sourc
     missing = sorted(set(expected) - set(state_dict) - allow_missing)
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise KeyError(
+        raise ValueError(
             f"{source} does not match the model config {model.config.name!r}: missing {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
             " Is this checkpoint from another model?"

@@ -73,6 +73,16 @@ class Tokenizer:
         return self.processor.decode(ids)
 
 
+def tokenizer_fingerprint(folder: Path) -> str:
+    """A hash of the vocabulary file, to tell whether two folders tokenize alike."""
+    import hashlib
+
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (Path(folder) / name).is_file():
+            return hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()[:16]
+    raise FileNotFoundError(f"No tokenizer in {str(folder)!r}: expected tokenizer.json or tokenizer.model there.")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 

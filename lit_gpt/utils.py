@@ -1,25 +1,55 @@
 """Small helpers shared by the entry points."""
 
+import dataclasses
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+
+class UserFacingError(RuntimeError):
+    """A failure whose message tells the user what happened and what to do (a diverged run, for instance)."""
+
+
 # errors that mean "the input is wrong": the entry points print them in one line instead of a traceback
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError,
+               UserFacingError)
 
 
 def run_cli(function: Callable, args: list[str] | None = None) -> Any:
     """jsonargparse CLI over a typed function; bad input ends in one line on stderr and a non-zero exit."""
     from jsonargparse import auto_cli
 
+    args = expand_bare_flags(sys.argv[1:] if args is None else args, bool_flags(function))
     try:
         return auto_cli(function, args=args, as_positional=False)
     except USER_ERRORS as error:
         message = error.args[0] if error.args else repr(error)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def bool_flags(function: Callable) -> set[str]:
+    """The options of `function` (and of its dataclass arguments) that are plain booleans."""
+    flags = set()
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.annotation is bool:
+            flags.add(f"--{name}")
+        elif dataclasses.is_dataclass(parameter.annotation):
+            flags |= {f"--{name}.{f.name}" for f in dataclasses.fields(parameter.annotation) if f.type is bool}
+    return flags
+
+
+def expand_bare_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """`--ssa` alone means `--ssa true` (jsonargparse itself wants the value)."""
+    expanded = []
+    for i, arg in enumerate(argv):
+        expanded.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            expanded.append("true")
+    return expanded
 
 
 def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:
@@ -34,3 +64,23 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in dtypes:
         raise ValueError(f"Unknown dtype {name!r}; expected one of {', '.join(dtypes)}.")
     return dtypes[name]
+
+
+def check_hub_reachable(what: str) -> None:
+    """Fail at once, in one line, where the Hugging Face Hub's host does not resolve (its clients would retry for
+    half a minute). Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), which reads the local cache, is let through."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        raise ConnectionError(
+            f"Cannot reach the Hugging Face Hub at {host} ({error}) to fetch {what}: this machine seems to be offline."
+        ) from None

@@ -7,12 +7,10 @@ Safetensors weights are preferred; `.bin` files are fetched only when a reposito
 """
 
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from lit_gpt.convert import convert_hf_checkpoint
-from lit_gpt.utils import run_cli
+from lit_gpt.utils import check_hub_reachable, run_cli
 
 TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                       "generation_config.json", "vocab.json", "merges.txt"]
@@ -38,7 +36,11 @@ def download(
     """
     from huggingface_hub import list_repo_files, snapshot_download
 
-    check_hub_reachable()
+    try:
+        check_hub_reachable(repr(repo_id))
+    except ConnectionError as error:
+        raise ConnectionError(f"{error} Download on a connected machine, or convert a local folder with"
+                              " scripts/convert_hf_checkpoint.py.") from None
     token = access_token or os.environ.get("HF_TOKEN")
     hf_dir = Path(checkpoint_root) / "hf" / repo_id
     try:
@@ -58,20 +60,6 @@ def download(
     if not convert:
         return hf_dir
     return convert_hf_checkpoint(hf_dir, Path(checkpoint_root) / repo_id, model_name=model_name, dtype=dtype)
-
-
-def check_hub_reachable() -> None:
-    """Fail at once, in one line, where the hub's host does not resolve (the client would retry for a while)."""
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as error:
-        raise ConnectionError(
-            f"Cannot reach the Hugging Face Hub at {host} ({error}). This machine seems to be offline: download on"
-            " a connected machine, or convert a local folder with scripts/convert_hf_checkpoint.py."
-        ) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""Look inside the attention: per-layer and per-head entropy and spikiness, the query and value temperatures against
+position, and attention maps; for one checkpoint or two side by side (vanilla vs SSA).
+
+    python eval/attention.py --checkpoint_dir out/demo/final --compare_dir out/demo-ssa/final --max_tokens 256
+
+Writes attention.json, attention_stats.png, temperatures.png and attention_maps.png to the output folder.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import run_cli
+
+TEMPERATURES = ("query_temperature", "value_temperature")
+
+
+@torch.inference_mode()
+def analyze(checkpoint_dir: Path, text: str, max_tokens: int, device: str) -> dict:
+    """Attention statistics of one checkpoint on one text, and the raw maps and temperatures for plotting."""
+    model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    ids = tokenizer.encode(text)[: min(max_tokens, model.max_seq_length)].unsqueeze(0).to(device)
+    details = []
+    model(ids, details=details)
+    T = ids.size(1)
+    keys_seen = torch.arange(1, T + 1, device=device, dtype=torch.float32)  # query i sees i + 1 keys
+    layers = []
+    for layer in details:
+        probs = layer["attention"][0].float()  # (nh, T, T)
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (nh, T)
+        normalized = entropy[:, 1:] / keys_seen[1:].log()  # 0 = one key, 1 = uniform over the visible keys
+        stats = dict(entropy=entropy.mean(-1).tolist(), normalized_entropy=normalized.mean(-1).tolist(),
+                     spikiness=probs.max(-1).values.mean(-1).tolist())
+        for name in TEMPERATURES:
+            tau = layer[name]
+            stats[name] = None if tau is None else tau[0].float().mean(0).tolist()  # mean over heads, per position
+        layers.append(stats)
+    return dict(checkpoint=str(checkpoint_dir), attention_temperature=model.config.attention_temperature,
+                tokens=T, layers=layers, maps=[d["attention"][0].float().cpu() for d in details])
+
+
+def plot_stats(results: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for result in results:
+        label = f"{Path(result['checkpoint']).parent.name or result['checkpoint']} ({result['attention_temperature']})"
+        for ax, key in zip(axes, ("normalized_entropy", "spikiness")):
+            per_layer = [sum(layer[key]) / len(layer[key]) for layer in result["layers"]]
+            ax.plot(range(len(per_layer)), per_layer, "o-", label=label)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(key.replace("_", " ") + " (mean over heads)")
+    axes[0].set_title("attention entropy / log(keys seen)")
+    axes[1].set_title("spikiness: mean peak probability")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_temperatures(results: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    rows = [(r, name) for r in results for name in TEMPERATURES if r["layers"][0][name] is not None]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4), squeeze=False)
+    for ax, (result, name) in zip(axes[0], rows):
+        for i, layer in enumerate(result["layers"]):
+            ax.plot(range(1, len(layer[name]) + 1), layer[name], label=f"layer {i}")
+        ax.set_xscale("log")
+        ax.set_xlabel("position n (log scale)")
+        ax.set_ylabel(name.replace("_", " ") + " (mean over heads)")
+        ax.set_title(f"{Path(result['checkpoint']).parent.name}: {name.split('_')[0]}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_maps(results: list[dict], path: Path, head: int) -> None:
+    import matplotlib.pyplot as plt
+
+    n_layers = len(results[0]["maps"])
+    chosen = sorted({0, n_layers // 2, n_layers - 1})
+    fig, axes = plt.subplots(len(results), len(chosen), figsize=(3.6 * len(chosen), 3.4 * len(results)), squeeze=False)
+    for row, result in enumerate(results):
+        for col, layer in enumerate(chosen):
+            probs = result["maps"][layer][head]
+            axes[row][col].imshow(probs.clamp_min(1e-4).log10(), cmap="viridis", vmin=-4, vmax=0)
+            axes[row][col].set_title(f"{Path(result['checkpoint']).parent.name}: layer {layer}, head {head}",
+                                     fontsize=8)
+            axes[row][col].set_xlabel("key")
+            axes[row][col].set_ylabel("query")
+    fig.suptitle("attention probabilities (log10)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(
+    checkpoint_dir: Path,
+    compare_dir: Path | None = None,
+    text_file: Path | None = None,
+    max_tokens: int = 256,
+    head: int = 0,
+    output_dir: Path | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """Attention entropy, spikiness, temperatures and maps.
+
+    Args:
+        checkpoint_dir: a checkpoint folder.
+        compare_dir: a second checkpoint to show beside the first (they should share a tokenizer).
+        text_file: the text to read; default the start of the bundled Wikipedia sample.
+        max_tokens: how many tokens of it.
+        head: the head whose maps are drawn.
+        output_dir: default <checkpoint_dir>/attention.
+        device: cpu or cuda.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    text = read_text(Path(text_file)) if text_file is not None else read_text(BUNDLED_WIKI)[20000:]
+    results = [analyze(Path(d), text, max_tokens, device) for d in [checkpoint_dir, compare_dir] if d is not None]
+    output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "attention"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot_stats(results, output_dir / "attention_stats.png")
+    plot_maps(results, output_dir / "attention_maps.png", head)
+    written = ["attention.json", "attention_stats.png", "attention_maps.png"]
+    if plot_temperatures(results, output_dir / "temperatures.png"):
+        written.append("temperatures.png")
+    summary = [{k: v for k, v in r.items() if k != "maps"} for r in results]
+    (output_dir / "attention.json").write_text(json.dumps(summary, indent=1))
+    for r in summary:
+        entropy = [sum(layer["normalized_entropy"]) / len(layer["normalized_entropy"]) for layer in r["layers"]]
+        print(f"{r['checkpoint']} ({r['attention_temperature']}): normalized entropy per layer"
+              f" {', '.join(f'{e:.3f}' for e in entropy)}")
+    print(f"Wrote {', '.join(written)} to {output_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,102 @@
+"""Token- and word-level perplexity of a checkpoint on a text, with a sliding window.
+
+    python eval/perplexity.py --checkpoint_dir out/demo/final                    # the bundled Wikipedia sample
+    python eval/perplexity.py --checkpoint_dir ckpt --data my_text.txt --window 1024 --stride 512
+    python eval/perplexity.py --checkpoint_dir ckpt --dataset wikitext --dataset_config wikitext-2-raw-v1  # internet
+
+Prints and writes JSON: the summed negative log-likelihood, token perplexity, word perplexity (words as
+lm-evaluation-harness counts them) and bits per byte.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from lit_gpt.data.prepare import BUNDLED_WIKI, local_files, read_text
+from lit_gpt.evaluation import PerplexityResult, count_words, sliding_window_nll
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import check_hub_reachable, parse_dtype, run_cli
+
+
+def load_text(data: Path | None, dataset: str | None, dataset_config: str | None, split: str, text_column: str,
+              start_char: int, max_chars: int | None) -> str:
+    if dataset is not None:
+        import datasets
+
+        try:
+            check_hub_reachable(f"the dataset {dataset!r}")
+            rows = datasets.load_dataset(dataset, dataset_config, split=split)
+        except Exception as error:  # the hub client raises many types; the user needs the one line below
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise ConnectionError(f"Could not load the dataset {dataset!r} ({first}). Without internet, pass --data"
+                                  " a local text file or folder.") from None
+        text = "\n\n".join(t for t in rows[text_column] if t.strip())
+    else:
+        path = Path(data) if data is not None else BUNDLED_WIKI
+        if not path.exists():
+            raise FileNotFoundError(f"Expected a text file or folder at {str(path)!r}, found nothing there.")
+        text = "\n\n".join(read_text(f) for f in local_files(path))
+    text = text[start_char : None if max_chars is None else start_char + max_chars]
+    if not text.strip():
+        raise ValueError("The text to evaluate is empty.")
+    return text
+
+
+def main(
+    checkpoint_dir: Path,
+    data: Path | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "test",
+    text_column: str = "text",
+    start_char: int = 0,
+    max_chars: int | None = None,
+    max_tokens: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    output_file: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """Perplexity of a checkpoint.
+
+    Args:
+        checkpoint_dir: a checkpoint folder.
+        data: a text file or folder; default the bundled Wikipedia sample (data/corpus/wiki.utf8.xz).
+        dataset: a Hugging Face dataset name instead (needs internet), e.g. wikitext.
+        dataset_config: its configuration, e.g. wikitext-2-raw-v1.
+        split: its split.
+        text_column: its text column.
+        start_char: skip this many characters of the text.
+        max_chars: evaluate at most this many characters.
+        max_tokens: evaluate at most this many tokens (after tokenizing).
+        window: tokens the model reads at once; default its context, at most 1024.
+        stride: how far the window advances; default half the window.
+        output_file: where to write the JSON result; default <checkpoint_dir>/perplexity.json.
+        device: cpu or cuda; default cuda when available.
+        dtype: float32, float16 or bfloat16; default the checkpoint's own.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    text = load_text(data, dataset, dataset_config, split, text_column, start_char, max_chars)
+    ids = tokenizer.encode(text)[:max_tokens]
+    if max_tokens is not None:
+        text = tokenizer.decode(ids)
+    window = window or min(model.max_seq_length, 1024)
+    if window > model.max_seq_length:
+        raise ValueError(f"--window {window} exceeds the model's context of {model.max_seq_length} tokens.")
+    nll, count = sliding_window_nll(model, ids, window, stride or max(1, window // 2))
+    result = PerplexityResult(nll, count, count_words(text), len(text.encode("utf-8"))).as_dict()
+    result.update(checkpoint=str(checkpoint_dir), data=dataset or str(data or BUNDLED_WIKI), window=window,
+                  stride=stride or max(1, window // 2))
+    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "perplexity.json"
+    output_file.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

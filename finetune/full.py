@@ -1,0 +1,196 @@
+"""Fine-tune every weight of a converted checkpoint, optionally adding Selective Self-Attention first.
+
+    # language modelling on text held apart from its validation split (prepared with the checkpoint's tokenizer)
+    python finetune/full.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct --ssa \
+        --data data/prepared/smollm2-wiki --data_source data/corpus/wiki.utf8.xz
+    # instruction tuning on Alpaca-format JSON, loss on the responses only
+    python finetune/full.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct --ssa --data alpaca.json
+    # train only the temperature parameters
+    python finetune/full.py --checkpoint_dir ... --ssa --ssa_only
+
+`--ssa` starts the temperatures at the values that reproduce the checkpoint (u = 0, sigmoid(alpha) = 6e-4): the
+first validation loss is the checkpoint's own. The temperatures train at `--ssa_lr`, much larger than the backbone's.
+"""
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from lit_gpt.config import Config
+from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
+from lit_gpt.data.prepare import META_FILENAME, prepare
+from lit_gpt.data.tokens import TokenBatches, TokenData
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.training import (
+    EvalArgs,
+    TrainArgs,
+    build_fabric,
+    check_window,
+    find_resume_checkpoint,
+    fit,
+    freeze_backbone,
+    hyperparameters,
+    on_rank_zero,
+    save_checkpoint,
+    setup_training,
+    write_history,
+)
+from lit_gpt.utils import num_parameters, run_cli
+
+FINETUNE_SSA_INIT = 6e-4  # sigmoid(alpha) at the start of fine-tuning, as in the official fine-tuning scripts
+
+
+def setup(
+    checkpoint_dir: Path,
+    ssa: bool = False,
+    ssa_only: bool = False,
+    ssa_lr: float = 1e-2,
+    model: dict[str, Any] | None = None,
+    data: Path = Path("data/prepared/finetune"),
+    data_source: str | None = None,
+    val_fraction: float = 0.05,
+    truncate: bool = False,
+    out_dir: Path = Path("out/finetune"),
+    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=1, max_steps=500, learning_rate=3e-5,
+                                 min_lr=3e-6, warmup_steps=50, weight_decay=0.0, save_interval=100),
+    eval: EvalArgs = EvalArgs(interval=100, max_iters=50, initial_validation=True),
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    precision: str | None = None,
+    seed: int = 1337,
+    logger_name: Literal["csv", "tensorboard"] = "csv",
+    resume: bool | Literal["auto"] | Path = False,
+) -> None:
+    """Fine-tune a checkpoint.
+
+    Args:
+        checkpoint_dir: a converted (or pretrained) checkpoint folder.
+        ssa: add Selective Self-Attention with the default settings (a checkpoint that has it keeps its own).
+        ssa_only: freeze the backbone and train only the temperature parameters.
+        ssa_lr: learning rate of the temperature parameters.
+        model: SSA fields to set with --ssa, e.g. --model.ssa_token_weights separate.
+        data: a prepared token folder (language modelling) or an Alpaca-format .json/.jsonl file (instructions).
+        data_source: text to prepare into `data` with the checkpoint's tokenizer where `data` holds none.
+        val_fraction: share held out for validation (of the documents when preparing, of the records otherwise).
+        truncate: cut instruction records longer than the context instead of refusing them.
+        out_dir: checkpoints (step-XXXXXXXX/ and final/), logs and loss.png go here.
+        train: batch sizes, length, optimizer and schedule; max_seq_length defaults to the model's context.
+        eval: validation interval and size.
+        devices: processes per node; more than one runs DDP or FSDP.
+        num_nodes: machines.
+        strategy: auto (DDP when distributed), ddp or fsdp.
+        precision: Fabric precision; default bf16-mixed on GPUs, 32-true on CPU.
+        seed: seeds the data order and the split.
+        logger_name: csv or tensorboard.
+        resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    base = Config.from_file(checkpoint_dir)
+    Tokenizer(checkpoint_dir)  # fail now, in one line, where the folder has no tokenizer
+    config = finetune_config(base, ssa, model or {})
+    hparams = hyperparameters(checkpoint_dir=checkpoint_dir, ssa=ssa, ssa_only=ssa_only, ssa_lr=ssa_lr,
+                              model=config.to_dict(), data=data, data_source=data_source, val_fraction=val_fraction,
+                              truncate=truncate, out_dir=out_dir, train=train, eval=eval, devices=devices, seed=seed)
+    fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
+    fabric.launch(main, checkpoint_dir, base, config, ssa_only, ssa_lr, Path(data), data_source, val_fraction,
+                  truncate, Path(out_dir), train, eval, seed, resume, hparams)
+
+
+def finetune_config(base: Config, ssa: bool, overrides: dict) -> Config:
+    """The checkpoint's config, with SSA added at its fine-tuning start when asked for."""
+    values = base.to_dict()
+    if ssa and base.attention_temperature == "ssa":
+        print("The checkpoint already has SSA; fine-tuning continues with its own temperature parameters.")
+    elif ssa:
+        values.update(attention_temperature="ssa", ssa_position_init=FINETUNE_SSA_INIT)
+    elif overrides:
+        raise ValueError("--model.* sets SSA fields and goes with --ssa.")
+    unknown = [k for k in overrides if not (k.startswith("ssa_") or k == "attention_temperature")]
+    if unknown:
+        raise ValueError(f"--model.{unknown[0]} would change the architecture of the checkpoint; only"
+                         " attention_temperature and ssa_* fields may be set here.")
+    return Config.from_dict({**values, **overrides})
+
+
+def load_model(checkpoint_dir: Path, base: Config, config: Config) -> GPT:
+    """Strict loading: only the temperature parameters that SSA adds may be missing from the checkpoint."""
+    with torch.device("meta"):
+        added = GPT(config).temperature_parameter_names() - GPT(base).temperature_parameter_names()
+    return GPT.from_checkpoint(checkpoint_dir, config=config, allow_missing=added)
+
+
+def instruction_batches(path: Path, tokenizer: Tokenizer, block_size: int, truncate: bool, val_fraction: float,
+                        seed: int, train: TrainArgs, eval: EvalArgs) -> InstructionBatches:
+    records = load_records(path)
+    random.Random(seed).shuffle(records)
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise ValueError(f"{str(path)!r} has {len(records)} record(s): too few to hold out {n_val} for validation.")
+    examples = encode_records(records, tokenizer, block_size, truncate, str(path))
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    return InstructionBatches(examples[n_val:], examples[:n_val], seed, train.global_batch_size,
+                              train.micro_batch_size, eval.max_iters, pad_id)
+
+
+def ensure_prepared(folder: Path, source: str, checkpoint_dir: Path, val_fraction: float) -> None:
+    if not (folder / META_FILENAME).is_file():
+        prepare(source, folder, tokenizer_dir=checkpoint_dir, val_fraction=val_fraction)
+
+
+def token_batches(folder: Path, checkpoint_dir: Path, config: Config, block_size: int, seed: int, train: TrainArgs,
+                  eval: EvalArgs) -> TokenBatches:
+    data = TokenData(folder)
+    data.check_tokenizer(checkpoint_dir)
+    data.check(config.padded_vocab_size, block_size)
+    return TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, ssa_lr: float,
+         data: Path, data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs,
+         eval: EvalArgs, seed: int, resume, hparams: dict) -> None:
+    resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
+    block_size = check_window(train.max_seq_length, config)
+    if data.suffix in (".json", ".jsonl"):
+        batches = instruction_batches(data, Tokenizer(checkpoint_dir), block_size, truncate, val_fraction, seed,
+                                      train, eval)
+    else:
+        if data_source is not None:
+            on_rank_zero(fabric, ensure_prepared, data, data_source, checkpoint_dir, val_fraction)
+        batches = token_batches(data, checkpoint_dir, config, block_size, seed, train, eval)
+
+    fabric.seed_everything(seed)
+    model = load_model(checkpoint_dir, base, config)
+    if ssa_only:
+        freeze_backbone(model)
+    added = num_parameters(model) - num_parameters_of(base)
+    fabric.print(f"{config.name}: {num_parameters(model):,} parameters, {added:,} added by SSA"
+                 f" ({added / max(1, num_parameters(model) - added):.3%}); {num_parameters(model, True):,} trainable")
+    model, optimizer, state = setup_training(fabric, model, train, ssa_lr, resume_dir)
+
+    save = lambda name: save_checkpoint(fabric, state, out_dir / name, checkpoint_dir, hparams)  # noqa: E731
+    fit(fabric, model, optimizer, state, batches, train, eval, block_size, save)
+    report(fabric, state, out_dir, config)
+
+
+def num_parameters_of(config: Config) -> int:
+    with torch.device("meta"):
+        return num_parameters(GPT(config))
+
+
+def report(fabric: L.Fabric, state: dict, out_dir: Path, config: Config) -> None:
+    """Validation perplexity before and after, the loss curve and the history."""
+    val = [h["val_loss"] for h in state["history"] if "val_loss" in h]
+    if len(val) >= 2:
+        fabric.print(f"Validation perplexity: {math.exp(val[0]):.3f} before, {math.exp(val[-1]):.3f} after fine-tuning")
+    write_history(fabric, state, out_dir, f"fine-tuning {config.name} ({config.attention_temperature})")
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)

@@ -1,0 +1,73 @@
+"""Generate text from any checkpoint folder (converted, pretrained or fine-tuned, with or without SSA).
+
+    python generate/base.py --checkpoint_dir out/demo/final --prompt "ROMEO:" --max_new_tokens 100
+    python generate/base.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct --prompt "The capital of France is" \
+        --temperature 0 --max_new_tokens 20
+
+Decoding uses the KV cache; the text streams to stdout as it is decoded.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit_gpt.generation import prepare_prompt, stream_text
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import parse_dtype, run_cli
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: str = "What food do llamas eat?",
+    max_new_tokens: int = 50,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    stop: list[str] | None = None,
+    seed: int = 1234,
+    truncate: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> list[str]:
+    """Generate a completion of `prompt`.
+
+    Args:
+        checkpoint_dir: a checkpoint folder (model.safetensors, model_config.yaml, tokenizer files).
+        prompt: the text to complete.
+        max_new_tokens: the most tokens to add.
+        temperature: 0 decodes greedily; higher is more random.
+        top_k: sample among the k most likely tokens only.
+        top_p: sample among the most likely tokens whose probabilities add up to p (nucleus sampling).
+        num_samples: how many completions to draw.
+        stop: strings that end the completion (not included).
+        seed: seeds the sampling.
+        truncate: drop the beginning of a prompt too long for the context instead of refusing it.
+        device: cpu or cuda; default cuda when available.
+        dtype: float32, float16 or bfloat16; default the checkpoint's own.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    ids = prepare_prompt(tokenizer, prompt, max_new_tokens, model.max_seq_length, truncate).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    completions = []
+    for _ in range(num_samples):
+        started, pieces = time.perf_counter(), []
+        print(prompt, end="", flush=True)
+        for piece in stream_text(model, tokenizer, ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, generator=generator):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        elapsed = time.perf_counter() - started
+        completions.append("".join(pieces))
+        n_tokens = tokenizer.encode(completions[-1], bos=False).numel()
+        print(f"\n\n[{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return completions
+
+
+if __name__ == "__main__":
+    run_cli(main)

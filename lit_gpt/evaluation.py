@@ -1,0 +1,88 @@
+"""Evaluation pieces shared by eval/: sliding-window perplexity and passkey retrieval."""
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lit_gpt.model import GPT
+
+
+@torch.inference_mode()
+def sliding_window_nll(model: GPT, ids: torch.Tensor, window: int, stride: int, progress: bool = True):
+    """Summed negative log-likelihood (nats) of every token of `ids` but the first, and how many were scored.
+
+    The model reads windows of `window` tokens that advance by `stride`; each token is scored once, in the first
+    window that predicts it, after at least `window - stride` tokens of context (the usual Hugging Face recipe)."""
+    if not 0 < stride <= window:
+        raise ValueError(f"The stride must lie in (0, window={window}], got {stride}.")
+    total, count, scored_until = 0.0, 0, 1  # token 0 has no context and is never scored
+    starts = range(0, max(1, ids.numel() - 1), stride)
+    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+        end = min(begin + window + 1, ids.numel())
+        chunk = ids[begin:end].unsqueeze(0).to(model.lm_head.weight.device)
+        logits = model(chunk[:, :-1]).float()
+        targets = chunk[0, 1:].clone()
+        first_new = scored_until - begin - 1  # targets before this index were scored by an earlier window
+        targets[: max(first_new, 0)] = -100
+        nll = F.cross_entropy(logits[0], targets, ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+        scored_until = end
+        if end == ids.numel():
+            break
+    return total, count
+
+
+@dataclass
+class PerplexityResult:
+    nll: float
+    tokens: int
+    words: int
+    bytes: int
+
+    def as_dict(self) -> dict:
+        return dict(nll=self.nll, tokens=self.tokens, words=self.words, bytes=self.bytes,
+                    token_perplexity=math.exp(self.nll / self.tokens), word_perplexity=math.exp(self.nll / self.words),
+                    bits_per_byte=self.nll / self.bytes / math.log(2))
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity: runs of non-whitespace."""
+    return len(re.findall(r"\S+", text))
+
+
+# The standard passkey prompt (Mohtashami & Jaggi 2023)
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_needle(key: int) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> str:
+    """A prompt of about `length` tokens with the needle at relative `depth` (0 = start, 1 = end of the filler)."""
+    fixed = tokenizer.encode(" ".join([PASSKEY_INTRO, passkey_needle(key), PASSKEY_QUESTION])).numel()
+    per_filler = tokenizer.encode(" " + PASSKEY_FILLER, bos=False).numel()
+    n_fillers = max(0, (length - fixed) // per_filler)
+    before = round(n_fillers * depth)
+    parts = [PASSKEY_INTRO, *[PASSKEY_FILLER] * before, passkey_needle(key), *[PASSKEY_FILLER] * (n_fillers - before),
+             PASSKEY_QUESTION]
+    return " ".join(parts)
+
+
+def first_integer(text: str) -> int | None:
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+def passkey_keys(trials: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(10000, 99999) for _ in range(trials)]

@@ -1,0 +1,380 @@
+"""The training loop pieces that pretraining and fine-tuning share: arguments, schedule, optimizer groups, the step
+with gradient accumulation, validation, checkpoints that resume exactly, and the loss curve."""
+
+import json
+import math
+import pickle
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.fabric.utilities.throughput import ThroughputMonitor
+from tqdm import tqdm
+
+from lit_gpt.checkpoint import copy_tokenizer_files, model_state_dict, unsafe_pickle_error, write_model_files
+from lit_gpt.model import GPT
+from lit_gpt.utils import USER_ERRORS, UserFacingError
+
+STATE_FILENAME = "training_state.pth"
+
+
+@dataclass
+class TrainArgs:
+    global_batch_size: int = 512
+    micro_batch_size: int = 8
+    max_tokens: int | None = None
+    max_steps: int | None = None  # takes precedence over max_tokens
+    max_seq_length: int | None = None  # training window; defaults to the model's block_size
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_norm: float = 1.0
+    save_interval: int | None = 1000
+    log_interval: int = 1
+
+
+@dataclass
+class EvalArgs:
+    interval: int = 1000
+    max_iters: int = 100
+    initial_validation: bool = False
+    final_validation: bool = True
+
+
+class TrainingDiverged(UserFacingError):
+    pass
+
+
+class Batches(Protocol):
+    def train(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of global batch `step`: inputs and targets (-100 where no loss is taken)."""
+
+    def val(self, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the fixed validation batches."""
+
+
+def schedule(args: TrainArgs, tokens_per_step: int, world_size: int) -> tuple[int, int]:
+    """(max_steps, gradient accumulation steps), with the batch sizes checked against each other."""
+    per_rank, remainder = divmod(args.global_batch_size, world_size)
+    if remainder or per_rank % args.micro_batch_size:
+        raise ValueError(
+            f"--train.global_batch_size {args.global_batch_size} must be a multiple of --train.micro_batch_size"
+            f" {args.micro_batch_size} times the number of processes {world_size}."
+        )
+    if args.max_steps is None and args.max_tokens is None:
+        raise ValueError("Give the length of the run: --train.max_steps or --train.max_tokens.")
+    max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.max_tokens / tokens_per_step)
+    return max_steps, per_rank // args.micro_batch_size
+
+
+def check_window(max_seq_length: int | None, config) -> int:
+    """The training window: --train.max_seq_length, at most the model's block_size (its default)."""
+    if max_seq_length is not None and max_seq_length > config.block_size:
+        raise ValueError(f"--train.max_seq_length {max_seq_length} exceeds the model's block_size {config.block_size}:"
+                         " lower it, or raise --model.block_size.")
+    return max_seq_length or config.block_size
+
+
+def get_lr(step: int, max_steps: int, args: TrainArgs) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - args.min_lr)
+
+
+def parameter_groups(model: GPT, args: TrainArgs, ssa_lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only (none on norms, biases and temperatures); the temperatures get ssa_lr."""
+    temperature = {id(p) for p in model.temperature_parameters()}
+    decay, no_decay, temps = [], [], []
+    for p in {id(p): p for p in model.parameters()}.values():
+        if not p.requires_grad:
+            continue
+        if id(p) in temperature:
+            temps.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    ssa_lr = ssa_lr if ssa_lr is not None else args.learning_rate
+    groups = [dict(params=decay, weight_decay=args.weight_decay, lr_scale=1.0),
+              dict(params=no_decay, weight_decay=0.0, lr_scale=1.0),
+              dict(params=temps, weight_decay=0.0, lr_scale=ssa_lr / args.learning_rate)]
+    return [g for g in groups if g["params"]]
+
+
+def freeze_backbone(model: GPT) -> None:
+    temperature = {id(p) for p in model.temperature_parameters()}
+    if not temperature:
+        raise ValueError("--ssa_only needs a model with temperature parameters (add --ssa).")
+    for p in model.parameters():
+        p.requires_grad = id(p) in temperature
+
+
+def build_optimizer(model: GPT, args: TrainArgs, ssa_lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW; the temperature parameters train at `ssa_lr` (default: the backbone's learning rate)."""
+    return torch.optim.AdamW(parameter_groups(model, args, ssa_lr), lr=args.learning_rate,
+                             betas=(args.beta1, args.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def training_step(fabric: L.Fabric, model, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int) -> float:
+    """Forward and backward over `accumulation` micro-batches; gradients sync only on the last one."""
+    total = 0.0
+    for i, (x, y) in enumerate(zip(inputs.chunk(accumulation), targets.chunk(accumulation))):
+        is_accumulating = i < accumulation - 1
+        with fabric.no_backward_sync(model, enabled=is_accumulating):
+            loss = loss_fn(model(x), y)
+            fabric.backward(loss / accumulation)
+        total += loss.detach()
+    return fabric.all_reduce(total / accumulation, reduce_op="mean").item()
+
+
+@torch.no_grad()
+def validate(fabric: L.Fabric, model, batches: Batches) -> float:
+    model.eval()
+    losses = [loss_fn(model(x.to(fabric.device)), y.to(fabric.device)) for x, y in
+              batches.val(fabric.global_rank, fabric.world_size)]
+    model.train()
+    local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)
+    return fabric.all_reduce(local, reduce_op="mean").item()
+
+
+def fit(
+    fabric: L.Fabric,
+    model,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    batches: Batches,
+    args: TrainArgs,
+    eval_args: EvalArgs,
+    tokens_per_sequence: int,
+    save,
+    flops_per_micro_batch: int | None = None,
+) -> None:
+    """Train until max_steps; `save(name)` writes a checkpoint. `state` holds the counters that resume needs."""
+    max_steps, accumulation = schedule(args, args.global_batch_size * tokens_per_sequence, fabric.world_size)
+    throughput = ThroughputMonitor(fabric, window_size=10)
+    progress = tqdm(total=max_steps, initial=state["step"], desc="training", unit="step",
+                    disable=fabric.global_rank != 0, dynamic_ncols=True)
+    if eval_args.initial_validation and state["step"] == 0:
+        log_validation(fabric, model, batches, state)
+    started = time.perf_counter()
+    try:
+        while state["step"] < max_steps:
+            step = state["step"]
+            set_lr(optimizer, get_lr(step, max_steps, args))
+            inputs, targets = batches.train(step, fabric.global_rank, fabric.world_size)
+            loss = training_step(fabric, model, inputs.to(fabric.device), targets.to(fabric.device), accumulation)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"The training loss became {loss} at step {step + 1}; stopping without saving. The last good"
+                    " checkpoint is intact: lower --train.learning_rate or raise --train.warmup_steps and resume."
+                )
+            fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += args.global_batch_size * tokens_per_sequence
+            state["history"].append({"step": state["step"], "tokens": state["tokens"], "train_loss": loss})
+            elapsed = time.perf_counter() - started
+            flops = flops_per_micro_batch * accumulation * state["step"] if flops_per_micro_batch else None
+            throughput.update(time=elapsed, batches=state["step"], samples=state["step"] * args.global_batch_size,
+                              lengths=state["tokens"], flops=flops)
+            if state["step"] % args.log_interval == 0:
+                metrics = {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"]}
+                metrics.update(throughput.compute())
+                fabric.log_dict(metrics, step=state["step"])
+                tokens_per_sec = metrics.get("device/items_per_sec", 0.0) * fabric.world_size
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}" if tokens_per_sec else "-")
+            progress.update()
+            if state["step"] % eval_args.interval == 0 and state["step"] < max_steps:
+                log_validation(fabric, model, batches, state)
+            if args.save_interval and state["step"] % args.save_interval == 0 and state["step"] < max_steps:
+                save(f"step-{state['step']:08d}")
+    finally:
+        progress.close()
+    if eval_args.final_validation:
+        log_validation(fabric, model, batches, state)
+    save("final")
+
+
+def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, ssa_lr: float | None, resume_dir: Path | None):
+    """The model and optimizer set up by Fabric, and the state that checkpoints hold, restored when resuming."""
+    optimizer = build_optimizer(model, args, ssa_lr)
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(optimizer)
+    state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0, "history": []}
+    if resume_dir is not None:
+        fabric.print(f"Resuming from {resume_dir}")
+        load_training_state(fabric, resume_dir, state)
+    return model, optimizer, state
+
+
+def write_history(fabric: L.Fabric, state: dict, out_dir: Path, title: str) -> None:
+    """history.json and the loss curve loss.png, on rank 0."""
+    if fabric.global_rank == 0:
+        plot_history(state["history"], Path(out_dir) / "loss.png", title)
+        (Path(out_dir) / "history.json").write_text(json.dumps(state["history"]))
+        fabric.print(f"Saved {Path(out_dir) / 'final'} and {Path(out_dir) / 'loss.png'}")
+
+
+def log_validation(fabric: L.Fabric, model, batches: Batches, state: dict) -> float:
+    loss = validate(fabric, model, batches)
+    state["history"].append({"step": state["step"], "tokens": state["tokens"], "val_loss": loss})
+    fabric.log_dict({"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}, step=state["step"])
+    fabric.print(f"step {state['step']}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+    return loss
+
+
+def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
+    """The unsharded weights on rank 0 (None elsewhere), a tied lm_head stored once."""
+    from lightning.fabric.strategies import FSDPStrategy
+
+    module = model.module if hasattr(model, "module") else model
+    if isinstance(fabric.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if module.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return state if fabric.global_rank == 0 else None
+    return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
+
+
+def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict) -> None:
+    """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    fabric.save(tmp / STATE_FILENAME, {**state, "rng": torch.get_rng_state()})
+    weights = full_state_dict(fabric, state["model"])
+    if fabric.global_rank == 0:
+        module = state["model"].module if hasattr(state["model"], "module") else state["model"]
+        write_model_files(module, tmp, state=weights)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    fabric.barrier()
+
+
+def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path) -> Path | None:
+    """The checkpoint to resume from: the latest in out_dir for "auto", or the given folder."""
+    if resume is False or resume is None:
+        if Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+            raise FileExistsError(
+                f"{str(out_dir)!r} holds an earlier run: pass --resume auto to continue it, or choose another"
+                " --out_dir."
+            )
+        return None
+    if resume == "auto" or resume is True:
+        candidates = sorted(Path(out_dir).glob("step-*"), key=lambda p: p.name)
+        candidates = [p for p in candidates if (p / STATE_FILENAME).is_file()]
+        return candidates[-1] if candidates else None
+    resume = Path(resume)
+    if not (resume / STATE_FILENAME).is_file():
+        raise FileNotFoundError(f"--resume {resume} is not a training checkpoint: it has no {STATE_FILENAME}.")
+    return resume
+
+
+def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> None:
+    """Restore model, optimizer, counters and RNG; only tensors and plain containers are accepted from the file."""
+    try:
+        remainder = fabric.load(path / STATE_FILENAME, state, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_pickle_error(path / STATE_FILENAME, error) from None
+    torch.set_rng_state(remainder["rng"])
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Training and validation loss against tokens, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+        points = [(h["tokens"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def hyperparameters(**kwargs) -> dict:
+    """The run's arguments as plain YAML-able values."""
+    plain = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in kwargs.items()}
+    return json.loads(json.dumps(plain, default=str))
+
+
+def choose_precision(precision: str | None) -> str:
+    if precision is not None:
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_fabric(devices: int, num_nodes: int, strategy: str, precision: str | None, out_dir: Path,
+                 logger_name: str) -> L.Fabric:
+    """One process or many: DDP, or FSDP sharding whole transformer blocks, when devices * num_nodes > 1."""
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from lit_gpt.model import Block
+
+    if strategy == "fsdp":
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+    elif strategy == "auto" and devices * num_nodes > 1:
+        strategy = "ddp"
+    if logger_name == "csv":  # each start of a run (a resumed one too) writes its own logs/csv-N/metrics.csv
+        runs = len(list((Path(out_dir) / "logs").glob("csv-*")))
+        logger = CSVLogger(out_dir, name="logs", version=f"csv-{runs + 1}", flush_logs_every_n_steps=1)
+    else:
+        logger = TensorBoardLogger(out_dir, name="logs")
+    return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=choose_precision(precision),
+                    loggers=[logger])
+
+
+def on_rank_zero(fabric: L.Fabric, function, *args):
+    """Run `function` on rank 0 only and hand its result, or its user-facing error, to every rank."""
+    result = None
+    if fabric.global_rank == 0:
+        try:
+            result = ("ok", function(*args))
+        except USER_ERRORS as error:
+            result = ("error", error)
+    result = fabric.broadcast(result, src=0)
+    if result[0] == "error":
+        raise result[1]
+    return result[1]

@@ -1,0 +1,144 @@
+"""Pretrain a GPT-2 / Pythia / Llama-style model from scratch, with or without SSA, with Lightning Fabric.
+
+    python pretrain/openwebtext.py --config configs/demo.yaml                      # bundled corpus, CPU, ~10 min
+    python pretrain/openwebtext.py --config configs/demo.yaml --model.attention_temperature ssa --out_dir out/demo-ssa
+    python pretrain/openwebtext.py --config configs/gpt2-owt-ssa.yaml --devices 8  # the paper's setting
+
+With no arguments it trains GPT-2 124M on OpenWebText prepared by scripts/prepare_openwebtext.py.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import measure_flops
+
+from lit_gpt.config import Config
+from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
+from lit_gpt.data.tokens import TokenBatches, TokenData
+from lit_gpt.model import GPT
+from lit_gpt.training import (
+    EvalArgs,
+    TrainArgs,
+    build_fabric,
+    check_window,
+    find_resume_checkpoint,
+    fit,
+    hyperparameters,
+    loss_fn,
+    on_rank_zero,
+    save_checkpoint,
+    setup_training,
+    write_history,
+)
+from lit_gpt.utils import num_parameters, run_cli
+
+
+@dataclass
+class DataArgs:
+    dir: Path = Path("data/prepared/openwebtext")
+    source: str | None = None  # prepare `dir` from this source first where it holds no prepared data
+    tokenizer_dir: Path = GPT2_TOKENIZER  # the tokenizer to prepare with
+    train_tokenizer: int | None = None  # or train a byte-level BPE of this size on the training split
+    val_fraction: float = 0.0005
+
+
+def setup(
+    model_name: str = "gpt2",
+    model: dict[str, Any] | None = None,
+    model_config: Path | None = None,
+    data: DataArgs = DataArgs(),
+    out_dir: Path = Path("out/pretrain/gpt2"),
+    train: TrainArgs = TrainArgs(global_batch_size=480, micro_batch_size=12, max_tokens=300_000_000_000),
+    eval: EvalArgs = EvalArgs(),
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    precision: str | None = None,
+    seed: int = 1337,
+    logger_name: Literal["csv", "tensorboard"] = "csv",
+    resume: bool | Literal["auto"] | Path = False,
+    ssa_lr: float | None = None,
+) -> None:
+    """Pretrain a model from scratch.
+
+    Args:
+        model_name: a preset (see lit_gpt/config.py), e.g. gpt2, pythia-160m, demo.
+        model: overrides of the preset's fields, SSA included: --model.attention_temperature ssa.
+        model_config: a model_config.yaml to use instead of a preset (the overrides still apply).
+        data: the prepared token folder, and how to prepare it when it is missing.
+        out_dir: checkpoints (step-XXXXXXXX/ and final/), logs and loss.png go here.
+        train: batch sizes, length of the run, optimizer and schedule.
+        eval: validation interval and size.
+        devices: processes per node (GPUs, or CPU processes); more than one runs DDP or FSDP.
+        num_nodes: machines.
+        strategy: auto (DDP when distributed), ddp or fsdp.
+        precision: Fabric precision; default bf16-mixed on GPUs, 32-true on CPU.
+        seed: seeds the initialisation and the choice of training windows.
+        logger_name: csv or tensorboard.
+        resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
+        ssa_lr: learning rate of the temperature parameters (SSA and baselines); default the backbone's.
+    """
+    config = load_config(model_name, model, model_config)
+    hparams = hyperparameters(model_name=model_name, model=config.to_dict(), data=data, out_dir=out_dir, train=train,
+                              eval=eval, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
+                              seed=seed, resume=resume, ssa_lr=ssa_lr)
+    fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
+    fabric.launch(main, config, data, out_dir, train, eval, seed, resume, ssa_lr, hparams)
+
+
+def load_config(model_name: str, overrides: dict | None, model_config: Path | None) -> Config:
+    if model_config is not None:
+        return Config.from_file(model_config, **(overrides or {}))
+    return Config.from_name(model_name, **(overrides or {}))
+
+
+def ensure_prepared(data: DataArgs) -> Path:
+    if (data.dir / META_FILENAME).is_file():
+        return data.dir
+    if data.source is None:
+        raise FileNotFoundError(
+            f"No prepared data in {str(data.dir)!r}: prepare OpenWebText with `python scripts/prepare_openwebtext.py`"
+            " (needs internet), or run the bundled demo: `python pretrain/openwebtext.py --config configs/demo.yaml`."
+        )
+    return prepare(data.source, data.dir, tokenizer_dir=data.tokenizer_dir, train_tokenizer=data.train_tokenizer,
+                   val_fraction=data.val_fraction)
+
+
+def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, train: TrainArgs, eval: EvalArgs,
+         seed: int, resume, ssa_lr: float | None, hparams: dict) -> None:
+    resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
+    on_rank_zero(fabric, ensure_prepared, data_args)
+    data = TokenData(data_args.dir)
+    block_size = check_window(train.max_seq_length, config)
+    data.check(config.padded_vocab_size, block_size)
+
+    fabric.seed_everything(seed)
+    with fabric.init_module(empty_init=False):
+        model = GPT(config)
+    fabric.print(f"{config.name}: {num_parameters(model):,} parameters ({num_parameters(model, True):,} trainable),"
+                 f" attention_temperature={config.attention_temperature!r}")
+    model, optimizer, state = setup_training(fabric, model, train, ssa_lr, resume_dir)
+    fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
+                 f" {data.meta['unigram_loss']:.3f} on validation")
+
+    batches = TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters)
+    save = lambda name: save_checkpoint(fabric, state, out_dir / name, data_args.dir, hparams)  # noqa: E731
+    fit(fabric, model, optimizer, state, batches, train, eval, block_size, save,
+        flops_per_micro_batch=micro_batch_flops(config, train.micro_batch_size, block_size))
+    write_history(fabric, state, out_dir, f"{config.name} ({config.attention_temperature})")
+
+
+def micro_batch_flops(config: Config, micro_batch: int, block_size: int) -> int:
+    """Forward and backward FLOPs of one micro-batch, counted on the meta device."""
+    with torch.device("meta"):
+        meta_model = GPT(config)
+        x = torch.randint(0, 1, (micro_batch, block_size))
+        return measure_flops(meta_model, lambda: meta_model(x), lambda y: loss_fn(y, x))
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)

@@ -1,0 +1,190 @@
+"""Fine-tuning with SSA through its real entry point."""
+
+import json
+import lzma
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.full import setup
+from lit_gpt import GPT, Config
+from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.convert import convert_lit_checkpoint
+from lit_gpt.data.alpaca import encode_records, load_records
+from lit_gpt.data.prepare import BUNDLED_CORPUS, GPT2_TOKENIZER
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.training import EvalArgs, TrainArgs, parameter_groups
+from lit_gpt.utils import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """A vanilla checkpoint (debug size, GPT-2 tokenizer) briefly trained so that it is not uniform."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=128))
+    folder = tmp_path_factory.mktemp("finetune") / "base"
+    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:120_000])
+    return path
+
+
+def arguments(base, data, out_dir, **train):
+    args = dict(global_batch_size=4, micro_batch_size=2, max_steps=3, max_seq_length=64, learning_rate=1e-3,
+                min_lr=1e-4, warmup_steps=1, save_interval=None)
+    args.update(train)
+    return dict(checkpoint_dir=base, data=data, out_dir=out_dir, train=TrainArgs(**args),
+                eval=EvalArgs(interval=100, max_iters=4, initial_validation=True))
+
+
+def history(run: Path) -> list[dict]:
+    return json.loads((run / "history.json").read_text())
+
+
+def val_losses(run: Path) -> list[float]:
+    return [h["val_loss"] for h in history(run) if "val_loss" in h]
+
+
+def test_ssa_starts_from_the_checkpoints_own_validation_loss(base, text_file, tmp_path):
+    data = tmp_path / "data"
+    setup(**arguments(base, data, tmp_path / "vanilla"), data_source=str(text_file))
+    setup(**arguments(base, data, tmp_path / "ssa"), ssa=True)
+    vanilla, ssa = val_losses(tmp_path / "vanilla"), val_losses(tmp_path / "ssa")
+    assert ssa[0] == pytest.approx(vanilla[0], rel=1e-3)  # sigmoid(alpha) = 6e-4: temperatures within 0.3% of 1
+    model = GPT.from_checkpoint(tmp_path / "ssa" / "final")
+    assert model.config.attention_temperature == "ssa" and model.config.ssa_position_init == 6e-4
+    assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0
+
+
+def test_ssa_only_trains_only_the_temperatures(base, text_file, tmp_path):
+    setup(**arguments(base, tmp_path / "data", tmp_path / "run"), data_source=str(text_file), ssa=True,
+          ssa_only=True)
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    added = set(after) - set(before)
+    assert added == GPT.from_checkpoint(tmp_path / "run" / "final").temperature_parameter_names()
+    assert any(after[k].abs().sum() > 0 for k in added if k.endswith("token_weight"))
+
+
+def test_temperatures_get_their_own_learning_rate():
+    model = GPT(Config.from_name("debug", attention_temperature="ssa"))
+    groups = parameter_groups(model, TrainArgs(learning_rate=3e-5, weight_decay=0.1), ssa_lr=1e-2)
+    temperature = [g for g in groups if any(p is q for p in g["params"] for q in model.temperature_parameters())]
+    assert len(temperature) == 1 and temperature[0]["lr_scale"] == pytest.approx(1e-2 / 3e-5)
+    assert temperature[0]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_output_is_a_checkpoint_every_tool_takes(base, text_file, tmp_path):
+    setup(**arguments(base, tmp_path / "data", tmp_path / "run"), data_source=str(text_file), ssa=True)
+    final = tmp_path / "run" / "final"
+    assert Tokenizer(final).vocab_size == 50257
+    with pytest.warns(UserWarning, match="Dropping"):
+        convert_lit_checkpoint(final, tmp_path / "hf", drop_ssa=True)
+    assert (tmp_path / "hf" / "ssa_parameters.safetensors").is_file()
+
+
+def test_ssa_on_an_ssa_checkpoint_keeps_its_parameters(base, text_file, tmp_path, capsys):
+    setup(**arguments(base, tmp_path / "data", tmp_path / "first"), data_source=str(text_file), ssa=True)
+    first = load_file(tmp_path / "first" / "final" / "model.safetensors")
+    setup(**arguments(tmp_path / "first" / "final", tmp_path / "data", tmp_path / "second", max_steps=1,
+                      learning_rate=1e-9, min_lr=0.0), ssa=True, ssa_lr=0.0)
+    assert "already has SSA" in capsys.readouterr().out
+    second = load_file(tmp_path / "second" / "final" / "model.safetensors")
+    temperatures = GPT.from_checkpoint(tmp_path / "first" / "final").temperature_parameter_names()
+    assert temperatures and all(torch.equal(first[k], second[k]) for k in temperatures)  # loaded, not re-initialised
+
+
+def alpaca_records():
+    return [{"instruction": f"Add {a} and {b}.", "input": "" if a % 2 else "Be brief.", "output": f"{a + b}"}
+            for a in range(12) for b in range(2)]
+
+
+def test_instruction_targets_cover_the_response_only(base):
+    tokenizer = Tokenizer(base)
+    (x, y), = encode_records([{"instruction": "Say hi.", "output": "hi"}], tokenizer, 100, False, "test")
+    response = tokenizer.encode("hi", bos=False, eos=True)
+    assert torch.equal(y[y != -100], response)
+    scored = y[:-1] != -100
+    assert torch.equal(x[1:][scored], y[:-1][scored])  # targets are the next input tokens
+
+
+def test_instruction_tuning_runs(base, tmp_path):
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca_records()))
+    setup(**arguments(base, tmp_path / "alpaca.json", tmp_path / "run"), ssa=True, val_fraction=0.25)
+    losses = val_losses(tmp_path / "run")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_record_with_missing_field_is_named(tmp_path):
+    records = alpaca_records()
+    del records[3]["output"]
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="Record 3 of .*bad.json' lacks the text field 'output'"):
+        load_records(tmp_path / "bad.json")
+
+
+def test_too_long_records_are_refused_or_cut(base):
+    records = [{"instruction": "Repeat.", "output": "word " * 200}]
+    with pytest.raises(ValueError, match="Record 0 of test is .* pass --truncate"):
+        encode_records(records, Tokenizer(base), 64, False, "test")
+    with pytest.warns(UserWarning, match="Cut 1 of 1 records"):
+        (x, y), = encode_records(records, Tokenizer(base), 64, True, "test")
+    assert x.numel() == 64
+
+
+BAD = {
+    "config missing": (lambda base, tmp: dict(checkpoint_dir=str(tmp)), "model config file"),
+    "tokenizer missing": (lambda base, tmp: dict(checkpoint_dir=str(strip_tokenizer(base, tmp))), "No tokenizer"),
+    "other model": (lambda base, tmp: dict(checkpoint_dir=str(other_model(base, tmp))), "from another model?"),
+}
+
+
+def strip_tokenizer(base: Path, tmp: Path) -> Path:
+    folder = tmp / "no-tokenizer"
+    folder.mkdir()
+    for name in ("model.safetensors", "model_config.yaml"):
+        (folder / name).write_bytes((base / name).read_bytes())
+    return folder
+
+
+def other_model(base: Path, tmp: Path) -> Path:
+    folder = tmp / "other"
+    save_model_dir(GPT(Config.from_name("debug", vocab_size=50257, block_size=128)), folder, tokenizer_dir=base)
+    Config.from_file(base, n_layer=3).save(folder)  # the config no longer describes the weights
+    return folder
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_checkpoints_fail_in_one_line(base, text_file, tmp_path, capsys, case):
+    make, expected = BAD[case]
+    argv = ["--data", str(tmp_path / "data"), "--data_source", str(text_file), "--out_dir", str(tmp_path / "run"),
+            "--train.max_steps", "1", "--train.max_seq_length", "64", "--ssa", "true"]
+    for key, value in make(base, tmp_path).items():
+        argv += [f"--{key}", value]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(setup, argv)
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], lines
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_data_from_another_tokenizer_is_refused(base, text_file, tmp_path, capsys):
+    from lit_gpt.data.prepare import prepare
+
+    prepare(str(text_file), tmp_path / "data", train_tokenizer=300, val_fraction=0.1)
+    with pytest.raises(SystemExit):
+        run_cli(setup, ["--checkpoint_dir", str(base), "--data", str(tmp_path / "data"), "--out_dir",
+                        str(tmp_path / "run"), "--train.max_steps", "1", "--train.max_seq_length", "64"])
+    assert "was tokenized with another tokenizer" in capsys.readouterr().err

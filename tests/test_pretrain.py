@@ -1,0 +1,204 @@
+"""Pretraining through its real entry point, on a small corpus prepared by the real prepare step."""
+
+import csv
+import json
+import lzma
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lit_gpt import GPT
+from lit_gpt.checkpoint import is_checkpoint
+from lit_gpt.data.prepare import BUNDLED_CORPUS, prepare
+from lit_gpt.generation import generate_text
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.training import EvalArgs, TrainArgs
+from lit_gpt.utils import run_cli
+from pretrain.openwebtext import DataArgs, setup
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "pretrain" / "openwebtext.py"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "corpus.txt").write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:400_000])
+    return prepare(str(folder / "corpus.txt"), folder / "prepared", train_tokenizer=512, val_fraction=0.05)
+
+
+def tiny(data_dir, out_dir, **train) -> dict:
+    """Arguments of a seconds-long run of the debug model."""
+    args = dict(global_batch_size=8, micro_batch_size=4, max_steps=6, max_seq_length=64, learning_rate=1e-2,
+                min_lr=1e-3, warmup_steps=2, save_interval=3)
+    args.update(train)
+    return dict(model_name="debug", model={"vocab_size": 512}, data=DataArgs(dir=data_dir), out_dir=out_dir,
+                train=TrainArgs(**args), eval=EvalArgs(interval=3, max_iters=2, initial_validation=True))
+
+
+def cli_args(data_dir, out_dir, *extra) -> list[str]:
+    return ["--model_name", "debug", "--model.vocab_size", "512", "--data.dir", str(data_dir),
+            "--out_dir", str(out_dir), "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
+            "--train.max_seq_length", "64", "--train.learning_rate", "0.01", "--train.warmup_steps", "2",
+            "--eval.interval", "3", "--eval.max_iters", "2", *extra]
+
+
+def test_pretraining_writes_checkpoints_that_the_other_tools_load(data_dir, tmp_path):
+    setup(**tiny(data_dir, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert is_checkpoint(run / "step-00000003") and is_checkpoint(run / "final")
+    assert (run / "loss.png").stat().st_size > 0
+    history = json.loads((run / "history.json").read_text())
+    assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4, 5, 6]
+    val = [h["val_loss"] for h in history if "val_loss" in h]
+    assert len(val) == 3 and val[-1] < val[0]  # initial, step 3, final
+    model = GPT.from_checkpoint(run / "final")
+    assert model.config.vocab_size == 512
+    text = generate_text(model.eval(), Tokenizer(run / "final"), "The", max_new_tokens=5)
+    assert isinstance(text, str)
+    metrics = list(csv.DictReader(open(run / "logs" / "csv-1" / "metrics.csv")))
+    assert any(row.get("val_ppl") for row in metrics)
+
+
+def test_ssa_switch_reaches_the_model(data_dir, tmp_path):
+    args = tiny(data_dir, tmp_path / "run", max_steps=2, save_interval=None)
+    args["model"]["attention_temperature"] = "ssa"
+    setup(**args, ssa_lr=0.1)
+    model = GPT.from_checkpoint(tmp_path / "run" / "final")
+    assert model.config.attention_temperature == "ssa"
+    assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0  # it trained
+
+
+def test_gradient_accumulation_equals_one_large_batch(data_dir, tmp_path):
+    setup(**tiny(data_dir, tmp_path / "big", micro_batch_size=8, max_steps=4, save_interval=None))
+    setup(**tiny(data_dir, tmp_path / "small", micro_batch_size=2, max_steps=4, save_interval=None))
+    losses = [[h["train_loss"] for h in json.loads((tmp_path / r / "history.json").read_text()) if "train_loss" in h]
+              for r in ("big", "small")]
+    assert len(losses[0]) == 4  # one optimizer step per global batch
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
+    big, small = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("big", "small"))
+    for name in big:  # Adam normalises tiny gradients: float reordering may move a weight by ~1e-5 at lr 1e-2
+        torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-4)
+
+
+def losses_by_step(run: Path) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run logs the steps after its checkpoint again)."""
+    losses = {}
+    for log in sorted((run / "logs").glob("csv-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1])):
+        losses.update({int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(open(log)) if r["train_loss"]})
+    return losses
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reproduces_every_loss(data_dir, tmp_path):
+    args = ["--train.max_steps", "40", "--train.save_interval", "5", "--train.micro_batch_size", "8",
+            "--train.global_batch_size", "16", "--model.n_embd", "128"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run([sys.executable, SCRIPT, *cli_args(data_dir, tmp_path / "whole", *args)], check=True, env=env,
+                   capture_output=True)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, SCRIPT, *cli_args(data_dir, interrupted, *args)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (interrupted / "step-00000010").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "final").exists(), "the run finished before it could be killed"
+    killed_at = max(losses_by_step(interrupted))
+    subprocess.run([sys.executable, SCRIPT, *cli_args(data_dir, interrupted, *args, "--resume", "auto")],
+                   check=True, env=env, capture_output=True)
+    whole, resumed = losses_by_step(tmp_path / "whole"), losses_by_step(interrupted)
+    assert sorted(resumed) == list(range(1, 41)) and killed_at < 40
+    assert resumed == whole  # bit for bit
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
+    args = ["--train.max_steps", "4", "--train.micro_batch_size", "2", "--train.save_interval", "2"]
+    subprocess.run([sys.executable, SCRIPT, *cli_args(data_dir, tmp_path / "one", *args)], check=True,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, SCRIPT, *cli_args(data_dir, tmp_path / "two", *args, "--devices", "2")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    # the same global batches, the gradient averaged over two processes by all-reduce instead of over one
+    torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())), rtol=1e-5,
+                               atol=1e-5)
+    w1, w2 = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("one", "two"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = cli_args(data_dir, run, "--train.max_steps", "6", "--train.save_interval", "1", "--train.warmup_steps",
+                    "1", "--train.learning_rate", "1e12", "--train.min_lr", "1e12", "--train.max_norm", "1e30")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(setup, argv)
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: The training loss became") and "last good checkpoint is intact" in message
+    saved = sorted(p.name for p in run.glob("step-*"))
+    assert saved and not (run / "final").exists()
+    assert GPT.from_checkpoint(run / saved[-1]) is not None
+    assert not list(run.glob(".*.tmp"))
+
+
+BAD_INPUTS = {
+    "missing data": (["--data.dir", "{tmp}/nowhere"], "No prepared data in"),
+    "tokens beyond the vocabulary": (["--model.vocab_size", "256"], "holds token ids up to 511"),
+    "window longer than the data": (["--train.max_seq_length", "100000", "--model.block_size", "100000"],
+                                    "do not fit the data"),
+    "window longer than the model": (["--train.max_seq_length", "512"], "exceeds the model's block_size 256"),
+    "micro batch not dividing the global batch": (["--train.micro_batch_size", "3"], "must be a multiple of"),
+    "resume from a non-checkpoint": (["--resume", "{tmp}"], "is not a training checkpoint"),
+    "unknown preset": (["--model_name", "gpt3"], "Unknown model preset 'gpt3'"),
+    "config field typo": (["--model.n_layers", "2"], "Unknown config field 'n_layers'. Did you mean 'n_layer'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(data_dir, tmp_path, capsys, case):
+    extra, expected = BAD_INPUTS[case]
+    run = tmp_path / "run"
+    argv = cli_args(data_dir, run, "--train.max_steps", "2") + [a.format(tmp=tmp_path) for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(setup, argv)
+    assert exit_info.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not run.exists()
+
+
+def test_unknown_flag_is_refused(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(setup, cli_args(data_dir, tmp_path / "run", "--train.max_steps", "2", "--train.lerning_rate", "1"))
+    assert exit_info.value.code != 0
+    assert "train.lerning_rate" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_earlier_run_is_not_overwritten(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    setup(**tiny(data_dir, run, max_steps=3))
+    before = (run / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        run_cli(setup, cli_args(data_dir, run, "--train.max_steps", "3"))
+    assert "holds an earlier run: pass --resume auto" in capsys.readouterr().err
+    assert (run / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_no_arguments_say_how_to_prepare_or_run_the_demo(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "scripts/prepare_openwebtext.py" in result.stderr and "configs/demo.yaml" in result.stderr
+    assert list(tmp_path.iterdir()) == []

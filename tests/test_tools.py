@@ -1,0 +1,213 @@
+"""generate/, eval/ on a small SSA checkpoint with the bundled GPT-2 tokenizer: each tool as its README example
+runs it, and each number checked against a direct computation with the model."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_temperatures
+
+from lit_gpt import GPT, Config
+from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.data.prepare import GPT2_TOKENIZER
+from lit_gpt.evaluation import (
+    count_words,
+    first_integer,
+    passkey_prompt,
+    sliding_window_nll,
+)
+from lit_gpt.generation import generate, generate_text, logits_to_probs
+from lit_gpt.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random debug-size model with SSA (non-trivial temperatures) and the GPT-2 tokenizer."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=512, attention_temperature="ssa"))
+    randomize_temperatures(model)
+    folder = tmp_path_factory.mktemp("tools") / "ssa-debug"
+    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
+    return folder
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
+
+
+def test_generate_cli_streams_a_completion(checkpoint):
+    result = run("generate/base.py", "--checkpoint_dir", str(checkpoint), "--prompt", "Hello there",
+                 "--max_new_tokens", "12", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello there") and len(result.stdout) > len("Hello there")
+    assert "tokens/s" in result.stderr
+
+
+def test_generate_refuses_too_long_and_empty_prompts(checkpoint):
+    long_prompt = "word " * 600
+    result = run("generate/base.py", "--checkpoint_dir", str(checkpoint), "--prompt", long_prompt)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: The prompt (601 tokens) plus 50 new tokens")
+    result = run("generate/base.py", "--checkpoint_dir", str(checkpoint), "--prompt", long_prompt, "--truncate",
+                 "--max_new_tokens", "3")
+    assert result.returncode == 0, result.stderr
+    result = run("generate/base.py", "--checkpoint_dir", str(checkpoint), "--prompt", "")
+    assert result.returncode == 1 and "The prompt is empty" in result.stderr
+
+
+def test_cached_generation_equals_generation_without_cache(checkpoint):
+    model = GPT.from_checkpoint(checkpoint).eval()
+    prompt = Tokenizer(checkpoint).encode("The quick brown fox").unsqueeze(0)
+    cached = torch.cat(list(generate(model, prompt, 15)), dim=1)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(15):
+            tokens = torch.cat((tokens, model(tokens)[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(cached, tokens[:, prompt.size(1) :])
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert logits_to_probs(logits, top_k=2)[0, 2:].sum() == 0
+    probs = logits_to_probs(logits, top_p=0.6)  # the first token alone holds 0.61 of the mass
+    assert probs[0, 0] == 1.0
+    model = GPT(Config.from_name("debug")).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    draws = [torch.cat(list(generate(model, prompt, 8, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(7))), 1) for _ in range(2)]
+    assert torch.equal(*draws)
+
+
+def test_stop_strings_end_the_completion(checkpoint):
+    model, tokenizer = GPT.from_checkpoint(checkpoint).eval(), Tokenizer(checkpoint)
+    full = generate_text(model, tokenizer, "Once", max_new_tokens=20)
+    stop = full[3:6]
+    assert stop and generate_text(model, tokenizer, "Once", max_new_tokens=20, stop=[stop]) == full[: full.index(stop)]
+
+
+def test_perplexity_equals_exp_of_the_mean_cross_entropy(checkpoint, tmp_path):
+    text = "The cat sat on the mat. " * 30
+    (tmp_path / "text.txt").write_text(text)
+    result = run("eval/perplexity.py", "--checkpoint_dir", str(checkpoint), "--data", str(tmp_path / "text.txt"),
+                 "--output_file", str(tmp_path / "ppl.json"))
+    assert result.returncode == 0, result.stderr
+    reported = json.loads((tmp_path / "ppl.json").read_text())
+    model, ids = GPT.from_checkpoint(checkpoint).eval(), Tokenizer(checkpoint).encode(text)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(ids[None, :-1])[0], ids[1:])
+    assert reported["tokens"] == ids.numel() - 1
+    assert reported["token_perplexity"] == pytest.approx(loss.exp().item(), rel=1e-4)
+    assert reported["word_perplexity"] == pytest.approx(math.exp(loss.item() * (ids.numel() - 1) / count_words(text)),
+                                                        rel=1e-4)
+
+
+def test_sliding_window_scores_every_token_once_with_enough_context(checkpoint):
+    model, ids = GPT.from_checkpoint(checkpoint).eval(), torch.randint(0, 50257, (300,))
+    nll, count = sliding_window_nll(model, ids, window=64, stride=16, progress=False)
+    assert count == ids.numel() - 1
+    expected = 0.0
+    with torch.no_grad():  # token i is predicted after min(i, 48 + (i - 1) % 16 + 1 ...) tokens: recompute per window
+        scored = 1
+        for begin in range(0, ids.numel() - 1, 16):
+            end = min(begin + 65, ids.numel())
+            logprobs = F.log_softmax(model(ids[None, begin : end - 1])[0], -1)
+            for target in range(max(scored, begin + 1), end):
+                expected -= logprobs[target - begin - 1, ids[target]].item()
+            scored = end
+            if end == ids.numel():
+                break
+    assert nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_passkey_prompt_and_scorer(checkpoint):
+    tokenizer = Tokenizer(checkpoint)
+    for depth in (0.0, 0.5, 1.0):
+        prompt = passkey_prompt(tokenizer, 300, depth, 12345)
+        assert abs(tokenizer.encode(prompt).numel() - 300) < 30
+        assert prompt.count("The pass key is 12345. Remember it. 12345 is the pass key.") == 1
+        assert prompt.endswith("What is the pass key? The pass key is")
+    early, late = (passkey_prompt(tokenizer, 300, d, 11111).index("11111") for d in (0.0, 1.0))
+    assert early < late
+    assert first_integer(" 12345. Remember") == 12345 and first_integer(" none") is None
+    assert first_integer(" 1234 and 12345") == 1234
+
+
+def test_passkey_cli_writes_grid_and_heatmap(checkpoint, tmp_path):
+    result = run("eval/passkey.py", "--checkpoint_dir", str(checkpoint), "--lengths", "[128, 256]", "--depths",
+                 "[0.0, 1.0]", "--trials", "2", "--output_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "passkey.json").read_text())
+    assert len(report["cells"]) == 4 and set(report["per_length"]) == {"128", "256"}
+    assert all(0.0 <= c["accuracy"] <= 1.0 and len(c["answers"]) == 2 for c in report["cells"])
+    assert (tmp_path / "passkey.png").stat().st_size > 0 and (tmp_path / "passkey.csv").read_text().count("\n") == 5
+
+
+def test_attention_cli_compares_two_checkpoints(checkpoint, tmp_path):
+    vanilla = tmp_path / "vanilla"
+    config = Config.from_file(checkpoint, attention_temperature="none")
+    save_model_dir(GPT(config), vanilla, tokenizer_dir=checkpoint)
+    result = run("eval/attention.py", "--checkpoint_dir", str(checkpoint), "--compare_dir", str(vanilla),
+                 "--max_tokens", "64", "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "attention.json").read_text())
+    assert [r["attention_temperature"] for r in report] == ["ssa", "none"]
+    layer = report[0]["layers"][0]
+    assert len(layer["query_temperature"]) == 64 and report[1]["layers"][0]["query_temperature"] is None
+    assert all(0.0 <= e <= 1.0 + 1e-6 for e in layer["normalized_entropy"])
+    for name in ("attention_stats.png", "attention_maps.png", "temperatures.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+def test_lm_eval_loglikelihood_matches_the_model(checkpoint):
+    from lm_eval.api.instance import Instance
+
+    from eval.lm_eval_harness import LitLM
+
+    lm = LitLM(str(checkpoint))
+    context, continuation = "The capital of France is", " Paris"
+    request = Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
+    (logprob, _), = lm.loglikelihood([request], disable_tqdm=True)
+    tokenizer, model = Tokenizer(checkpoint), GPT.from_checkpoint(checkpoint).eval()
+    ids = tokenizer.encode(context + continuation)
+    n = ids.numel() - tokenizer.encode(context).numel()
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(ids[None, :-1])[0], -1)
+    expected = sum(logprobs[i - 1, ids[i]].item() for i in range(ids.numel() - n, ids.numel()))
+    assert logprob == pytest.approx(expected, rel=1e-5)
+    rolling = Instance(request_type="loglikelihood_rolling", doc={}, arguments=("one two three " * 200,), idx=0)
+    (total,) = lm.loglikelihood_rolling([rolling], disable_tqdm=True)
+    assert total < 0 and math.isfinite(total)
+
+
+def test_lm_eval_runs_a_local_task(checkpoint, tmp_path):
+    records = [{"question": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0}
+               for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_sums.yaml").write_text(
+        "task: tiny_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+    )
+    result = run("eval/lm_eval_harness.py", "--checkpoint_dir", str(checkpoint), "--tasks", "[tiny_sums]",
+                 "--include_path", str(tmp_path / "tasks"), "--output_file", str(tmp_path / "results.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = json.loads((tmp_path / "results.json").read_text())["tiny_sums"]["acc,none"]
+    assert accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_lm_eval_unknown_task_is_one_line(checkpoint):
+    result = run("eval/lm_eval_harness.py", "--checkpoint_dir", str(checkpoint), "--tasks", "[not_a_task_x]")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Unknown lm-evaluation-harness task")
