@@ -170,8 +170,8 @@ configs += [
 ]
 
 pythia = [
-    dict(name="pythia-14m", block_size=512, n_layer=6, n_embd=128, n_head=4, padding_multiple=128),
-    dict(name="pythia-31m", block_size=1024, n_layer=6, n_embd=256, n_head=8, padding_multiple=128),
+    dict(name="pythia-14m", block_size=2048, n_layer=6, n_embd=128, n_head=4, padding_multiple=128),
+    dict(name="pythia-31m", block_size=2048, n_layer=6, n_embd=256, n_head=8, padding_multiple=128),
     dict(name="pythia-70m", block_size=2048, n_layer=6, n_embd=512, n_head=8, padding_multiple=128),
     dict(name="pythia-160m", block_size=2048, n_layer=12, n_embd=768, n_head=12, padding_multiple=128),
     dict(name="pythia-410m", block_size=2048, n_layer=24, n_embd=1024, n_head=16, padding_multiple=128),

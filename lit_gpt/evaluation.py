@@ -4,11 +4,13 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lit_gpt.generation import generate_text
 from lit_gpt.model import GPT
 
 
@@ -86,3 +88,51 @@ def first_integer(text: str) -> int | None:
 def passkey_keys(trials: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randint(10000, 99999) for _ in range(trials)]
+
+
+def run_passkey_grid(model: GPT, tokenizer, lengths: list[int], depths: list[float], trials: int, seed: int,
+                     max_new_tokens: int) -> list[dict]:
+    """One row per (length, depth) cell, with its accuracy and the raw answers."""
+    rows = []
+    cells = [(length, depth) for length in lengths for depth in depths]
+    for i, (length, depth) in enumerate(tqdm(cells, desc="passkey", unit="cell")):
+        answers, correct = [], 0
+        for key in passkey_keys(trials, seed + i):
+            prompt = passkey_prompt(tokenizer, length, depth, key)
+            answer = generate_text(model, tokenizer, prompt, max_new_tokens, temperature=0.0)
+            answers.append(answer)
+            correct += first_integer(answer) == key
+        rows.append(dict(length=length, depth=depth, accuracy=correct / trials, trials=trials, answers=answers))
+    return rows
+
+
+def summarize_passkey(rows: list[dict]) -> dict:
+    lengths = sorted({r["length"] for r in rows})
+    per_length = {str(n): sum(r["accuracy"] for r in rows if r["length"] == n) / sum(r["length"] == n for r in rows)
+                  for n in lengths}
+    return dict(accuracy=sum(r["accuracy"] for r in rows) / len(rows), per_length=per_length, cells=rows)
+
+
+def plot_passkey_heatmap(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+    accuracy = {(r["length"], r["depth"]): r["accuracy"] for r in rows}
+    grid = [[accuracy[n, d] for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.6 * len(depths) + 1.5))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

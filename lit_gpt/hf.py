@@ -237,8 +237,9 @@ def config_from_hf(hf: dict, name: str | None = None) -> Config:
     values["vocab_size"] = values["padded_vocab_size"]
     preset = matching_preset(values, name, hf.get("_name_or_path", ""))
     if preset is not None:
-        values.update(name=preset["name"], hf_repo=preset.get("hf_repo", ""), vocab_size=preset["vocab_size"],
-                      block_size=preset.get("block_size", values["block_size"]))
+        known = Config(**preset)
+        values.update(name=known.name, hf_repo=known.hf_repo, vocab_size=known.vocab_size,
+                      padding_multiple=known.padding_multiple)
     else:
         values["name"] = hf.get("_name_or_path", "").rstrip("/").split("/")[-1] or f"custom-{model_type}"
     return Config(**values)

@@ -33,11 +33,22 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
         self.tie_weights()
-        self.apply(self._init_weights)
+        self.init_weights()
+        self.max_seq_length = config.block_size
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation of the backbone, then the temperatures: the backbone draws the same random numbers
+        whatever the attention temperature, so every variant of a model starts from the same weights."""
+        temperatures = [m for m in self.modules() if isinstance(m, Temperature)]
+        inside = {id(sub) for t in temperatures for sub in t.modules()}
+        for module in self.modules():
+            if id(module) not in inside:
+                self._init_weights(module)
         for block in self.transformer.h:  # scaled residual projections, as in GPT-2
             for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.max_seq_length = config.block_size
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        for temperature in temperatures:
+            temperature.reset_parameters()
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -75,11 +86,14 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         details: list | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache.
         mask: an extra attention mask, boolean (True = attend) or additive, broadcastable to (B, nh, T, keys).
         details: pass a list to run the explicit attention path; each layer appends a dict with its attention
-        probabilities and temperatures (for analysis)."""
+        probabilities and temperatures (for analysis).
+        targets: (B, T) next-token ids (-100 where no loss is taken); then the mean cross-entropy is returned
+        instead of the logits, computed without materialising them."""
         B, T = idx.shape
         if T == 0:
             raise ValueError(f"Expected at least one token per sequence, got input of shape {tuple(idx.shape)}.")
@@ -97,7 +111,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         for block in self.transformer.h:
             x = block(x, cos, sin, positions, input_pos, mask, details)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias, targets.flatten())
+        return self.lm_head(x)  # (B, T, vocab)
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None):
         """Allocate a KV cache of `max_seq_length` positions (default: the model's max_seq_length)."""
@@ -218,12 +235,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, ng, hs), v.view(B, T, ng, hs)
 
-        log_n = torch.log1p(positions.to(torch.float32)).to(x.dtype)  # log(n), n = absolute position + 1
-        taus = [t(x, f, log_n) if t is not None else None for t, f in self.temperatures_and_features(q, k, v)]
+        temperatures = (self.query_temperature, self.key_temperature, self.value_temperature)
+        taus = [None, None, None]
+        if any(t is not None for t in temperatures):
+            log_n = torch.log1p(positions.to(torch.float32)).to(x.dtype)  # log(n), n = absolute position + 1
+            if details is not None:  # the temperatures themselves, for analysis
+                taus = [None if t is None else t(x, f, log_n) for t, f in zip(temperatures, (q, k, v))]
+            # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
+            q, k, v = (f if t is None else t.apply_to(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or ng, T, hs)
         if self.config.rope_n_elem:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (t if tau is None else t * tau for t, tau in zip((q, k, v), taus))  # tau: (B, heads, T, 1)
 
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = keys seen so far
@@ -237,9 +259,6 @@ class CausalSelfAttention(nn.Module):
             details.append(temperature_details(probs, taus, T))
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
         return self.proj(y)
-
-    def temperatures_and_features(self, q, k, v):
-        return (self.query_temperature, q), (self.key_temperature, k), (self.value_temperature, v)
 
 
 def build_attention_mask(T: int, S: int, positions, input_pos, mask) -> torch.Tensor | None:
@@ -276,7 +295,7 @@ def explicit_attention(q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
 def temperature_details(probs, taus, T: int) -> dict:
     out = {"attention": probs}
     for name, tau in zip(("query_temperature", "key_temperature", "value_temperature"), taus):
-        out[name] = None if tau is None else tau.squeeze(-1).expand(-1, -1, T)  # (B or 1, heads, T)
+        out[name] = None if tau is None else tau.expand(-1, T, -1).transpose(1, 2)  # (B or 1, heads, T)
     return out
 
 
@@ -303,6 +322,11 @@ class Temperature(nn.Module):
 
     @classmethod
     def build(cls, config: Config, side: str) -> "Temperature | None":
+        with torch.random.fork_rng(devices=[]):  # building a temperature leaves the random stream as it was
+            return cls._build(config, side)
+
+    @classmethod
+    def _build(cls, config: Config, side: str) -> "Temperature | None":
         mode = config.attention_temperature
         heads = config.n_head if side == "query" else config.n_query_groups
         if mode == "ssa" and getattr(config, f"ssa_{side}"):
@@ -327,25 +351,76 @@ class Temperature(nn.Module):
             if self.scale is not None:
                 self.scale.fill_(self.config.ssmax_init if self.kind == "ssmax" else self.config.constant_init)
 
+    def token_features(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """What the token term reads: this side's own projection (shared) or a projection of its own (separate)."""
+        if self.token_weight is None:
+            return None
+        if self.token_proj is not None:
+            return self.token_proj(x).view(*x.shape[:2], self.n_heads, -1)
+        return features
+
     def forward(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C) attention input; features: (B, T, heads, hs) this side's projection before RoPE;
-        log_n: (T,). Returns tau broadcastable to (B, heads, T, 1)."""
-        log_n = log_n.view(1, 1, -1, 1)
+        log_n: (T,). Returns tau, broadcastable to (B, T, heads)."""
+        log_n = log_n.view(1, -1, 1)
         if self.kind == "logn":
             return (log_n / math.log(self.config.logn_length)).clamp(min=1.0)
         if self.kind == "ssmax":
-            return self.scale.view(1, -1, 1, 1) * log_n
+            return self.scale * log_n
         if self.kind == "constant":
-            return self.scale.view(1, -1, 1, 1)
+            return self.scale.view(1, 1, -1)
         tau = torch.ones_like(log_n)
         if self.position_logit is not None:
-            tau = tau + torch.sigmoid(self.position_logit).view(1, -1, 1, 1) * log_n
-        if self.token_weight is not None:
-            if self.token_proj is not None:
-                features = self.token_proj(x).view(*x.shape[:2], self.n_heads, -1)
-            token_term = torch.einsum("bthd,hd->bht", F.gelu(features), self.token_weight)  # (B, heads, T)
-            tau = tau + torch.tanh(token_term).unsqueeze(-1)
+            tau = tau + torch.sigmoid(self.position_logit) * log_n
+        token_features = self.token_features(features, x)
+        if token_features is not None:
+            tau = tau + torch.tanh(torch.einsum("bthd,hd->bth", F.gelu(token_features), self.token_weight))
         return tau
+
+    def apply_to(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+        """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to."""
+        if self.kind == "ssa":
+            return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
+                                            self.position_logit, log_n)
+        return (target * self(x, target, log_n).unsqueeze(-1)).to(target.dtype)
+
+
+class ScaleByTemperature(torch.autograd.Function):
+    """target * tau, tau = 1 + sigmoid(alpha) log(n) + tanh(u . gelu(features)) per (token, head).
+
+    Written out by hand so that backward keeps only its inputs (views of the qkv projection, which attention keeps
+    anyway) and recomputes gelu(features), instead of the feature-sized intermediates autograd would save."""
+
+    @staticmethod
+    def forward(ctx, target, features, token_weight, position_logit, log_n):
+        # target, features: (B, T, h, d); token_weight: (h, d); position_logit: (h,) or (1,); log_n: (T,)
+        tau = torch.ones((), dtype=target.dtype, device=target.device)
+        if position_logit is not None:
+            tau = tau + torch.sigmoid(position_logit) * log_n[:, None]  # (T, h)
+        token_term = None
+        if token_weight is not None:
+            token_term = torch.tanh(torch.einsum("bthd,hd->bth", F.gelu(features), token_weight))  # (B, T, h)
+            tau = tau + token_term
+        ctx.save_for_backward(target, features, token_weight, position_logit, log_n, token_term, tau)
+        return (target * tau.unsqueeze(-1)).to(target.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        target, features, token_weight, position_logit, log_n, token_term, tau = ctx.saved_tensors
+        grad_target = grad_features = grad_weight = grad_logit = None
+        if ctx.needs_input_grad[0]:
+            grad_target = (grad * tau.unsqueeze(-1)).to(target.dtype)
+        d_tau = torch.einsum("bthd,bthd->bth", grad, target)
+        if position_logit is not None and ctx.needs_input_grad[3]:
+            sig = torch.sigmoid(position_logit)
+            grad_logit = (d_tau * log_n[:, None]).sum((0, 1)).sum_to_size(position_logit.shape) * sig * (1 - sig)
+        if token_weight is not None:
+            d_pre = d_tau * (1 - token_term**2)  # through tanh
+            if ctx.needs_input_grad[2]:
+                grad_weight = torch.einsum("bth,bthd->hd", d_pre, F.gelu(features))
+            if ctx.needs_input_grad[1]:
+                grad_features = torch.ops.aten.gelu_backward(d_pre.unsqueeze(-1) * token_weight, features)
+        return grad_target, grad_features, grad_weight, grad_logit, None
 
 
 class KVCache(nn.Module):
@@ -426,3 +501,58 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat((-x2, x1), dim=-1)
     roped = (x_rope * cos + rotated * sin).to(x.dtype)
     return roped if x_pass.size(-1) == 0 else torch.cat((roped, x_pass), dim=-1)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T + bias` against `targets`, computed a chunk of rows at a time.
+
+    The (tokens x vocabulary) logits are never materialised: each chunk's softmax gradient is turned into the
+    gradients of hidden, weight and bias during the forward pass (the matrix products a plain linear + cross-entropy
+    would do in its backward), so memory traffic drops from a few passes over N x V floats to one over a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int = -100):
+        valid = targets != ignore_index
+        count = valid.sum().clamp(min=1)
+        chunk = max(1, 2**22 // weight.size(0))  # about 16 MB of float32 logits at a time
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
+        total = hidden.new_zeros((), dtype=acc)
+        for start in range(0, hidden.size(0), chunk):
+            h, t, keep = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
+            logits = F.linear(h, weight, bias).to(acc)  # (chunk, V)
+            safe_t = t.masked_fill(~keep, 0)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()  # in place: one exp per logit serves the loss and the gradient
+            norm = exp.sum(dim=-1, keepdim=True)
+            lse = (peak + norm.log()).squeeze(1)
+            total += ((lse - target_logit) * keep).sum()
+            if not needs_grad:
+                continue
+            grad = exp.div_(norm)  # softmax
+            grad[torch.arange(grad.size(0)), safe_t] -= 1.0
+            grad *= (keep.to(acc) / count)[:, None]
+            grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_weight.addmm_(grad.t(), h.to(acc))
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_output
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype),
+            (grad_weight * scale).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * scale).to(bias_dtype),
+            None,
+            None,
+        )

@@ -12,7 +12,6 @@ from typing import Literal, Protocol
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import yaml
 from lightning.fabric.utilities.throughput import ThroughputMonitor
 from tqdm import tqdm
@@ -131,17 +130,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"]
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
 def training_step(fabric: L.Fabric, model, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int) -> float:
     """Forward and backward over `accumulation` micro-batches; gradients sync only on the last one."""
     total = 0.0
     for i, (x, y) in enumerate(zip(inputs.chunk(accumulation), targets.chunk(accumulation))):
         is_accumulating = i < accumulation - 1
         with fabric.no_backward_sync(model, enabled=is_accumulating):
-            loss = loss_fn(model(x), y)
+            loss = model(x, targets=y)
             fabric.backward(loss / accumulation)
         total += loss.detach()
     return fabric.all_reduce(total / accumulation, reduce_op="mean").item()
@@ -150,7 +145,7 @@ def training_step(fabric: L.Fabric, model, inputs: torch.Tensor, targets: torch.
 @torch.no_grad()
 def validate(fabric: L.Fabric, model, batches: Batches) -> float:
     model.eval()
-    losses = [loss_fn(model(x.to(fabric.device)), y.to(fabric.device)) for x, y in
+    losses = [model(x.to(fabric.device), targets=y.to(fabric.device)) for x, y in
               batches.val(fabric.global_rank, fabric.world_size)]
     model.train()
     local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)

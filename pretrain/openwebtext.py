@@ -27,7 +27,6 @@ from lit_gpt.training import (
     find_resume_checkpoint,
     fit,
     hyperparameters,
-    loss_fn,
     on_rank_zero,
     save_checkpoint,
     setup_training,
@@ -136,7 +135,7 @@ def micro_batch_flops(config: Config, micro_batch: int, block_size: int) -> int:
     with torch.device("meta"):
         meta_model = GPT(config)
         x = torch.randint(0, 1, (micro_batch, block_size))
-        return measure_flops(meta_model, lambda: meta_model(x), lambda y: loss_fn(y, x))
+        return measure_flops(meta_model, lambda: meta_model(x, targets=x), lambda loss: loss)
 
 
 if __name__ == "__main__":

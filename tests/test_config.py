@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from lit_gpt import GPT, Config
 from lit_gpt.config import configs, name_to_config
@@ -70,3 +73,32 @@ def test_derived_fields_are_checked():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_config.yaml"):
         Config.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*-ssa.yaml")))
+def test_ssa_recipe_differs_from_its_base_only_in_attention_keys(recipe):
+    folder = Path(__file__).parents[1] / "configs"
+    ssa = yaml.safe_load((folder / recipe).read_text())
+    base = yaml.safe_load((folder / recipe.replace("-ssa.yaml", ".yaml")).read_text())
+    attention = {"ssa", "ssa_lr", "ssa_only"}
+    assert {k: v for k, v in ssa.items() if k not in attention | {"model"}} == {
+        k: v for k, v in base.items() if k not in attention | {"model"}}
+    model_keys = set(ssa.get("model", {})) | set(base.get("model", {}))
+    assert all(k == "attention_temperature" or k.startswith("ssa_") for k in model_keys)
+    assert ssa != base
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+                                          if p.name != "reproduce.yaml"))
+def test_every_recipe_parses_with_its_entry_point(recipe):
+    from jsonargparse import ArgumentParser
+
+    from finetune.full import setup as finetune
+    from pretrain.openwebtext import setup as pretrain
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(finetune if recipe.startswith("finetune") else pretrain)
+    values = parser.parse_path(str(Path(__file__).parents[1] / "configs" / recipe))
+    if not recipe.startswith("finetune"):
+        model = Config.from_name(values.model_name, **(values.model or {}))
+        assert model.attention_temperature == ("ssa" if "-ssa" in recipe else "none")

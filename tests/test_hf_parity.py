@@ -96,3 +96,33 @@ def test_missing_kv_projection_is_named():
 def test_unsupported_model_type_lists_supported():
     with pytest.raises(ValueError, match="supported: gpt2, gpt_neox, llama"):
         config_from_hf({"model_type": "mamba"})
+
+
+# config.json as published for these models (the fields that matter)
+PUBLISHED = {
+    "gpt2": {"activation_function": "gelu_new", "model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12,
+             "n_positions": 1024, "vocab_size": 50257, "layer_norm_epsilon": 1e-05,
+             "_name_or_path": "openai-community/gpt2"},
+    "pythia-160m": {"hidden_act": "gelu", "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+                    "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 12,
+                    "num_hidden_layers": 12, "rotary_emb_base": 10000, "rotary_pct": 0.25,
+                    "tie_word_embeddings": False, "use_parallel_residual": True, "vocab_size": 50304,
+                    "_name_or_path": "EleutherAI/pythia-160m"},
+    "Llama-3.1-8B": {"hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 131072,
+                     "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+                     "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                     "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "tie_word_embeddings": False, "vocab_size": 128256, "_name_or_path": "meta-llama/Llama-3.1-8B"},
+    "SmolLM2-135M": {"hidden_size": 576, "intermediate_size": 1536, "max_position_embeddings": 8192,
+                     "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+                     "num_key_value_heads": 3, "rms_norm_eps": 1e-05, "rope_theta": 100000, "tie_word_embeddings": True,
+                     "vocab_size": 49152, "_name_or_path": "HuggingFaceTB/SmolLM2-135M"},
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_config_json_gives_the_preset(name):
+    from lit_gpt import Config
+
+    assert config_from_hf(PUBLISHED[name]) == Config.from_name(name)

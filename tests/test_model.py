@@ -225,3 +225,49 @@ def test_too_long_input_is_refused():
     model = build("gpt2")
     with pytest.raises(ValueError, match="exceeds the model's max_seq_length 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("head", [dict(), dict(tie_embeddings=True), dict(lm_head_bias=True)])
+def test_fused_cross_entropy_equals_logits_then_cross_entropy(head):
+    """model(idx, targets=...) never materialises the logits; loss and every gradient equal the plain path."""
+    model = build("pythia", **head).double()
+    idx = torch.randint(0, 97, (3, 20))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :7] = -100  # positions without loss (an instruction prompt, padding)
+    plain = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    plain.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model(idx, targets=targets)
+    (2 * fused).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad / 2, expected[name], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets=targets), plain.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["shared", "separate", "position-per-layer", "token-only"])
+def test_hand_written_temperature_backward_passes_gradcheck(case):
+    from lit_gpt.model import ScaleByTemperature
+
+    B, T, h, d = 2, 5, 3, 4
+    double = dict(dtype=torch.float64, requires_grad=True)
+    target = torch.randn(B, T, h, d, **double)
+    features = target if case == "shared" else torch.randn(B, T, h, d, **double)
+    weight = None if case == "position-per-layer" else torch.randn(h, d, **double)
+    logit = None if case == "token-only" else torch.randn(1 if case == "position-per-layer" else h, **double)
+    log_n = torch.log(torch.arange(1, T + 1, dtype=torch.float64))
+    if case == "position-per-layer":
+        features = None
+    inputs = (target, features, weight, logit, log_n)
+    assert torch.autograd.gradcheck(lambda *a: ScaleByTemperature.apply(*a), inputs)
+
+
+@pytest.mark.parametrize("variant", SSA_VARIANTS)
+def test_every_variant_starts_from_the_same_backbone(variant):
+    vanilla, other = build("llama", seed=3), build("llama", seed=3, **SSA_VARIANTS[variant])
+    temperature = other.temperature_parameter_names()
+    for name, tensor in other.state_dict().items():
+        if name not in temperature:
+            assert torch.equal(tensor, vanilla.state_dict()[name]), name

@@ -1,0 +1,88 @@
+"""Generation speed: tokens/s for 128 new tokens after a 128-token prompt, batch 1, greedy, with the KV cache;
+this project (vanilla and SSA) against LitGPT (when installed) and Hugging Face `generate`, same weights.
+
+    python benchmarks/generation.py
+    python benchmarks/generation.py --model pythia-160m --new_tokens 64
+"""
+
+import argparse
+
+import torch
+from common import header, median_seconds, table
+
+from lit_gpt import GPT, Config
+from lit_gpt.generation import generate
+from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
+
+
+def ours(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int):
+    model = GPT(config).eval()
+    model.load_state_dict(state, strict=False)
+    return lambda: torch.cat(list(generate(model, prompt, new_tokens)), dim=1)
+
+
+def litgpt_generate(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int):
+    import litgpt
+    from litgpt.generate.base import generate as litgpt_gen
+
+    model = litgpt.GPT(litgpt.Config.from_name(config.name, block_size=config.block_size)).eval()
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=True)
+    model.max_seq_length = prompt.size(1) + new_tokens
+    model.set_kv_cache(batch_size=1)
+
+    def run():
+        model.clear_kv_cache()
+        model.set_kv_cache(batch_size=1)
+        with torch.inference_mode():
+            return litgpt_gen(model, prompt[0], prompt.size(1) + new_tokens, temperature=0.0, include_prompt=False)
+
+    return run
+
+
+def hf_generate(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int):
+    import transformers
+
+    values = {k: v for k, v in hf_config_from_lit(config).items() if k not in ("architectures", "model_type", "dtype")}
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**values)).eval()
+    model.load_state_dict(dict(hf_weights_from_lit(config, state.items())), strict=False)
+
+    def run():
+        with torch.inference_mode():
+            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pythia-70m")
+    parser.add_argument("--prompt_tokens", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = Config.from_name(args.model)
+    state = GPT(config).state_dict()
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
+    rows = [("lit-gpt-ssa, vanilla", ours(config, state, prompt, args.new_tokens)),
+            ("lit-gpt-ssa, SSA", ours(Config.from_name(args.model, attention_temperature="ssa"), state, prompt,
+                                      args.new_tokens))]
+    try:
+        rows.append(("LitGPT", litgpt_generate(config, state, prompt, args.new_tokens)))
+    except ImportError:
+        print("(LitGPT is not installed: `pip install litgpt` in the benchmark environment to compare with it)")
+    rows.append(("Hugging Face generate", hf_generate(config, state, prompt, args.new_tokens)))
+    print(header(f"Generation: {args.model}, {args.new_tokens} new tokens after {args.prompt_tokens}, batch 1,"
+                 " greedy, KV cache"))
+    results = []
+    for label, run in rows:
+        seconds = median_seconds(run, args.repeats)
+        results.append((label, seconds))
+    base = results[0][1]
+    print(table(["implementation", "tokens/s", "seconds", "time / ours (vanilla)"],
+                [[label, f"{args.new_tokens / s:.1f}", f"{s:.2f}", f"{s / base:.2f}"] for label, s in results]))
+
+
+if __name__ == "__main__":
+    main()
