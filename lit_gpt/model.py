@@ -2,7 +2,7 @@
 
 Every difference between the families is a field of `Config`. The attention temperatures (SSA and the baselines it
 is compared with) are per-(token, head) scalars that multiply queries, keys or values before
-`scaled_dot_product_attention`, so no T x T matrix is ever built; `../SSA.md` gives the method and our choices.
+`scaled_dot_product_attention`, so no T x T matrix is ever built; the README gives the method and our choices.
 """
 
 import math
@@ -56,7 +56,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """GPT-2 initialisation; the temperatures initialise themselves so that SSA starts as vanilla attention."""
+        """GPT-2 initialisation of one backbone module."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:

@@ -169,46 +169,63 @@ def fit(
     throughput = ThroughputMonitor(fabric, window_size=10)
     progress = tqdm(total=max_steps, initial=state["step"], desc="training", unit="step",
                     disable=fabric.global_rank != 0, dynamic_ncols=True)
+    flops_per_step = flops_per_micro_batch * accumulation if flops_per_micro_batch else None
     if eval_args.initial_validation and state["step"] == 0:
         log_validation(fabric, model, batches, state)
     started = time.perf_counter()
     try:
         while state["step"] < max_steps:
-            step = state["step"]
-            set_lr(optimizer, get_lr(step, max_steps, args))
-            inputs, targets = batches.train(step, fabric.global_rank, fabric.world_size)
-            loss = training_step(fabric, model, inputs.to(fabric.device), targets.to(fabric.device), accumulation)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"The training loss became {loss} at step {step + 1}; stopping without saving. The last good"
-                    " checkpoint is intact: lower --train.learning_rate or raise --train.warmup_steps and resume."
-                )
-            fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = optimizer_step(fabric, model, optimizer, batches, state["step"], args, max_steps, accumulation)
             state["step"] += 1
             state["tokens"] += args.global_batch_size * tokens_per_sequence
             state["history"].append({"step": state["step"], "tokens": state["tokens"], "train_loss": loss})
-            elapsed = time.perf_counter() - started
-            flops = flops_per_micro_batch * accumulation * state["step"] if flops_per_micro_batch else None
-            throughput.update(time=elapsed, batches=state["step"], samples=state["step"] * args.global_batch_size,
-                              lengths=state["tokens"], flops=flops)
-            if state["step"] % args.log_interval == 0:
-                metrics = {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"]}
-                metrics.update(throughput.compute())
-                fabric.log_dict(metrics, step=state["step"])
-                tokens_per_sec = metrics.get("device/items_per_sec", 0.0) * fabric.world_size
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}" if tokens_per_sec else "-")
-            progress.update()
-            if state["step"] % eval_args.interval == 0 and state["step"] < max_steps:
+            log_step(fabric, throughput, progress, state, loss, optimizer, args, time.perf_counter() - started,
+                     flops_per_step)
+            if is_due(state["step"], eval_args.interval, max_steps):
                 log_validation(fabric, model, batches, state)
-            if args.save_interval and state["step"] % args.save_interval == 0 and state["step"] < max_steps:
+            if is_due(state["step"], args.save_interval, max_steps):
                 save(f"step-{state['step']:08d}")
     finally:
         progress.close()
     if eval_args.final_validation:
         log_validation(fabric, model, batches, state)
     save("final")
+
+
+def optimizer_step(fabric: L.Fabric, model, optimizer, batches: Batches, step: int, args: TrainArgs, max_steps: int,
+                   accumulation: int) -> float:
+    """One optimizer step on global batch `step`; a non-finite loss stops the run before the weights change."""
+    set_lr(optimizer, get_lr(step, max_steps, args))
+    inputs, targets = batches.train(step, fabric.global_rank, fabric.world_size)
+    loss = training_step(fabric, model, inputs.to(fabric.device), targets.to(fabric.device), accumulation)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"The training loss became {loss} at step {step + 1}; stopping without saving. The last good"
+            " checkpoint is intact: lower --train.learning_rate or raise --train.warmup_steps and resume."
+        )
+    fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def log_step(fabric: L.Fabric, throughput: ThroughputMonitor, progress: tqdm, state: dict, loss: float, optimizer,
+             args: TrainArgs, elapsed: float, flops_per_step: int | None) -> None:
+    """Loss, learning rate and throughput (tokens/s, FLOPs/s) to the logger and the progress bar."""
+    throughput.update(time=elapsed, batches=state["step"], samples=state["step"] * args.global_batch_size,
+                      lengths=state["tokens"], flops=flops_per_step * state["step"] if flops_per_step else None)
+    if state["step"] % args.log_interval == 0:
+        metrics = {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"],
+                   **throughput.compute()}
+        fabric.log_dict(metrics, step=state["step"])
+        tokens_per_sec = metrics.get("device/items_per_sec", 0.0) * fabric.world_size
+        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}" if tokens_per_sec else "-")
+    progress.update()
+
+
+def is_due(step: int, interval: int | None, max_steps: int) -> bool:
+    """Every `interval` steps, but not at the last one (the final validation and checkpoint cover it)."""
+    return bool(interval) and step % interval == 0 and step < max_steps
 
 
 def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, ssa_lr: float | None, resume_dir: Path | None):
