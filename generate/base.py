@@ -27,7 +27,7 @@ def main(
     top_k: int | None = 200,
     top_p: float = 1.0,
     num_samples: int = 1,
-    stop: list[str] | None = None,
+    stop: list[str] | str | None = None,
     seed: int = 1234,
     truncate: bool = False,
     device: str | None = None,
@@ -43,7 +43,7 @@ def main(
         top_k: sample among the k most likely tokens only.
         top_p: sample among the most likely tokens whose probabilities add up to p (nucleus sampling).
         num_samples: how many completions to draw.
-        stop: strings that end the completion (not included).
+        stop: a string, or a list of them, that ends the completion (not included); \\n is a newline.
         seed: seeds the sampling.
         truncate: drop the beginning of a prompt too long for the context instead of refusing it.
         device: cpu or cuda; default cuda when available.
@@ -54,11 +54,13 @@ def main(
     tokenizer = Tokenizer(checkpoint_dir)
     ids = prepare_prompt(tokenizer, prompt, max_new_tokens, model.max_seq_length, truncate).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    # a backslash-n typed on the command line means a newline
+    stops = [s.replace("\\n", "\n") for s in ([stop] if isinstance(stop, str) else stop or [])]
     completions = []
     for _ in range(num_samples):
         started, pieces = time.perf_counter(), []
         print(prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
+        for piece in stream_text(model, tokenizer, ids, max_new_tokens, stops, temperature=temperature, top_k=top_k,
                                  top_p=top_p, generator=generator):
             print(piece, end="", flush=True)
             pieces.append(piece)

@@ -282,19 +282,37 @@ def plot(lm: dict, keys: dict, grid: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def main(grid: Path = ROOT / "configs" / "reproduce.yaml", out_dir: Path = Path("out/reproduce"),
-         quick: bool = False, data_dir: Path | None = None) -> str:
+def check_same_grid(out_dir: Path, grid: dict) -> None:
+    """Finished runs are reused, so an output folder may only ever hold one grid's runs."""
+    def settings(g: dict) -> dict:  # what decides a run's result: more seeds or arms, or other workers, are fine
+        return {key: value for key, value in g.items() if key not in ("seeds", "workers", "arms")}
+
+    record, grid = out_dir / "grid.json", json.loads(json.dumps(grid))
+    if record.is_file():
+        old = json.loads(record.read_text())
+        changed = [a for a in set(old["arms"]) & set(grid["arms"]) if old["arms"][a] != grid["arms"][a]]
+        if settings(old) != settings(grid) or changed:
+            raise ValueError(f"{out_dir} holds the runs of a different grid (see {record}); pass another --out_dir "
+                             f"or delete that folder")
+        grid["arms"] = {**old["arms"], **grid["arms"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(grid, indent=2))
+
+
+def main(grid: Path = ROOT / "configs" / "reproduce.yaml", out_dir: Path | None = None, quick: bool = False,
+         data_dir: Path | None = None) -> str:
     """Run the grid and write the report.
 
     Args:
         grid: the YAML of the grid (configs/reproduce.yaml).
-        out_dir: runs, results.md, results.json and the plots go here; finished runs are reused.
+        out_dir: runs, results.md, results.json and the plots go here; finished runs are reused. Default
+            out/reproduce, or out/reproduce-quick with --quick.
         quick: the reduced grid of the config's `quick` section.
         data_dir: the prepared bundled corpus; default the grid's data.dir (prepared when missing).
     """
     grid = load_grid(grid, quick)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir or ("out/reproduce-quick" if quick else "out/reproduce"))
+    check_same_grid(out_dir, grid)
     data_dir = Path(data_dir or grid["data"]["dir"])
     if not (data_dir / "meta.json").is_file():
         settings = grid["data"]

@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from scripts.reproduce import flags, load_grid, toy_batch
+from scripts.reproduce import check_same_grid, flags, load_grid, toy_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs" / "reproduce.yaml"
@@ -61,3 +62,14 @@ def test_toy_target_is_the_mean_of_the_relevant_tokens():
     assert x.shape == (64, 8, 4) and target.shape == (64, 4)
     close = (x - target.unsqueeze(1)).norm(dim=-1) < 1.0  # relevant tokens sit next to the target, noise does not
     assert close.any(1).all() and not close.all()
+
+
+def test_an_output_folder_holds_one_grid(tmp_path):
+    grid = load_grid(GRID, quick=True)
+    check_same_grid(tmp_path, grid)
+    check_same_grid(tmp_path, {**grid, "seeds": [1, 2, 3], "workers": 1})  # more seeds reuse the finished runs
+    with pytest.raises(ValueError, match="holds the runs of a different grid"):
+        check_same_grid(tmp_path, load_grid(GRID, quick=False))
+    changed = {**grid, "arms": {**grid["arms"], "ssa": {"attention_temperature": "logn"}}}
+    with pytest.raises(ValueError, match="holds the runs of a different grid"):
+        check_same_grid(tmp_path, changed)

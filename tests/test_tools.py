@@ -92,6 +92,16 @@ def test_stop_strings_end_the_completion(checkpoint):
     assert stop and generate_text(model, tokenizer, "Once", max_new_tokens=20, stop=[stop]) == full[: full.index(stop)]
 
 
+def test_generate_cli_takes_one_stop_string(checkpoint):
+    args = ["generate/base.py", "--checkpoint_dir", str(checkpoint), "--prompt", "Once", "--max_new_tokens", "20",
+            "--temperature", "0"]
+    full = run(*args).stdout[len("Once"):].rstrip("\n")
+    stop = full[3:6]
+    result = run(*args, "--stop", stop)
+    assert result.returncode == 0, result.stderr
+    assert stop and result.stdout[len("Once"):].rstrip("\n") == full[: full.index(stop)]
+
+
 def test_perplexity_equals_exp_of_the_mean_cross_entropy(checkpoint, tmp_path):
     text = "The cat sat on the mat. " * 30
     (tmp_path / "text.txt").write_text(text)
