@@ -9,6 +9,7 @@ materialised T x T score matrix), for one pythia-70m-sized attention layer.
 import argparse
 import contextlib
 import json
+import sys
 
 import torch
 from common import header, median_seconds, reset_peak_rss, rss_mb, run_isolated, table
@@ -69,7 +70,7 @@ def main() -> None:
             base = base or (seconds, peak)
             rows.append([length, variant, f"{seconds * 1000:.1f}", f"{seconds / base[0]:.3f}", f"{peak:,.0f}",
                          f"{peak / base[1]:.2f}"])
-            print(f"  measured T={length}: {variant}", flush=True)
+            print(f"  measured T={length}: {variant}", file=sys.stderr, flush=True)
     print()
     print(table(["T", "attention", "time (ms)", "time / vanilla", "peak memory (MiB)", "memory / vanilla"], rows))
 

@@ -69,9 +69,13 @@ def hf_model(config: Config, state: dict):
     return model, lambda x: F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), x.flatten())
 
 
+FUSED = "lit-gpt-ssa, vanilla, fused AdamW (as lit_gpt.training builds it)"
+
+
 def implementations(name: str):
     base = Config.from_name(name)
     yield "lit-gpt-ssa, vanilla", lambda s: ours(base, s), contextlib.nullcontext
+    yield FUSED, lambda s: ours(base, s), contextlib.nullcontext
     yield "lit-gpt-ssa, SSA (shared)", lambda s: ours(Config.from_name(name, attention_temperature="ssa"), s), \
         contextlib.nullcontext
     yield "lit-gpt-ssa, SSA (separate)", lambda s: ours(
@@ -104,7 +108,8 @@ def measure(name: str, label: str, batch: int, length: int, repeats: int) -> dic
     build, context = next((b, c) for lbl, b, c in implementations(name) if lbl == label)
     torch.manual_seed(0)
     model, loss_of = build(state)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # every row steps the same plain AdamW, except the one with the fused kernel our training scripts use
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if label == FUSED else None)
 
     def step():
         with context():

@@ -120,9 +120,13 @@ def freeze_backbone(model: GPT) -> None:
 
 
 def build_optimizer(model: GPT, args: TrainArgs, ssa_lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW; the temperature parameters train at `ssa_lr` (default: the backbone's learning rate)."""
+    """AdamW; the temperature parameters train at `ssa_lr` (default: the backbone's learning rate).
+
+    The fused kernel where the parameters' device has one (CPU and CUDA): on two CPU cores it steps pythia-70m about
+    three times faster than the per-tensor loop torch uses by default there."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(parameter_groups(model, args, ssa_lr), lr=args.learning_rate,
-                             betas=(args.beta1, args.beta2))
+                             betas=(args.beta1, args.beta2), fused=fused or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
