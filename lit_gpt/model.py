@@ -369,13 +369,7 @@ class Temperature(nn.Module):
             return self.scale * log_n
         if self.kind == "constant":
             return self.scale.view(1, 1, -1)
-        tau = torch.ones_like(log_n)
-        if self.position_logit is not None:
-            tau = tau + torch.sigmoid(self.position_logit) * log_n
-        token_features = self.token_features(features, x)
-        if token_features is not None:
-            tau = tau + torch.tanh(torch.einsum("bthd,hd->bth", F.gelu(token_features), self.token_weight))
-        return tau
+        return ssa_temperature(self.token_features(features, x), self.token_weight, self.position_logit, log_n)[0]
 
     def apply_to(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to."""
@@ -383,6 +377,20 @@ class Temperature(nn.Module):
             return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
                                             self.position_logit, log_n)
         return (target * self(x, target, log_n).unsqueeze(-1)).to(target.dtype)
+
+
+def ssa_temperature(features, token_weight, position_logit, log_n) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SSA's tau = 1 + sigmoid(alpha) log(n) + tanh(u . gelu(features)), broadcastable to (B, T, h), and its token
+    term (None when off). features: (B, T, h, d) or None; token_weight: (h, d) or None; position_logit: (h,), (1,)
+    or None; log_n: (T, 1) or (1, T, 1)."""
+    tau = torch.ones_like(log_n)
+    if position_logit is not None:
+        tau = tau + torch.sigmoid(position_logit) * log_n  # (T, h) or (1, T, h)
+    token_term = None
+    if token_weight is not None:
+        token_term = torch.tanh(torch.einsum("bthd,hd->bth", F.gelu(features), token_weight))  # (B, T, h)
+        tau = tau + token_term
+    return tau, token_term
 
 
 class ScaleByTemperature(torch.autograd.Function):
@@ -394,13 +402,7 @@ class ScaleByTemperature(torch.autograd.Function):
     @staticmethod
     def forward(ctx, target, features, token_weight, position_logit, log_n):
         # target, features: (B, T, h, d); token_weight: (h, d); position_logit: (h,) or (1,); log_n: (T,)
-        tau = torch.ones((), dtype=target.dtype, device=target.device)
-        if position_logit is not None:
-            tau = tau + torch.sigmoid(position_logit) * log_n[:, None]  # (T, h)
-        token_term = None
-        if token_weight is not None:
-            token_term = torch.tanh(torch.einsum("bthd,hd->bth", F.gelu(features), token_weight))  # (B, T, h)
-            tau = tau + token_term
+        tau, token_term = ssa_temperature(features, token_weight, position_logit, log_n[:, None])
         ctx.save_for_backward(target, features, token_weight, position_logit, log_n, token_term, tau)
         return (target * tau.unsqueeze(-1)).to(target.dtype)
 
