@@ -8,11 +8,10 @@ materialised T x T score matrix), for one pythia-70m-sized attention layer.
 
 import argparse
 import contextlib
-import json
 import sys
 
 import torch
-from common import header, median_seconds, reset_peak_rss, rss_mb, run_isolated, table
+from common import answer_child, header, measure_isolated, table, time_and_peak
 from train_step import materialised_attention
 
 from lit_gpt import Config
@@ -40,11 +39,7 @@ def measure(variant: str, batch: int, length: int, repeats: int) -> dict:
         attention.zero_grad(set_to_none=True)
         x.grad = None
 
-    step()
-    before = rss_mb("VmRSS")
-    reset_peak_rss()
-    seconds = median_seconds(step, repeats, warmup=0)
-    return {"seconds": seconds, "peak_mb": rss_mb() - before}
+    return time_and_peak(step, repeats)
 
 
 def main() -> None:
@@ -54,8 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(**json.loads(args.child))))
+    if answer_child(args.child, measure):
         return
     print(header("Attention alone: forward + backward of one layer (pythia-70m: 8 heads of 64)"))
     print(f"Batch {args.batch}, float32, median of {args.repeats}; each cell in its own processes, memory measured"
@@ -65,8 +59,8 @@ def main() -> None:
         base = None
         for variant in VARIANTS:
             kwargs = dict(variant=variant, batch=args.batch, length=length)
-            seconds = run_isolated(__file__, repeats=args.repeats, **kwargs)["seconds"]
-            peak = run_isolated(__file__, memory=True, repeats=1, **kwargs)["peak_mb"]
+            result = measure_isolated(__file__, args.repeats, **kwargs)
+            seconds, peak = result["seconds"], result["peak_mb"]
             base = base or (seconds, peak)
             rows.append([length, variant, f"{seconds * 1000:.1f}", f"{seconds / base[0]:.3f}", f"{peak:,.0f}",
                          f"{peak / base[1]:.2f}"])

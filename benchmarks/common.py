@@ -78,3 +78,29 @@ def run_isolated(script: str, memory: bool = False, **kwargs) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{script} {kwargs} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def time_and_peak(step: Callable[[], object], repeats: int) -> dict:
+    """In the measuring process: one warm-up step (allocations, optimizer state), then the median time of `repeats`
+    steps and the peak resident memory during them above the resident memory before them."""
+    step()
+    before = rss_mb("VmRSS")
+    reset_peak_rss()
+    seconds = median_seconds(step, repeats, warmup=0)
+    return {"seconds": seconds, "peak_mb": rss_mb() - before}
+
+
+def measure_isolated(script: str, repeats: int, **kwargs) -> dict:
+    """Time over `repeats` steps in one fresh process, peak memory of one step in another (see `run_isolated`)."""
+    seconds = run_isolated(script, repeats=repeats, **kwargs)["seconds"]
+    return {"seconds": seconds, "peak_mb": run_isolated(script, memory=True, repeats=1, **kwargs)["peak_mb"]}
+
+
+def answer_child(child: str | None, measure: Callable[..., dict]) -> bool:
+    """The measuring side of `run_isolated`: with --child, print measure(**arguments) as JSON and return True."""
+    if child is None:
+        return False
+    import json
+
+    print(json.dumps(measure(**json.loads(child))))
+    return True

@@ -9,17 +9,16 @@ same weights and the same tokens.
 
 import argparse
 import contextlib
-import json
 import math
 
 import torch
 import torch.nn.functional as F
-from common import header, matmul_gflops, median_seconds, reset_peak_rss, rss_mb, run_isolated, table
-from lightning.fabric.utilities.throughput import measure_flops
+from common import answer_child, header, matmul_gflops, measure_isolated, table, time_and_peak
 
 import lit_gpt.model
 from lit_gpt import GPT, Config
 from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
+from lit_gpt.training import micro_batch_flops
 
 
 def materialised_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, scale=None):
@@ -91,14 +90,6 @@ def implementations(name: str):
     yield "Hugging Face GPTNeoXForCausalLM", lambda s: hf_model(base, s), contextlib.nullcontext
 
 
-def model_flops(config: Config, batch: int, length: int) -> int:
-    """Forward + backward FLOPs of the vanilla model for one batch (the MFU numerator for every row)."""
-    with torch.device("meta"):
-        model = GPT(config)
-        x = torch.randint(0, 1, (batch, length))
-        return measure_flops(model, lambda: model(x, targets=x), lambda loss: loss)
-
-
 def measure(name: str, label: str, batch: int, length: int, repeats: int) -> dict:
     """One row, in its own process: median step time and the peak memory of the steps."""
     torch.manual_seed(0)
@@ -117,24 +108,15 @@ def measure(name: str, label: str, batch: int, length: int, repeats: int) -> dic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm up, and allocate the optimizer state
-    before = rss_mb("VmRSS")
-    reset_peak_rss()
-    seconds = median_seconds(step, repeats, warmup=0)
-    return {"seconds": seconds, "peak_mb": rss_mb() - before}
-
-
-def measure_both(**kwargs) -> dict:
-    memory = run_isolated(__file__, memory=True, **dict(kwargs, repeats=1))
-    return {"seconds": run_isolated(__file__, **kwargs)["seconds"], "peak_mb": memory["peak_mb"]}
+    return time_and_peak(step, repeats)
 
 
 def benchmark(name: str, batch: int, length: int, repeats: int, peak: float) -> str:
     config = Config.from_name(name)
-    flops = model_flops(config, batch, length)
+    flops = micro_batch_flops(config, batch, length)  # of the vanilla model: the MFU numerator for every row
     rows, reference = [], None
     for label, _, _ in implementations(name):
-        result = measure_both(name=name, label=label, batch=batch, length=length, repeats=repeats)
+        result = measure_isolated(__file__, repeats, name=name, label=label, batch=batch, length=length)
         seconds = result["seconds"]
         reference = reference or result
         rows.append([label, f"{batch * length / seconds:,.0f}", f"{seconds:.2f}",
@@ -153,8 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(**json.loads(args.child))))
+    if answer_child(args.child, measure):
         return
     peak = matmul_gflops()
     print(header("Training step: forward + backward + AdamW"))

@@ -13,10 +13,11 @@ from typing import Literal, Protocol
 import lightning as L
 import torch
 import yaml
-from lightning.fabric.utilities.throughput import ThroughputMonitor
+from lightning.fabric.utilities.throughput import ThroughputMonitor, measure_flops
 from tqdm import tqdm
 
 from lit_gpt.checkpoint import copy_tokenizer_files, model_state_dict, unsafe_pickle_error, write_model_files
+from lit_gpt.config import Config
 from lit_gpt.model import GPT
 from lit_gpt.utils import USER_ERRORS, UserFacingError
 
@@ -230,6 +231,14 @@ def log_step(fabric: L.Fabric, throughput: ThroughputMonitor, progress: tqdm, st
 def is_due(step: int, interval: int | None, max_steps: int) -> bool:
     """Every `interval` steps, but not at the last one (the final validation and checkpoint cover it)."""
     return bool(interval) and step % interval == 0 and step < max_steps
+
+
+def micro_batch_flops(config: Config, micro_batch: int, block_size: int) -> int:
+    """Forward and backward FLOPs of one micro-batch, counted on the meta device."""
+    with torch.device("meta"):
+        meta_model = GPT(config)
+        x = torch.randint(0, 1, (micro_batch, block_size))
+        return measure_flops(meta_model, lambda: meta_model(x, targets=x), lambda loss: loss)
 
 
 def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, ssa_lr: float | None, resume_dir: Path | None):

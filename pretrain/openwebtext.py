@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import measure_flops
 
 from lit_gpt.config import Config
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
@@ -27,6 +26,7 @@ from lit_gpt.training import (
     find_resume_checkpoint,
     fit,
     hyperparameters,
+    micro_batch_flops,
     on_rank_zero,
     save_checkpoint,
     setup_training,
@@ -128,14 +128,6 @@ def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, t
     fit(fabric, model, optimizer, state, batches, train, eval, block_size, save,
         flops_per_micro_batch=micro_batch_flops(config, train.micro_batch_size, block_size))
     write_history(fabric, state, out_dir, f"{config.name} ({config.attention_temperature})")
-
-
-def micro_batch_flops(config: Config, micro_batch: int, block_size: int) -> int:
-    """Forward and backward FLOPs of one micro-batch, counted on the meta device."""
-    with torch.device("meta"):
-        meta_model = GPT(config)
-        x = torch.randint(0, 1, (micro_batch, block_size))
-        return measure_flops(meta_model, lambda: meta_model(x, targets=x), lambda loss: loss)
 
 
 if __name__ == "__main__":
