@@ -8,8 +8,9 @@
     # train only the temperature parameters
     python finetune/full.py --checkpoint_dir ... --ssa --ssa_only
 
-`--ssa` starts the temperatures at the values that reproduce the checkpoint (u = 0, sigmoid(alpha) = 6e-4): the
-first validation loss is the checkpoint's own. The temperatures train at `--ssa_lr`, much larger than the backbone's.
+`--ssa` starts the temperatures at the values that reproduce the checkpoint (u = 0, position slope 6e-4): the first
+validation loss is the checkpoint's own. The position slopes train at `--train.ssa_position_lr` and the token-term
+weights at `--train.ssa_token_lr`, each with the backbone's warmup and decay.
 """
 
 import math
@@ -42,14 +43,15 @@ from lit_gpt.training import (
 )
 from lit_gpt.utils import num_parameters, run_cli
 
-FINETUNE_SSA_INIT = 6e-4  # sigmoid(alpha) at the start of fine-tuning, as in the official fine-tuning scripts
+FINETUNE_SSA_INIT = 6e-4  # the position slope at the start of fine-tuning, as in the official fine-tuning scripts
+FINETUNE_POSITION_LR = 1e-2  # peak learning rate of the position slopes (the README says how it was chosen)
+FINETUNE_TOKEN_LR = 1e-4  # peak learning rate of the token-term weights
 
 
 def setup(
     checkpoint_dir: Path,
     ssa: bool = False,
     ssa_only: bool = False,
-    ssa_lr: float = 1e-2,
     model: dict[str, Any] | None = None,
     data: Path = Path("data/prepared/finetune"),
     data_source: str | None = None,
@@ -57,7 +59,8 @@ def setup(
     truncate: bool = False,
     out_dir: Path = Path("out/finetune"),
     train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=1, max_steps=500, learning_rate=3e-5,
-                                 min_lr=3e-6, warmup_steps=50, weight_decay=0.0, save_interval=100),
+                                 min_lr=3e-6, warmup_steps=50, weight_decay=0.0, save_interval=100,
+                                 ssa_position_lr=FINETUNE_POSITION_LR, ssa_token_lr=FINETUNE_TOKEN_LR),
     eval: EvalArgs = EvalArgs(interval=100, max_iters=50, initial_validation=True),
     devices: int = 1,
     num_nodes: int = 1,
@@ -73,14 +76,14 @@ def setup(
         checkpoint_dir: a converted (or pretrained) checkpoint folder.
         ssa: add Selective Self-Attention with the default settings (a checkpoint that has it keeps its own).
         ssa_only: freeze the backbone and train only the temperature parameters.
-        ssa_lr: learning rate of the temperature parameters.
         model: SSA fields to set with --ssa, e.g. --model.ssa_token_weights separate.
         data: a prepared token folder (language modelling) or an Alpaca-format .json/.jsonl file (instructions).
         data_source: text to prepare into `data` with the checkpoint's tokenizer where `data` holds none.
         val_fraction: share held out for validation (of the documents when preparing, of the records otherwise).
         truncate: cut instruction records longer than the context instead of refusing them.
         out_dir: checkpoints (step-XXXXXXXX/ and final/), logs and loss.png go here.
-        train: batch sizes, length, optimizer and schedule; max_seq_length defaults to the model's context.
+        train: batch sizes, length, optimizer and schedule; max_seq_length defaults to the model's context;
+            ssa_position_lr and ssa_token_lr are the peak learning rates of SSA's slopes and token weights.
         eval: validation interval and size.
         devices: processes per node; more than one runs DDP or FSDP.
         num_nodes: machines.
@@ -94,11 +97,11 @@ def setup(
     base = Config.from_file(checkpoint_dir)
     Tokenizer(checkpoint_dir)  # fail now, in one line, where the folder has no tokenizer
     config = finetune_config(base, ssa, model or {})
-    hparams = hyperparameters(checkpoint_dir=checkpoint_dir, ssa=ssa, ssa_only=ssa_only, ssa_lr=ssa_lr,
+    hparams = hyperparameters(checkpoint_dir=checkpoint_dir, ssa=ssa, ssa_only=ssa_only,
                               model=config.to_dict(), data=data, data_source=data_source, val_fraction=val_fraction,
                               truncate=truncate, out_dir=out_dir, train=train, eval=eval, devices=devices, seed=seed)
     fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
-    fabric.launch(main, checkpoint_dir, base, config, ssa_only, ssa_lr, Path(data), data_source, val_fraction,
+    fabric.launch(main, checkpoint_dir, base, config, ssa_only, Path(data), data_source, val_fraction,
                   truncate, Path(out_dir), train, eval, seed, resume, hparams)
 
 
@@ -151,9 +154,9 @@ def token_batches(folder: Path, checkpoint_dir: Path, config: Config, block_size
     return TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, ssa_lr: float,
-         data: Path, data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs,
-         eval: EvalArgs, seed: int, resume, hparams: dict) -> None:
+def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, data: Path,
+         data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs, eval: EvalArgs,
+         seed: int, resume, hparams: dict) -> None:
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
     block_size = check_window(train.max_seq_length, config)
     if data.suffix in (".json", ".jsonl"):
@@ -171,7 +174,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, s
     added = num_parameters(model) - num_parameters_of(base)
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters, {added:,} added by SSA"
                  f" ({added / max(1, num_parameters(model) - added):.3%}); {num_parameters(model, True):,} trainable")
-    model, optimizer, state = setup_training(fabric, model, train, ssa_lr, resume_dir)
+    model, optimizer, state = setup_training(fabric, model, train, resume_dir)
 
     save = lambda name: save_checkpoint(fabric, state, out_dir / name, checkpoint_dir, hparams)  # noqa: E731
     fit(fabric, model, optimizer, state, batches, train, eval, block_size, save)

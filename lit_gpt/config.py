@@ -12,13 +12,17 @@ import yaml
 CONFIG_FILENAME = "model_config.yaml"
 
 TEMPERATURE_MODES = ("none", "ssa", "ssa_position", "logn", "ssmax", "constant")
+SSA_TERMS = ("none", "position", "token", "position+token")  # what SSA adds to one side's temperature
+SSA_SIDES = ("ssa_query", "ssa_key", "ssa_value")
 CHOICES = {
-    "position_embedding": ("rope", "learned"),
+    "position_embedding": ("rope", "learned", "none"),
     "norm_class_name": ("LayerNorm", "RMSNorm"),
     "mlp_class_name": ("GptNeoxMLP", "LLaMAMLP"),
     "gelu_approximate": ("none", "tanh"),
     "attention_temperature": TEMPERATURE_MODES,
     "ssa_token_weights": ("shared", "separate"),
+    "ssa_slope_form": ("log", "sigmoid", "official"),
+    **{side: SSA_TERMS for side in SSA_SIDES},
 }
 
 
@@ -47,7 +51,7 @@ class Config:
     n_query_groups: int | None = None  # n_head: multi-head, 1: multi-query, in between: grouped-query
     intermediate_size: int | None = None
     # family differences
-    position_embedding: Literal["rope", "learned"] = "rope"
+    position_embedding: Literal["rope", "learned", "none"] = "rope"  # none: no positional encoding (NoPE)
     rotary_percentage: float = 0.25
     rope_base: float = 10000.0
     rope_adjustments: dict | None = None  # Llama-3.1 frequency scaling
@@ -61,18 +65,21 @@ class Config:
     tie_embeddings: bool = False
     # attention temperature: Selective Self-Attention and the baselines it is compared with
     attention_temperature: Literal["none", "ssa", "ssa_position", "logn", "ssmax", "constant"] = "none"
-    ssa_query: bool = True  # query temperature (inverse softmax temperature of each query)
-    ssa_value: bool = True  # value temperature (scales each value token)
-    ssa_key: bool = False  # key temperature (ablation)
-    ssa_position: bool = True  # position-aware term sigmoid(alpha) * log(n)
-    ssa_token: bool = True  # token-aware term tanh(u . gelu(features))
+    # the terms of each side's temperature: none, position (slope * log n), token (tanh(u . gelu(f))) or both
+    ssa_query: Literal["none", "position", "token", "position+token"] = "position+token"  # inverse softmax temp.
+    ssa_value: Literal["none", "position", "token", "position+token"] = "position+token"  # scales each value token
+    ssa_key: Literal["none", "position", "token", "position+token"] = "none"  # ablation
     ssa_token_weights: Literal["shared", "separate"] = "shared"
-    ssa_position_init: float = 1e-2  # sigmoid(alpha) at initialisation
+    ssa_slope_form: Literal["log", "sigmoid", "official"] = "log"  # slope = exp(p), sigmoid(p) or exp(-exp(p))
+    ssa_position_init: float = 1e-2  # the position slope at initialisation
     logn_length: int | None = None  # L in max(1, log_L(n)); defaults to block_size
     ssmax_init: float | None = None  # s in s * log(n); defaults to 1 / log(block_size)
     constant_init: float = 1.0
 
     def __post_init__(self) -> None:
+        for side in SSA_SIDES:  # YAML and the command line may spell "none" as null
+            if getattr(self, side) is None:
+                setattr(self, side, "none")
         for key, choices in CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"Config.{key} must be one of {choices}, got {getattr(self, key)!r}.")
@@ -91,15 +98,12 @@ class Config:
             if self.mlp_class_name == "LLaMAMLP":
                 raise ValueError(f"Config {self.name!r} uses LLaMAMLP and must set intermediate_size.")
             self.intermediate_size = 4 * self.n_embd
-        if self.attention_temperature == "ssa":
-            if not (self.ssa_query or self.ssa_value or self.ssa_key):
-                raise ValueError("attention_temperature='ssa' needs at least one of ssa_query, ssa_value, ssa_key.")
-            if not (self.ssa_position or self.ssa_token):
-                raise ValueError("attention_temperature='ssa' needs at least one of ssa_position, ssa_token.")
+        if self.attention_temperature == "ssa" and all(getattr(self, side) == "none" for side in SSA_SIDES):
+            raise ValueError("attention_temperature='ssa' needs a term on at least one side: set ssa_query, ssa_key"
+                             f" or ssa_value to one of {SSA_TERMS[1:]}.")
         if not 0.0 < self.ssa_position_init < 1.0:
-            raise ValueError(
-                f"ssa_position_init is sigmoid(alpha) and must lie in (0, 1), got {self.ssa_position_init}."
-            )
+            raise ValueError(f"ssa_position_init is the position slope at initialisation and must lie in (0, 1), got"
+                             f" {self.ssa_position_init}.")
         if self.logn_length is None:
             self.logn_length = self.block_size
         if self.ssmax_init is None:
@@ -115,8 +119,14 @@ class Config:
             raise ValueError(f"Unknown model preset {name!r}.{close_matches_hint(name, name_to_config)}")
         return cls.from_dict({**name_to_config[name], **overrides})
 
+    def ssa_terms(self, side: str) -> tuple[bool, bool]:
+        """(position term, token term) of SSA's temperature on `side` (query, key or value)."""
+        terms = getattr(self, f"ssa_{side}")
+        return "position" in terms, "token" in terms
+
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
+        values = upgrade_ssa_fields(values)
         known = {f.name for f in fields(cls)}
         unknown = [k for k in values if k not in known]
         if unknown:
@@ -144,6 +154,22 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def upgrade_ssa_fields(values: dict) -> dict:
+    """Configs written before the per-side terms had boolean sides (ssa_query, ssa_value, ssa_key) and two global
+    switches (ssa_position, ssa_token); translate them into the terms of each side."""
+    legacy_sides = [side for side in SSA_SIDES if isinstance(values.get(side), bool)]
+    if not legacy_sides and "ssa_position" not in values and "ssa_token" not in values:
+        return values
+    values = dict(values)
+    switches = (("position", values.pop("ssa_position", True)), ("token", values.pop("ssa_token", True)))
+    terms = "+".join(name for name, on in switches if on) or "none"
+    for side, default in (("ssa_query", True), ("ssa_key", False), ("ssa_value", True)):
+        on = values.get(side, default)
+        if isinstance(on, bool):
+            values[side] = terms if on else "none"
+    return values
 
 
 ##########

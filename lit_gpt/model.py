@@ -39,7 +39,7 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 initialisation of the backbone, then the temperatures: the backbone draws the same random numbers
         whatever the attention temperature, so every variant of a model starts from the same weights."""
-        temperatures = [m for m in self.modules() if isinstance(m, Temperature)]
+        temperatures = [m for m in self.modules() if isinstance(m, TEMPERATURES)]
         inside = {id(sub) for t in temperatures for sub in t.modules()}
         for module in self.modules():
             if id(module) not in inside:
@@ -131,7 +131,20 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     def temperature_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules() if isinstance(m, Temperature) for p in m.parameters()]
+        return [p for m in self.modules() if isinstance(m, TEMPERATURES) for p in m.parameters()]
+
+    def temperature_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The temperature parameters by what they set, for their own learning rates: "position" (SSA's slopes and
+        the baselines' scales) and "token" (SSA's token-term weights u, and its separate projections)."""
+        groups = {"position": [], "token": []}
+        for module in self.modules():
+            if isinstance(module, BaselineTemperature) and module.scale is not None:
+                groups["position"].append(module.scale)
+            elif isinstance(module, SSATemperature):
+                if module.position_param is not None:
+                    groups["position"].append(module.position_param)
+                groups["token"] += [p for name, p in module.named_parameters() if name != "position_param"]
+        return groups
 
     def temperature_parameter_names(self) -> set[str]:
         ids = {id(p) for p in self.temperature_parameters()}
@@ -169,7 +182,7 @@ class GPT(nn.Module):
         """Materialise what is still on the meta device after loading: newly added temperatures and buffers."""
         dtype = dtype or self.transformer.wte.weight.dtype
         for module in self.modules():
-            if isinstance(module, Temperature) and any(p.is_meta for p in module.parameters()):
+            if isinstance(module, TEMPERATURES) and any(p.is_meta for p in module.parameters()):
                 module.to_empty(device=device)
                 module.reset_parameters()
                 module.to(dtype)
@@ -178,6 +191,7 @@ class GPT(nn.Module):
 
 def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], source: str) -> None:
     """Strict loading with an explicit allow-list of keys that may be missing. A tied lm_head is the embedding."""
+    upgrade_position_parameters(state_dict, model.config)
     expected = model.state_dict()
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -198,6 +212,15 @@ def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], sourc
             )
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
+
+
+def upgrade_position_parameters(state_dict: dict, config: Config) -> None:
+    """Checkpoints written before the slope forms stored SSA's slope as sigmoid(`position_logit`); convert each to
+    the `position_param` of config.ssa_slope_form, which gives the same slope."""
+    for key in [k for k in state_dict if k.endswith(".position_logit")]:
+        logit = state_dict.pop(key)
+        slope = torch.sigmoid(logit.double())
+        state_dict[key.removesuffix("logit") + "param"] = slope_parameter(slope, config.ssa_slope_form).to(logit.dtype)
 
 
 class Block(nn.Module):
@@ -223,9 +246,9 @@ class CausalSelfAttention(nn.Module):
         nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
         self.qkv = nn.Linear(config.n_embd, (nh + 2 * ng) * hs, bias=config.bias)  # [q; k; v]
         self.proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
-        self.query_temperature = Temperature.build(config, "query")
-        self.key_temperature = Temperature.build(config, "key")
-        self.value_temperature = Temperature.build(config, "value")
+        self.query_temperature = build_temperature(config, "query")
+        self.key_temperature = build_temperature(config, "key")
+        self.value_temperature = build_temperature(config, "value")
         self.kv_cache: KVCache | None = None
         self.config = config
 
@@ -238,11 +261,12 @@ class CausalSelfAttention(nn.Module):
         temperatures = (self.query_temperature, self.key_temperature, self.value_temperature)
         taus = [None, None, None]
         if any(t is not None for t in temperatures):
-            log_n = torch.log1p(positions.to(torch.float32)).to(x.dtype)  # log(n), n = absolute position + 1
+            # log(n), n = absolute position + 1; temperatures are computed in float32 at least, whatever x's dtype
+            log_n = torch.log1p(positions.to(torch.promote_types(x.dtype, torch.float32)))
             if details is not None:  # the temperatures themselves, for analysis
-                taus = [None if t is None else t(x, f, log_n) for t, f in zip(temperatures, (q, k, v))]
+                taus = [None if t is None else t.tau(x, f, log_n) for t, f in zip(temperatures, (q, k, v))]
             # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
-            q, k, v = (f if t is None else t.apply_to(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
+            q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or ng, T, hs)
         if self.config.rope_n_elem:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -299,57 +323,45 @@ def temperature_details(probs, taus, T: int) -> dict:
     return out
 
 
-class Temperature(nn.Module):
-    """A per-(token, head) multiplier of queries, keys or values.
-
-    kind "ssa":      tau = 1 + sigmoid(alpha) * log(n) + tanh(u . gelu(f(x)))   (either term may be off)
-    kind "logn":     tau = max(1, log(n) / log(L))                               (Qwen's logn attention)
-    kind "ssmax":    tau = s * log(n)                                            (Scalable-Softmax)
-    kind "constant": tau = c                                                     (a learned temperature per head)
-    """
-
-    def __init__(self, config: Config, kind: str, n_heads: int, position: bool = True, token: bool = False) -> None:
-        super().__init__()
-        self.config, self.kind, self.n_heads = config, kind, n_heads
-        hs = config.head_size
-        self.position_logit = nn.Parameter(torch.empty(n_heads)) if kind == "ssa" and position else None
-        self.token_weight = nn.Parameter(torch.empty(n_heads, hs)) if kind == "ssa" and token else None
-        self.token_proj = None
-        if self.token_weight is not None and config.ssa_token_weights == "separate":
-            self.token_proj = nn.Linear(config.n_embd, n_heads * hs, bias=config.bias)
-        self.scale = nn.Parameter(torch.empty(n_heads)) if kind in ("ssmax", "constant") else None
-        self.reset_parameters()
-
-    @classmethod
-    def build(cls, config: Config, side: str) -> "Temperature | None":
-        with torch.random.fork_rng(devices=[]):  # building a temperature leaves the random stream as it was
-            return cls._build(config, side)
-
-    @classmethod
-    def _build(cls, config: Config, side: str) -> "Temperature | None":
-        mode = config.attention_temperature
-        heads = config.n_head if side == "query" else config.n_query_groups
-        if mode == "ssa" and getattr(config, f"ssa_{side}"):
-            return cls(config, "ssa", heads, position=config.ssa_position, token=config.ssa_token)
-        if side != "query" or mode in ("none", "ssa"):
-            return None
-        if mode == "ssa_position":  # the official code: one alpha per layer, query side only
-            return cls(config, "ssa", 1, position=True, token=False)
-        return cls(config, mode, heads)
+class UninitializedLinear(nn.Linear):
+    """nn.Linear that draws no random numbers when built: `GPT.init_weights` initialises it, so adding it never
+    shifts the random stream the backbone is initialised from, on any device."""
 
     def reset_parameters(self) -> None:
-        init = self.config.ssa_position_init
+        pass
+
+
+class SSATemperature(nn.Module):
+    """SSA's temperature of one side (query, key or value): one scalar per (token, head),
+
+        tau = 1 + slope * log(n) + tanh(u . gelu(f(x)))          (either term may be off)
+
+    slope = exp(p), sigmoid(p) or exp(-exp(p)) (Config.ssa_slope_form), one per head; f is this side's own projection
+    (shared weights) or a projection of its own (separate). Computed in float32 at least, whatever the weights' dtype.
+    """
+
+    def __init__(self, config: Config, n_heads: int, position: bool, token: bool) -> None:
+        super().__init__()
+        self.config, self.n_heads = config, n_heads
+        hs = config.head_size
+        self.position_param = nn.Parameter(torch.empty(n_heads)) if position else None
+        self.token_weight = nn.Parameter(torch.empty(n_heads, hs)) if token else None
+        self.token_proj = None
+        if token and config.ssa_token_weights == "separate":
+            self.token_proj = UninitializedLinear(config.n_embd, n_heads * hs, bias=config.bias)
+
+    def reset_parameters(self) -> None:
+        """The start of a model that behaves as its vanilla model: slope = ssa_position_init, u = 0 (tanh(0) = 0)."""
         with torch.no_grad():
-            if self.position_logit is not None:
-                self.position_logit.fill_(math.log(init / (1.0 - init)))
+            if self.position_param is not None:
+                start = torch.tensor(self.config.ssa_position_init, dtype=torch.float64, device="cpu")
+                self.position_param.fill_(slope_parameter(start, self.config.ssa_slope_form).item())
             if self.token_weight is not None:
-                self.token_weight.zero_()  # tanh(0) = 0: the token term starts switched off
+                self.token_weight.zero_()
             if self.token_proj is not None:
                 nn.init.normal_(self.token_proj.weight, std=0.02)
                 if self.token_proj.bias is not None:
                     self.token_proj.bias.zero_()
-            if self.scale is not None:
-                self.scale.fill_(self.config.ssmax_init if self.kind == "ssmax" else self.config.constant_init)
 
     def token_features(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """What the token term reads: this side's own projection (shared) or a projection of its own (separate)."""
@@ -359,70 +371,150 @@ class Temperature(nn.Module):
             return self.token_proj(x).view(*x.shape[:2], self.n_heads, -1)
         return features
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) attention input; features: (B, T, heads, hs) this side's projection before RoPE;
-        log_n: (T,). Returns tau, broadcastable to (B, T, heads)."""
-        log_n = log_n.view(1, -1, 1)
-        if self.kind == "logn":
-            return (log_n / math.log(self.config.logn_length)).clamp(min=1.0)
-        if self.kind == "ssmax":
-            return self.scale * log_n
-        if self.kind == "constant":
-            return self.scale.view(1, 1, -1)
-        return ssa_temperature(self.token_features(features, x), self.token_weight, self.position_logit, log_n)[0]
+    def tau(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C); features: (B, T, heads, hs) this side's projection before RoPE; log_n: (T,) in float32 or
+        float64. Returns tau, (B or 1, T, heads)."""
+        token_features = self.token_features(features, x)
+        return ssa_temperature(token_features, self.token_weight, self.position_param, log_n.view(1, -1, 1),
+                               self.config.ssa_slope_form)[0]
 
-    def apply_to(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+    def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to."""
-        if self.kind == "ssa":
-            return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
-                                            self.position_logit, log_n)
-        return (target * self(x, target, log_n).unsqueeze(-1)).to(target.dtype)
+        return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
+                                        self.position_param, log_n, self.config.ssa_slope_form)
 
 
-def ssa_temperature(features, token_weight, position_logit, log_n) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """SSA's tau = 1 + sigmoid(alpha) log(n) + tanh(u . gelu(features)), broadcastable to (B, T, h), and its token
-    term (None when off). features: (B, T, h, d) or None; token_weight: (h, d) or None; position_logit: (h,), (1,)
-    or None; log_n: (T, 1) or (1, T, 1)."""
+class BaselineTemperature(nn.Module):
+    """The temperatures SSA is compared with, on the queries; log_n (1, T, 1), scale (heads,)."""
+
+    FORMULAS = {
+        "logn": lambda log_n, scale, config: (log_n / math.log(config.logn_length)).clamp(min=1.0),  # Qwen's logn
+        "ssmax": lambda log_n, scale, config: scale * log_n,  # Scalable-Softmax: s log(n)
+        "constant": lambda log_n, scale, config: scale.expand(1, log_n.size(1), -1),  # a learned constant per head
+    }
+
+    def __init__(self, config: Config, kind: str, n_heads: int) -> None:
+        super().__init__()
+        self.config, self.kind = config, kind
+        self.scale = nn.Parameter(torch.empty(n_heads)) if kind in ("ssmax", "constant") else None
+
+    def reset_parameters(self) -> None:
+        if self.scale is not None:
+            with torch.no_grad():
+                self.scale.fill_(self.config.ssmax_init if self.kind == "ssmax" else self.config.constant_init)
+
+    def tau(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+        scale = None if self.scale is None else self.scale.to(log_n.dtype)
+        return self.FORMULAS[self.kind](log_n.view(1, -1, 1), scale, self.config)
+
+    def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+        return (target * self.tau(x, target, log_n).unsqueeze(-1)).to(target.dtype)
+
+
+TEMPERATURES = (SSATemperature, BaselineTemperature)
+
+
+@torch.no_grad()
+def learned_slopes(model: "GPT") -> list[dict[str, torch.Tensor]]:
+    """SSA's position slope per head, for each layer: {side: (heads,)} for the sides that have a position term."""
+    layers = []
+    for block in model.transformer.h:
+        sides = {}
+        for side in ("query", "key", "value"):
+            temperature = getattr(block.attn, f"{side}_temperature")
+            if isinstance(temperature, SSATemperature) and temperature.position_param is not None:
+                param = temperature.position_param.float()
+                sides[side] = slope_and_derivative(param, temperature.config.ssa_slope_form)[0].cpu()
+        layers.append(sides)
+    return layers
+
+
+def build_temperature(config: Config, side: str) -> nn.Module | None:
+    """The temperature of one side (query, key or value) of an attention layer, or None where it has none."""
+    mode = config.attention_temperature
+    heads = config.n_head if side == "query" else config.n_query_groups
+    if mode == "ssa":
+        position, token = config.ssa_terms(side)
+        return SSATemperature(config, heads, position, token) if position or token else None
+    if side != "query" or mode == "none":
+        return None
+    if mode == "ssa_position":  # the official code: one slope per layer, query side only
+        return SSATemperature(config, 1, position=True, token=False)
+    return BaselineTemperature(config, mode, heads)
+
+
+def slope_and_derivative(param: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSA's position slope from its parameter p, and d slope / d p."""
+    if form == "log":
+        slope = param.exp()
+        return slope, slope
+    if form == "sigmoid":
+        slope = torch.sigmoid(param)
+        return slope, slope * (1 - slope)
+    rate = param.exp()  # official: exp(-exp(p))
+    slope = torch.exp(-rate)
+    return slope, -rate * slope
+
+
+def slope_parameter(slope: torch.Tensor, form: str) -> torch.Tensor:
+    """The parameter p that gives `slope` (the inverse of slope_and_derivative)."""
+    if form == "log":
+        return slope.log()
+    if form == "sigmoid":
+        return torch.logit(slope)
+    return (-slope.log()).log()
+
+
+def ssa_temperature(features, token_weight, position_param, log_n, form) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SSA's tau = 1 + slope log(n) + tanh(u . gelu(features)) in log_n's dtype (float32 or float64), broadcastable
+    to (B, T, h), and its token term (None when off). features: (B, T, h, d) or None; token_weight: (h, d) or None;
+    position_param: (h,), (1,) or None; log_n: (T, 1) or (1, T, 1)."""
     tau = torch.ones_like(log_n)
-    if position_logit is not None:
-        tau = tau + torch.sigmoid(position_logit) * log_n  # (T, h) or (1, T, h)
+    if position_param is not None:
+        tau = tau + slope_and_derivative(position_param.to(log_n.dtype), form)[0] * log_n  # (T, h) or (1, T, h)
     token_term = None
     if token_weight is not None:
-        token_term = torch.tanh(torch.einsum("bthd,hd->bth", F.gelu(features), token_weight))  # (B, T, h)
+        pre = torch.einsum("bthd,hd->bth", F.gelu(features.to(log_n.dtype)), token_weight.to(log_n.dtype))
+        token_term = torch.tanh(pre)  # (B, T, h)
         tau = tau + token_term
     return tau, token_term
 
 
 class ScaleByTemperature(torch.autograd.Function):
-    """target * tau, tau = 1 + sigmoid(alpha) log(n) + tanh(u . gelu(features)) per (token, head).
+    """target * tau, tau = 1 + slope log(n) + tanh(u . gelu(features)) per (token, head), tau in log_n's dtype.
 
     Written out by hand so that backward keeps only its inputs (views of the qkv projection, which attention keeps
     anyway) and recomputes gelu(features), instead of the feature-sized intermediates autograd would save."""
 
     @staticmethod
-    def forward(ctx, target, features, token_weight, position_logit, log_n):
-        # target, features: (B, T, h, d); token_weight: (h, d); position_logit: (h,) or (1,); log_n: (T,)
-        tau, token_term = ssa_temperature(features, token_weight, position_logit, log_n[:, None])
-        ctx.save_for_backward(target, features, token_weight, position_logit, log_n, token_term, tau)
+    def forward(ctx, target, features, token_weight, position_param, log_n, form):
+        # target, features: (B, T, h, d); token_weight: (h, d); position_param: (h,) or (1,); log_n: (T,)
+        tau, token_term = ssa_temperature(features, token_weight, position_param, log_n[:, None], form)
+        ctx.save_for_backward(target, features, token_weight, position_param, log_n, token_term, tau)
+        ctx.form = form
         return (target * tau.unsqueeze(-1)).to(target.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        target, features, token_weight, position_logit, log_n, token_term, tau = ctx.saved_tensors
-        grad_target = grad_features = grad_weight = grad_logit = None
+        target, features, token_weight, position_param, log_n, token_term, tau = ctx.saved_tensors
+        acc = log_n.dtype
+        grad_target = grad_features = grad_weight = grad_param = None
         if ctx.needs_input_grad[0]:
             grad_target = (grad * tau.unsqueeze(-1)).to(target.dtype)
-        d_tau = torch.einsum("bthd,bthd->bth", grad, target)
-        if position_logit is not None and ctx.needs_input_grad[3]:
-            sig = torch.sigmoid(position_logit)
-            grad_logit = (d_tau * log_n[:, None]).sum((0, 1)).sum_to_size(position_logit.shape) * sig * (1 - sig)
+        d_tau = torch.einsum("bthd,bthd->bth", grad.to(acc), target.to(acc))
+        if position_param is not None and ctx.needs_input_grad[3]:
+            d_slope = slope_and_derivative(position_param.to(acc), ctx.form)[1]
+            grad_param = (d_tau * log_n[:, None]).sum((0, 1)).sum_to_size(position_param.shape) * d_slope
+            grad_param = grad_param.to(position_param.dtype)
         if token_weight is not None:
             d_pre = d_tau * (1 - token_term**2)  # through tanh
+            features = features.to(acc)
             if ctx.needs_input_grad[2]:
-                grad_weight = torch.einsum("bth,bthd->hd", d_pre, F.gelu(features))
+                grad_weight = torch.einsum("bth,bthd->hd", d_pre, F.gelu(features)).to(token_weight.dtype)
             if ctx.needs_input_grad[1]:
-                grad_features = torch.ops.aten.gelu_backward(d_pre.unsqueeze(-1) * token_weight, features)
-        return grad_target, grad_features, grad_weight, grad_logit, None
+                grad_features = torch.ops.aten.gelu_backward(d_pre.unsqueeze(-1) * token_weight.to(acc), features)
+                grad_features = grad_features.to(target.dtype)
+        return grad_target, grad_features, grad_weight, grad_param, None, None
 
 
 class KVCache(nn.Module):

@@ -38,6 +38,8 @@ class TrainArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     max_norm: float = 1.0
+    ssa_position_lr: float | None = None  # peak learning rate of SSA's position slopes (and the baselines' scales)
+    ssa_token_lr: float | None = None  # peak learning rate of SSA's token-term weights
     save_interval: int | None = 1000
     log_interval: int = 1
 
@@ -84,31 +86,33 @@ def check_window(max_seq_length: int | None, config) -> int:
     return max_seq_length or config.block_size
 
 
-def get_lr(step: int, max_steps: int, args: TrainArgs) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+def get_lr(step: int, max_steps: int, args: TrainArgs, peak: float | None = None) -> float:
+    """Linear warmup to the peak (default learning_rate), then cosine decay to min_lr at max_steps; a group with
+    another peak decays to the same fraction of its peak as the backbone does."""
+    peak = args.learning_rate if peak is None else peak
+    floor = args.min_lr * peak / args.learning_rate if args.learning_rate > 0 else 0.0
     if step < args.warmup_steps:
-        return args.learning_rate * (step + 1) / args.warmup_steps
+        return peak * (step + 1) / args.warmup_steps
     progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - args.min_lr)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
-def parameter_groups(model: GPT, args: TrainArgs, ssa_lr: float | None = None) -> list[dict]:
-    """Weight decay on matrices only (none on norms, biases and temperatures); the temperatures get ssa_lr."""
-    temperature = {id(p) for p in model.temperature_parameters()}
-    decay, no_decay, temps = [], [], []
+def parameter_groups(model: GPT, args: TrainArgs) -> list[dict]:
+    """Weight decay on matrices only (none on norms, biases and temperatures); SSA's position slopes and token-term
+    weights train at their own peak learning rates (default: the backbone's)."""
+    temperature = model.temperature_parameter_groups()
+    own = {id(p) for params in temperature.values() for p in params}
+    decay, no_decay = [], []
     for p in {id(p): p for p in model.parameters()}.values():
-        if not p.requires_grad:
-            continue
-        if id(p) in temperature:
-            temps.append(p)
-        elif p.ndim >= 2:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    ssa_lr = ssa_lr if ssa_lr is not None else args.learning_rate
-    groups = [dict(params=decay, weight_decay=args.weight_decay, lr_scale=1.0),
-              dict(params=no_decay, weight_decay=0.0, lr_scale=1.0),
-              dict(params=temps, weight_decay=0.0, lr_scale=ssa_lr / args.learning_rate)]
+        if p.requires_grad and id(p) not in own:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    peaks = {"position": args.ssa_position_lr, "token": args.ssa_token_lr}
+    groups = [dict(name="decay", params=decay, weight_decay=args.weight_decay, peak_lr=args.learning_rate),
+              dict(name="no_decay", params=no_decay, weight_decay=0.0, peak_lr=args.learning_rate)]
+    for name, params in temperature.items():
+        peak = peaks[name] if peaks[name] is not None else args.learning_rate
+        groups.append(dict(name=f"ssa_{name}", params=[p for p in params if p.requires_grad], weight_decay=0.0,
+                           peak_lr=peak))
     return [g for g in groups if g["params"]]
 
 
@@ -120,19 +124,19 @@ def freeze_backbone(model: GPT) -> None:
         p.requires_grad = id(p) in temperature
 
 
-def build_optimizer(model: GPT, args: TrainArgs, ssa_lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW; the temperature parameters train at `ssa_lr` (default: the backbone's learning rate).
+def build_optimizer(model: GPT, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over `parameter_groups`.
 
     The fused kernel where the parameters' device has one (CPU and CUDA): on two CPU cores it steps pythia-70m about
     three times faster than the per-tensor loop torch uses by default there."""
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-    return torch.optim.AdamW(parameter_groups(model, args, ssa_lr), lr=args.learning_rate,
+    return torch.optim.AdamW(parameter_groups(model, args), lr=args.learning_rate,
                              betas=(args.beta1, args.beta2), fused=fused or None)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, max_steps: int, args: TrainArgs) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+        group["lr"] = get_lr(step, max_steps, args, peak=group["peak_lr"])
 
 
 def training_step(fabric: L.Fabric, model, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int) -> float:
@@ -200,7 +204,7 @@ def fit(
 def optimizer_step(fabric: L.Fabric, model, optimizer, batches: Batches, step: int, args: TrainArgs, max_steps: int,
                    accumulation: int) -> float:
     """One optimizer step on global batch `step`; a non-finite loss stops the run before the weights change."""
-    set_lr(optimizer, get_lr(step, max_steps, args))
+    set_lr(optimizer, step, max_steps, args)
     inputs, targets = batches.train(step, fabric.global_rank, fabric.world_size)
     loss = training_step(fabric, model, inputs.to(fabric.device), targets.to(fabric.device), accumulation)
     if not math.isfinite(loss):
@@ -241,9 +245,9 @@ def micro_batch_flops(config: Config, micro_batch: int, block_size: int) -> int:
         return measure_flops(meta_model, lambda: meta_model(x, targets=x), lambda loss: loss)
 
 
-def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, ssa_lr: float | None, resume_dir: Path | None):
+def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None):
     """The model and optimizer set up by Fabric, and the state that checkpoints hold, restored when resuming."""
-    optimizer = build_optimizer(model, args, ssa_lr)
+    optimizer = build_optimizer(model, args)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(optimizer)
     state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0, "history": []}

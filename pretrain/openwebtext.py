@@ -42,6 +42,7 @@ class DataArgs:
     tokenizer_dir: Path = GPT2_TOKENIZER  # the tokenizer to prepare with
     train_tokenizer: int | None = None  # or train a byte-level BPE of this size on the training split
     val_fraction: float = 0.0005
+    window_start: Literal["random", "document"] = "random"  # training windows start anywhere, or at documents
 
 
 def setup(
@@ -59,7 +60,6 @@ def setup(
     seed: int = 1337,
     logger_name: Literal["csv", "tensorboard"] = "csv",
     resume: bool | Literal["auto"] | Path = False,
-    ssa_lr: float | None = None,
 ) -> None:
     """Pretrain a model from scratch.
 
@@ -78,14 +78,13 @@ def setup(
         seed: seeds the initialisation and the choice of training windows.
         logger_name: csv or tensorboard.
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
-        ssa_lr: learning rate of the temperature parameters (SSA and baselines); default the backbone's.
     """
     config = load_config(model_name, model, model_config)
     hparams = hyperparameters(model_name=model_name, model=config.to_dict(), data=data, out_dir=out_dir, train=train,
                               eval=eval, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
-                              seed=seed, resume=resume, ssa_lr=ssa_lr)
+                              seed=seed, resume=resume)
     fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
-    fabric.launch(main, config, data, out_dir, train, eval, seed, resume, ssa_lr, hparams)
+    fabric.launch(main, config, data, out_dir, train, eval, seed, resume, hparams)
 
 
 def load_config(model_name: str, overrides: dict | None, model_config: Path | None) -> Config:
@@ -107,7 +106,7 @@ def ensure_prepared(data: DataArgs) -> Path:
 
 
 def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, train: TrainArgs, eval: EvalArgs,
-         seed: int, resume, ssa_lr: float | None, hparams: dict) -> None:
+         seed: int, resume, hparams: dict) -> None:
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
     on_rank_zero(fabric, ensure_prepared, data_args)
     data = TokenData(data_args.dir)
@@ -119,11 +118,12 @@ def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, t
         model = GPT(config)
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters ({num_parameters(model, True):,} trainable),"
                  f" attention_temperature={config.attention_temperature!r}")
-    model, optimizer, state = setup_training(fabric, model, train, ssa_lr, resume_dir)
+    model, optimizer, state = setup_training(fabric, model, train, resume_dir)
     fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
                  f" {data.meta['unigram_loss']:.3f} on validation")
 
-    batches = TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters)
+    batches = TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters,
+                           data_args.window_start)
     save = lambda name: save_checkpoint(fabric, state, out_dir / name, data_args.dir, hparams)  # noqa: E731
     fit(fabric, model, optimizer, state, batches, train, eval, block_size, save,
         flops_per_micro_batch=micro_batch_flops(config, train.micro_batch_size, block_size))

@@ -1,24 +1,25 @@
-"""Does SSA help? One command that measures it at small scale, with at least three seeds per arm.
+"""Does SSA help? One command that measures it where the paper says it matters, with paired seeds.
 
-    python scripts/reproduce.py                 # the grid of configs/reproduce.yaml, about an hour on 2 CPU cores
+    python scripts/reproduce.py                 # the grid of configs/reproduce.yaml, about two hours on 2 CPU cores
     python scripts/reproduce.py --quick         # a reduced grid in a few minutes (the test suite runs it)
 
-Three experiments, each against its baselines:
-1. pretraining the same small model on the bundled corpus with an equal token budget per arm: vanilla, SSA and its
-   ablations, and the log-n, Scalable-Softmax and learned-constant baselines (validation perplexity);
-2. passkey retrieval by small models trained on a mix of the corpus and synthetic passkey documents, vanilla vs SSA
-   (accuracy per context length);
-3. the value-selectivity toy: average the relevant tokens of a sequence and ignore the noisy ones (error of the naive
-   average, vanilla attention and attention with a value temperature).
+Four experiments (configs/reproduce.yaml says what each runs):
+1. slopes: how SSA's position slope learns under each parametrisation and learning rate (the learned slopes);
+2. length: small NoPE models trained at block 128 on a retrieval mix, evaluated at 1x to 8x the training length:
+   passkey exact match and answer log-likelihood per length and depth, and held-out loss by position band, for
+   vanilla, SSA, Scalable-Softmax, and log-n scaling applied at inference to the vanilla checkpoints;
+3. dilution: one head finds its targets among n keys, trained at n <= 64 and tested to 4,096 (two variants);
+4. value: the value-selectivity toy, with a nonlinear key gate of the same size as control.
 
-Every run goes through the real entry point (pretrain/openwebtext.py). Finished runs are kept and skipped when the
-command runs again. Writes results.md, results.json, loss_curves.png and passkey.png to --out_dir.
+Arms share seeds: the same seed gives the same backbone initialisation and data order, so differences are paired.
+Every training run goes through the real entry point (pretrain/openwebtext.py); finished runs and evaluations are
+kept and reused when the command runs again. Writes results.md, results.json and plots to --out_dir.
 """
 
+import hashlib
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -26,32 +27,40 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from lit_gpt.config import Config
 from lit_gpt.data.prepare import BUNDLED_CORPUS, prepare, read_text, split_documents
-from lit_gpt.evaluation import passkey_prompt
-from lit_gpt.model import GPT
+from lit_gpt.data.tokens import TokenData
+from lit_gpt.model import GPT, learned_slopes
+from lit_gpt.retrieval import evaluation_cells, loss_by_position, score_answers, training_documents
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import num_parameters, run_cli
+from lit_gpt.toys import DILUTION_ARMS, dilution_errors, oracle_errors, train_dilution, value_errors
+from lit_gpt.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "pretrain" / "openwebtext.py"
-PASSKEY = ROOT / "eval" / "passkey.py"
+SECTIONS = ("slopes", "length", "dilution", "toy")
+TRAINED = ("data", "slopes", "length")  # the sections whose runs are kept and reused
+EVALUATION_KEYS = ("lengths", "depths", "keys", "learned_at", "lm_windows", "bands", "inference_arms")
 
 
 def load_grid(path: Path, quick: bool) -> dict:
+    """The grid, with the `quick` section's values over it (a list of arms keeps only those arms)."""
     grid = yaml.safe_load(Path(path).read_text())
-    if quick:
-        overrides = grid["quick"]
-        for key, value in overrides.items():
-            if key == "arms":
-                grid["arms"] = {arm: grid["arms"][arm] for arm in value}
-            elif isinstance(value, dict):
-                grid[key] = {**grid[key], **value}
-            else:
-                grid[key] = value
+    for key, value in (grid.pop("quick") if quick else {}).items():
+        if key in SECTIONS:
+            for inner, inner_value in value.items():
+                section = grid[key]
+                if inner == "arms":
+                    section["arms"] = {arm: section["arms"][arm] for arm in inner_value}
+                elif isinstance(inner_value, dict):
+                    section[inner] = {**section[inner], **inner_value}
+                else:
+                    section[inner] = inner_value
+        else:
+            grid[key] = value
+    grid.pop("quick", None)
     return grid
 
 
@@ -67,22 +76,15 @@ def run(command: list[str], threads: int) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
 
 
-def pretrain(out_dir: Path, model: dict, data_dir: Path, seed: int, train: dict, eval_args: dict,
-             threads: int) -> None:
+def pretrain(out_dir: Path, model: dict, data_dir: Path, seed: int, train: dict, eval_args: dict, threads: int,
+             window_start: str = "random") -> None:
     """One run of the real entry point, skipped when it already finished (resumed when it was cut short)."""
     if (out_dir / "history.json").is_file():
         return
     command = [str(PRETRAIN), "--model_name", model["name"], *flags("model.", model["fields"]), "--data.dir",
-               str(data_dir), "--out_dir", str(out_dir), "--seed", str(seed), *flags("train.", train),
-               *flags("eval.", eval_args)]
+               str(data_dir), "--data.window_start", window_start, "--out_dir", str(out_dir), "--seed", str(seed),
+               *flags("train.", train), *flags("eval.", eval_args)]
     run(command + (["--resume", "auto"] if out_dir.exists() else []), threads)
-
-
-def outcome(out_dir: Path) -> dict:
-    history = json.loads((out_dir / "history.json").read_text())
-    with torch.device("meta"):
-        params = num_parameters(GPT(Config.from_file(out_dir / "final")))
-    return {"history": history, "parameters": params}
 
 
 def in_parallel(jobs: list, workers: int) -> None:
@@ -93,124 +95,146 @@ def in_parallel(jobs: list, workers: int) -> None:
             future.result()
 
 
-def language_modelling(grid: dict, out_dir: Path, data_dir: Path, workers: int) -> dict:
-    """Validation loss of every arm and seed, the same token budget for all."""
-    runs = {(arm, seed): out_dir / "pretrain" / arm / f"seed-{seed}" for arm in grid["arms"] for seed in grid["seeds"]}
+def final_val_loss(folder: Path) -> float:
+    history = json.loads((folder / "history.json").read_text())
+    return [h["val_loss"] for h in history if "val_loss" in h][-1]
+
+
+def slope_summary(folder: Path) -> dict:
+    """min / median / max of the learned position slopes of each side, over layers and heads."""
+    slopes = learned_slopes(GPT.from_checkpoint(folder / "final"))
+    summary = {}
+    for side in ("query", "key", "value"):
+        values = torch.cat([layer[side] for layer in slopes if layer.get(side) is not None] or [torch.empty(0)])
+        if values.numel():
+            summary[side] = dict(min=values.min().item(), median=values.median().item(), max=values.max().item())
+    return summary
+
+
+def slopes_experiment(grid: dict, out_dir: Path, data_dir: Path) -> dict:
+    settings = grid["slopes"]
+    runs = {(arm, seed): out_dir / "slopes" / arm / f"seed-{seed}" for arm in settings["arms"]
+            for seed in settings["seeds"]}
 
     def job(arm, seed, folder):
-        model = {"name": grid["model"]["name"], "fields": {**grid["model"]["overrides"], **grid["arms"][arm]}}
-        return lambda threads: pretrain(folder, model, data_dir, seed, grid["train"], grid["eval"], threads)
+        fields = {**settings["model"]["overrides"], **settings["arms"][arm]["model"]}
+        train = {**settings["train"], **settings["arms"][arm]["train"]}
+        model = {"name": settings["model"]["name"], "fields": fields}
+        return lambda threads: pretrain(folder, model, data_dir, seed, train, settings["eval"], threads)
 
-    in_parallel([job(arm, seed, folder) for (arm, seed), folder in runs.items()], workers)
+    in_parallel([job(arm, seed, folder) for (arm, seed), folder in runs.items()], grid["workers"])
     results = {}
     for (arm, seed), folder in runs.items():
-        results.setdefault(arm, []).append(outcome(folder))
-        print(f"  {arm}, seed {seed}: validation loss {final_val_loss(results[arm][-1]):.4f}", flush=True)
+        results.setdefault(arm, []).append(dict(val_loss=final_val_loss(folder), slopes=slope_summary(folder)))
+        print(f"  slopes {arm}, seed {seed}: {results[arm][-1]}", flush=True)
     return results
 
 
-def passkey_documents(tokenizer: Tokenizer, count: int, block_size: int, corpus_share: float, seed: int) -> list:
-    """Synthetic passkey documents (the standard prompt followed by its answer) mixed with corpus documents."""
-    rng = random.Random(seed)
-    documents = []
-    for _ in range(count):
-        key = rng.randint(10000, 99999)
-        length = rng.randint(48, block_size - 16)
-        documents.append(f"{passkey_prompt(tokenizer, length, rng.random(), key)} {key}.")
+def retrieval_mix(grid: dict, out_dir: Path, data_dir: Path) -> Path:
+    """Retrieval documents mixed with corpus documents, prepared with the bundled tokenizer."""
+    settings, mix_dir = grid["length"], out_dir / "data" / "retrieval-mix"
+    if (mix_dir / "meta.json").is_file():
+        return mix_dir
+    tokenizer = Tokenizer(data_dir)
+    block = settings["model"]["overrides"]["block_size"]
+    documents = training_documents(tokenizer, settings["documents"], block, seed=0)
     corpus = [d for path in BUNDLED_CORPUS for d in split_documents(read_text(path), size=1000)]
-    documents += rng.sample(corpus, min(len(corpus), round(count * corpus_share / (1 - corpus_share))))
-    rng.shuffle(documents)
-    return documents
+    count = round(len(documents) * settings["corpus_share"] / (1 - settings["corpus_share"]))
+    documents += [corpus[i] for i in torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:count]]
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(1)).tolist()
+    source = out_dir / "data" / "retrieval-mix.jsonl"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text("\n".join(json.dumps({"text": documents[i]}) for i in order))
+    prepare(str(source), mix_dir, tokenizer_dir=data_dir, val_fraction=0.02, overwrite=True)
+    return mix_dir
 
 
-def passkey(grid: dict, out_dir: Path, data_dir: Path, workers: int) -> dict:
-    settings = grid["passkey"]
-    mix_dir = out_dir / "data" / "passkey-mix"
-    if not (mix_dir / "meta.json").is_file():
-        documents = passkey_documents(Tokenizer(data_dir), settings["documents"], settings["block_size"],
-                                      settings["corpus_share"], seed=0)
-        source = out_dir / "data" / "passkey-mix.jsonl"
-        source.parent.mkdir(parents=True, exist_ok=True)
-        source.write_text("\n".join(json.dumps({"text": d}) for d in documents))
-        prepare(str(source), mix_dir, tokenizer_dir=data_dir, val_fraction=0.02, overwrite=True)
-    train = {**grid["train"], "max_steps": settings["max_steps"]}
-    runs = {(arm, seed): out_dir / "passkey" / arm / f"seed-{seed}"
-            for arm in settings["arms"] for seed in grid["seeds"]}
+def evaluate_length(folder: Path, settings: dict, data_dir: Path, fields: dict | None = None) -> dict:
+    """Passkey cells and the loss by position band of one checkpoint (with `fields` over its config: an inference
+    arm), computed once and kept in the run folder."""
+    what = {k: settings[k] for k in EVALUATION_KEYS if k != "inference_arms"} | {"fields": fields}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    record = folder / f"evaluation-{digest}.json"  # a change of evaluation settings evaluates again
+    if record.is_file():
+        return json.loads(record.read_text())
+    checkpoint = folder / "final"
+    config = Config.from_file(checkpoint, **(fields or {}))
+    model = GPT.from_checkpoint(checkpoint, config=config).eval()
+    tokenizer = Tokenizer(checkpoint)
+    cells = []
+    for cell in evaluation_cells(tokenizer, settings["lengths"], settings["depths"], settings["keys"], seed=0):
+        scores = score_answers(model, cell["examples"])
+        cells.append(dict(length=cell["length"], depth=cell["depth"],
+                          exact=sum(s["exact"] for s in scores) / len(scores),
+                          log_likelihood=sum(s["log_likelihood"] for s in scores) / len(scores)))
+    held_out = TokenData(data_dir).val
+    bands = loss_by_position(model, held_out, settings["bands"][-1], settings["lm_windows"], settings["bands"])
+    result = dict(cells=cells, bands=bands)
+    record.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def length_experiment(grid: dict, out_dir: Path, data_dir: Path) -> dict:
+    settings = grid["length"]
+    mix_dir = retrieval_mix(grid, out_dir, data_dir)
+    runs = {(arm, seed): out_dir / "length" / arm / f"seed-{seed}" for arm in settings["arms"]
+            for seed in grid["seeds"]}
 
     def job(arm, seed, folder):
-        fields = {**grid["model"]["overrides"], **grid["arms"][arm], "block_size": settings["block_size"]}
+        fields = {**settings["model"]["overrides"], **settings["arms"][arm]}
+        model = {"name": settings["model"]["name"], "fields": fields}
 
         def train_and_evaluate(threads):
-            pretrain(folder, {"name": grid["model"]["name"], "fields": fields}, mix_dir, seed, train, grid["eval"],
-                     threads)
-            if not (folder / "passkey" / "passkey.json").is_file():
-                run([str(PASSKEY), "--checkpoint_dir", str(folder / "final"), "--output_dir", str(folder / "passkey"),
-                     "--lengths", json.dumps(settings["lengths"]), "--depths", json.dumps(settings["depths"]),
-                     "--trials", str(settings["trials"]), "--seed", str(1000 * seed)], threads)
+            pretrain(folder, model, mix_dir, seed, settings["train"], settings["eval"], threads, "document")
+            torch.set_num_threads(threads)
+            evaluate_length(folder, settings, data_dir)
 
         return train_and_evaluate
 
-    in_parallel([job(arm, seed, folder) for (arm, seed), folder in runs.items()], workers)
-    results = {}
+    in_parallel([job(arm, seed, folder) for (arm, seed), folder in runs.items()], grid["workers"])
+    results = {arm: [] for arm in [*settings["arms"], *settings.get("inference_arms", {})]}
     for (arm, seed), folder in runs.items():
-        results.setdefault(arm, []).append(json.loads((folder / "passkey" / "passkey.json").read_text()))
-        print(f"  passkey {arm}, seed {seed}: {results[arm][-1]['per_length']}", flush=True)
+        results[arm].append(dict(seed=seed, **evaluate_length(folder, settings, data_dir),
+                                 slopes=slope_summary(folder) if arm == "ssa" else None))
+    for arm, spec in settings.get("inference_arms", {}).items():
+        for seed in grid["seeds"]:
+            folder = runs[spec["of"], seed]
+            results[arm].append(dict(seed=seed, **evaluate_length(folder, settings, data_dir, spec["fields"])))
+    for arm, rows in results.items():
+        print(f"  length {arm}: " + "; ".join(f"seed {r['seed']} {per_length(r, 'exact')}" for r in rows), flush=True)
     return results
 
 
-class ToyAttention(torch.nn.Module):
-    """One attention head reading a sequence with a learned query; optionally a value temperature
-    tau_j = 1 + tanh(u . gelu(v_j)) that scales each value token (SSA's value temperature, token term)."""
-
-    def __init__(self, dim: int, value_temperature: bool) -> None:
-        super().__init__()
-        self.query = torch.nn.Parameter(torch.randn(dim) * 0.1)
-        self.key, self.value = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
-        self.u = torch.nn.Parameter(torch.zeros(dim)) if value_temperature else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = (self.key(x) @ self.query / math.sqrt(x.size(-1))).softmax(-1)  # (B, T)
-        v = self.value(x)
-        if self.u is not None:
-            v = v * (1 + torch.tanh(F.gelu(v) @ self.u)).unsqueeze(-1)
-        return (probs.unsqueeze(-1) * v).sum(1)
+def per_length(row: dict, metric: str) -> dict[int, float]:
+    """A run's `metric` averaged over depths, per length."""
+    lengths = sorted({c["length"] for c in row["cells"]})
+    return {n: statistics.mean(c[metric] for c in row["cells"] if c["length"] == n) for n in lengths}
 
 
-def toy_batch(n: int, settings: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relevant tokens are one signal plus small noise; the others are pure noise of a larger scale. The target is
-    the mean of the relevant tokens."""
-    T, d = settings["tokens"], settings["dim"]
-    signal = torch.randn(n, 1, d, generator=generator)
-    relevant = torch.rand(n, T, generator=generator) >= settings["noise_share"]
-    relevant[:, 0] = True
-    clean = signal + 0.1 * torch.randn(n, T, d, generator=generator)
-    noise = settings["noise_scale"] * torch.randn(n, T, d, generator=generator)
-    x = torch.where(relevant.unsqueeze(-1), clean, noise)
-    target = (x * relevant.unsqueeze(-1)).sum(1) / relevant.sum(1, keepdim=True)
-    return x, target
+def dilution_experiment(grid: dict) -> dict:
+    settings = grid["dilution"]
+    results = {}
+    for variant in settings["variants"]:
+        rows = {arm: [] for arm in (*DILUTION_ARMS, "logn at inference", "oracle (best fixed sharpness)")}
+        for seed in settings["seeds"]:
+            heads = {arm: train_dilution(arm, variant, settings, seed) for arm in DILUTION_ARMS}
+            for arm, head in heads.items():
+                rows[arm].append(dilution_errors(head, variant, settings, seed))
+            logn = lambda n: max(1.0, math.log(n) / math.log(settings["logn_length"]))  # noqa: E731
+            rows["logn at inference"].append(dilution_errors(heads["vanilla"], variant, settings, seed, tau=logn))
+            rows["oracle (best fixed sharpness)"].append(oracle_errors(heads["vanilla"], variant, settings, seed))
+        results[variant] = rows
+        for arm, errors in rows.items():
+            print(f"  dilution {variant}, {arm}: " + ", ".join(
+                f"n={n}: {statistics.mean(e[n] for e in errors):.3f}" for n in settings["test_n"]), flush=True)
+    return results
 
 
-def value_selectivity(grid: dict) -> dict:
-    settings, results = grid["toy"], {"naive average": [], "vanilla attention": [], "value temperature": []}
-    for seed in grid["seeds"]:
-        test_x, test_y = toy_batch(settings["test_sequences"], settings, torch.Generator().manual_seed(10_000 + seed))
-        scale = test_y.var().item()
-        results["naive average"].append(F.mse_loss(test_x.mean(1), test_y).item() / scale)
-        for name, value_temperature in (("vanilla attention", False), ("value temperature", True)):
-            torch.manual_seed(seed)
-            model = ToyAttention(settings["dim"], value_temperature)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-            generator = torch.Generator().manual_seed(seed)
-            for _ in range(settings["steps"]):
-                x, y = toy_batch(256, settings, generator)
-                loss = F.mse_loss(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                results[name].append(F.mse_loss(model(test_x), test_y).item() / scale)
+def value_experiment(grid: dict) -> dict:
+    per_seed = [value_errors(grid["toy"], seed) for seed in grid["seeds"]]
+    results = {name: [errors[name] for errors in per_seed] for name in per_seed[0]}
     for name, errors in results.items():
-        print(f"  toy, {name}: normalised error {mean_std(errors)}", flush=True)
+        print(f"  value toy, {name}: normalised error {mean_std(errors)}", flush=True)
     return results
 
 
@@ -219,82 +243,183 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
-def final_val_loss(run: dict) -> float:
-    return [h["val_loss"] for h in run["history"] if "val_loss" in h][-1]
+def paired(differences: list[float]) -> dict:
+    """Mean, standard error and sign count of paired differences (arm minus baseline, same seed)."""
+    mean = statistics.mean(differences)
+    se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    return dict(mean=mean, se=se, positive=sum(d > 0 for d in differences), negative=sum(d < 0 for d in differences),
+                seeds=len(differences))
 
 
-def report(grid: dict, lm: dict, keys: dict, toy: dict, out_dir: Path, quick: bool) -> str:
-    base = lm["vanilla"][0]["parameters"] if "vanilla" in lm else None
-    tokens = lm[next(iter(lm))][0]["history"][-1]["tokens"]
-    lines = [f"Grid: configs/reproduce.yaml{' (--quick)' if quick else ''}; seeds {grid['seeds']}; model"
-             f" `{grid['model']['name']}` with {grid['model']['overrides']}; {tokens:,} training tokens per run.", "",
-             "**Pretraining on the bundled corpus (validation, mean ± std over seeds)**", "",
-             "| arm | validation loss | validation perplexity | parameters added |", "| --- | ---: | ---: | ---: |"]
-    for arm, runs in lm.items():
-        losses = [final_val_loss(r) for r in runs]
-        added = runs[0]["parameters"] - base if base is not None else float("nan")
-        lines.append(f"| {arm} | {mean_std(losses, 4)} | {mean_std([math.exp(v) for v in losses], 2)} | {added:,} |")
-    lengths = grid["passkey"]["lengths"]
-    lines += ["", "**Passkey retrieval after training on the passkey mix (accuracy, mean ± std over seeds)**", "",
-              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
-              "| --- |" + " ---: |" * len(lengths)]
-    for arm, runs in keys.items():
-        cells = [mean_std([r["per_length"][str(n)] for r in runs], 2) for n in lengths]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "**Value selectivity toy (test error / target variance, mean ± std over seeds)**", "",
-              "| method | normalised error |", "| --- | ---: |"]
-    lines += [f"| {name} | {mean_std(errors)} |" for name, errors in toy.items()]
+def far_gain(row: dict, base: dict, metric: str, lengths: list[int]) -> float:
+    """The difference in `metric` between two runs, averaged over `lengths`."""
+    a, b = per_length(row, metric), per_length(base, metric)
+    return statistics.mean(a[n] - b[n] for n in lengths)
+
+
+def verdict(length: dict, settings: dict) -> dict:
+    """The README's decision rule: SSA helps at length if SSA minus vanilla is at least 0.15 of exact match averaged
+    over 4x and 8x the training length, with the same sign in every seed, and at most 0.05 worse at 1x; it does not
+    help if the difference is under 0.05 or the signs disagree; in between, more seeds are needed."""
+    train = settings["lengths"][0]
+    far = [n for n in settings["lengths"] if n >= 4 * train] or settings["lengths"][-1:]
+    by_seed = {arm: {r["seed"]: r for r in rows} for arm, rows in length.items()}
+    seeds = sorted(by_seed["vanilla"])
+    out = {}
+    for arm in [a for a in length if a != "vanilla"]:
+        far_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", far) for s in seeds])
+        near_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", [train]) for s in seeds])
+        ll_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "log_likelihood", far) for s in seeds])
+        same_sign = max(far_diff["positive"], far_diff["negative"]) == far_diff["seeds"]
+        if far_diff["mean"] >= 0.15 and far_diff["positive"] == far_diff["seeds"] and near_diff["mean"] >= -0.05:
+            call = "helps"
+        elif abs(far_diff["mean"]) < 0.05 or not same_sign:
+            call = "does not help"
+        else:
+            call = "undecided: more seeds"
+        if far_diff["mean"] <= -0.15 and far_diff["negative"] == far_diff["seeds"]:
+            call = "hurts"
+        out[arm] = dict(far_lengths=far, exact_far=far_diff, exact_train=near_diff, log_likelihood_far=ll_diff,
+                        verdict=call)
+    if "ssa" in by_seed and "logn" in by_seed:
+        out["ssa minus logn"] = dict(far_lengths=far, exact_far=paired(
+            [far_gain(by_seed["ssa"][s], by_seed["logn"][s], "exact", far) for s in seeds]))
+    return out
+
+
+def learned_runs(length: dict, settings: dict) -> dict[str, list[int]]:
+    """The seeds of each arm that learned the task inside the training length (exact match >= learned_at)."""
+    train = settings["lengths"][0]
+    return {arm: [r["seed"] for r in rows if per_length(r, "exact")[train] >= settings["learned_at"]]
+            for arm, rows in length.items()}
+
+
+def fmt_paired(d: dict, digits: int = 3) -> str:
+    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f} ({d['positive']}+ / {d['negative']}- of {d['seeds']})"
+
+
+def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, decisions: dict, quick: bool) -> str:
+    settings = grid["length"]
+    lengths = settings["lengths"]
+    lines = [f"Grid: configs/reproduce.yaml{' (--quick)' if quick else ''}; seeds {grid['seeds']} (paired).", "",
+             "**1. Position slopes after pretraining (min / median / max over layers and heads)**", "",
+             "| arm | validation loss | query slopes | value slopes |", "| --- | ---: | ---: | ---: |"]
+    for arm, runs in slopes.items():
+        cells = [" / ".join(f"{s[k]:.4f}" for k in ("min", "median", "max")) if s else "-"
+                 for s in (runs[0]["slopes"].get("query"), runs[0]["slopes"].get("value"))]
+        lines.append(f"| {arm} | {runs[0]['val_loss']:.4f} | {cells[0]} | {cells[1]} |")
+    lines += ["", "**2. Length generalisation: passkey exact match (mean ± std over seeds and"
+              f" {len(settings['depths'])} depths; trained at {lengths[0]} tokens)**", "",
+              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " | runs that learned the task |",
+              "| --- |" + " ---: |" * (len(lengths) + 1)]
+    learned = learned_runs(length, settings)
+    for arm, rows in length.items():
+        cells = [mean_std([per_length(r, "exact")[n] for r in rows], 2) for n in lengths]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {len(learned[arm])} of {len(rows)} |")
+    lines += ["", "Answer log-likelihood (nats, mean over seeds and depths):", "",
+              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
+    for arm, rows in length.items():
+        lines.append(f"| {arm} | " + " | ".join(
+            f"{statistics.mean(per_length(r, 'log_likelihood')[n] for r in rows):.2f}" for n in lengths) + " |")
+    bands = list(next(iter(length.values()))[0]["bands"])
+    lines += ["", "Held-out corpus loss by position band (nats, mean ± std over seeds):", "",
+              "| arm | " + " | ".join(bands) + " |", "| --- |" + " ---: |" * len(bands)]
+    for arm, rows in length.items():
+        lines.append(f"| {arm} | " + " | ".join(mean_std([r["bands"][b] for r in rows]) for b in bands) + " |")
+    lines += ["", "Paired differences against vanilla (same seed), exact match averaged over "
+              f"{decisions[next(iter(decisions))]['far_lengths']} tokens, mean ± standard error (seeds above / below"
+              " zero):", "",
+              "| arm | exact match, far | exact match, training length | log-likelihood, far | verdict |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    for arm, d in decisions.items():
+        if arm == "ssa minus logn":
+            lines.append(f"| SSA minus log-n at inference | {fmt_paired(d['exact_far'])} | | | |")
+        else:
+            lines.append(f"| {arm} | {fmt_paired(d['exact_far'])} | {fmt_paired(d['exact_train'])} |"
+                         f" {fmt_paired(d['log_likelihood_far'], 2)} | {d['verdict']} |")
+    ssa_slopes = [r["slopes"] for r in length.get("ssa", []) if r.get("slopes")]
+    if ssa_slopes:
+        lines += ["", "Learned position slopes of the SSA arm (min / median / max over layers and heads; start 0.01):",
+                  "", "| seed | query | value |", "| --- | ---: | ---: |"]
+        for r in length["ssa"]:
+            cells = [" / ".join(f"{r['slopes'][side][k]:.4f}" for k in ("min", "median", "max"))
+                     if side in r["slopes"] else "-" for side in ("query", "value")]
+            lines.append(f"| {r['seed']} | {cells[0]} | {cells[1]} |")
+    test_n = grid["dilution"]["test_n"]
+    for variant, rows in dilution.items():
+        lines += ["", f"**3. Dilution toy, {variant} (1 - attention mass on the targets, mean ± std over"
+                  f" {len(grid['dilution']['seeds'])} seeds; trained at n in {grid['dilution']['train_n']})**", "",
+                  "| arm | " + " | ".join(f"n = {n}" for n in test_n) + " |", "| --- |" + " ---: |" * len(test_n)]
+        for arm, errors in rows.items():
+            lines.append(f"| {arm} | " + " | ".join(mean_std([e[n] for e in errors]) for n in test_n) + " |")
+    lines += ["", "**4. Value toy (test error / target variance, mean ± std over seeds)**", "",
+              "| method | parameters beyond vanilla | normalised error |", "| --- | ---: | ---: |"]
+    extra = {"naive average": "-", "vanilla attention": "0", "key gate": str(grid["toy"]["dim"]),
+             "value temperature": str(grid["toy"]["dim"])}
+    lines += [f"| {name} | {extra[name]} | {mean_std(errors)} |" for name, errors in value.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(lm: dict, keys: dict, grid: dict, out_dir: Path) -> None:
+def plot(grid: dict, length: dict, dilution: dict, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for arm, runs in lm.items():
-        points = [[(h["tokens"], h["val_loss"]) for h in r["history"] if "val_loss" in h] for r in runs]
-        tokens = [t for t, _ in points[0]]
-        mean = [statistics.mean(p[i][1] for p in points) for i in range(len(tokens))]
-        ax.plot(tokens, mean, "o-", markersize=3, label=arm)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (mean over seeds)")
-    ax.set_title("pretraining on the bundled corpus")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    lengths = grid["length"]["lengths"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, rows in length.items():
+        for ax, metric in zip(axes, ("exact", "log_likelihood")):
+            means = [statistics.mean(per_length(r, metric)[n] for r in rows) for n in lengths]
+            ax.plot(lengths, means, "o-", label=arm)
+    for ax, label in zip(axes, ("passkey exact match", "answer log-likelihood (nats)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (tokens); trained at " + str(lengths[0]))
+        ax.set_ylabel(label + " (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_curves.png", dpi=120)
+    fig.savefig(out_dir / "length.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lengths = grid["passkey"]["lengths"]
-    for arm, runs in keys.items():
-        means = [statistics.mean(r["per_length"][str(n)] for r in runs) for n in lengths]
-        ax.plot(lengths, means, "o-", label=arm)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("passkey accuracy (mean over seeds)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    test_n = grid["dilution"]["test_n"]
+    fig, axes = plt.subplots(1, len(dilution), figsize=(5.5 * len(dilution), 4), squeeze=False)
+    for ax, (variant, rows) in zip(axes[0], dilution.items()):
+        for arm, errors in rows.items():
+            ax.plot(test_n, [statistics.mean(e[n] for e in errors) for n in test_n], "o-", label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("keys n (trained at 8-64)")
+        ax.set_ylabel("1 - mass on targets")
+        ax.set_title(f"dilution toy: {variant}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "passkey.png", dpi=120)
+    fig.savefig(out_dir / "dilution.png", dpi=120)
     plt.close(fig)
 
 
 def check_same_grid(out_dir: Path, grid: dict) -> None:
-    """Finished runs are reused, so an output folder may only ever hold one grid's runs."""
-    def settings(g: dict) -> dict:  # what decides a run's result: more seeds or arms, or other workers, are fine
-        return {key: value for key, value in g.items() if key not in ("seeds", "workers", "arms")}
+    """Finished training runs are reused, so an output folder may only ever hold one grid's runs: every setting that
+    decides a trained run's result must match (more seeds or arms, other workers, evaluation settings or toy
+    settings are fine: those are computed again)."""
+    def settings(g: dict) -> dict:
+        g = {key: json.loads(json.dumps(g[key])) for key in TRAINED if key in g}
+        for section in g.values():
+            for key in ("arms", "seeds", *EVALUATION_KEYS):
+                section.pop(key, None)
+        return g
 
-    record, grid = out_dir / "grid.json", json.loads(json.dumps(grid))
+    def arms(g: dict) -> dict:
+        return {section: g[section].get("arms", {}) for section in TRAINED if isinstance(g.get(section), dict)}
+
+    record = out_dir / "grid.json"
     if record.is_file():
         old = json.loads(record.read_text())
-        changed = [a for a in set(old["arms"]) & set(grid["arms"]) if old["arms"][a] != grid["arms"][a]]
+        old_arms, new_arms = arms(old), arms(json.loads(json.dumps(grid)))
+        changed = [(s, a) for s in new_arms for a in set(old_arms.get(s, {})) & set(new_arms[s])
+                   if old_arms[s][a] != new_arms[s][a]]
         if settings(old) != settings(grid) or changed:
             raise ValueError(f"{out_dir} holds the runs of a different grid (see {record}); pass another --out_dir "
                              f"or delete that folder")
-        grid["arms"] = {**old["arms"], **grid["arms"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(grid, indent=2))
 
@@ -318,21 +443,24 @@ def main(grid: Path = ROOT / "configs" / "reproduce.yaml", out_dir: Path | None 
         settings = grid["data"]
         prepare(settings["source"], data_dir, train_tokenizer=settings["train_tokenizer"],
                 val_fraction=settings["val_fraction"])
-    print("Language modelling:", flush=True)
-    lm = language_modelling(grid, out_dir, data_dir, grid["workers"])
-    print("Passkey retrieval:", flush=True)
-    keys = passkey(grid, out_dir, data_dir, grid["workers"])
-    print("Value selectivity:", flush=True)
-    toy = value_selectivity(grid)
-    text = report(grid, lm, keys, toy, out_dir, quick)
+    print("Length generalisation:", flush=True)
+    length = length_experiment(grid, out_dir, data_dir)
+    print("Position slopes:", flush=True)
+    slopes = slopes_experiment(grid, out_dir, data_dir)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print("Dilution toy:", flush=True)
+    dilution = dilution_experiment(grid)
+    print("Value toy:", flush=True)
+    value = value_experiment(grid)
+    decisions = verdict(length, grid["length"])
+    text = report(grid, slopes, length, dilution, value, decisions, quick)
     (out_dir / "results.md").write_text(text)
-    summary = {"language_modelling": {arm: [final_val_loss(r) for r in runs] for arm, runs in lm.items()},
-               "parameters": {arm: runs[0]["parameters"] for arm, runs in lm.items()},
-               "passkey": {arm: [r["per_length"] for r in runs] for arm, runs in keys.items()}, "toy": toy}
+    summary = dict(slopes=slopes, length=length, learned=learned_runs(length, grid["length"]), decisions=decisions,
+                   dilution=dilution, value=value)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    plot(lm, keys, grid, out_dir)
+    plot(grid, length, dilution, out_dir)
     print("\n" + text)
-    print(f"Wrote {out_dir}/results.md, results.json, loss_curves.png and passkey.png")
+    print(f"Wrote {out_dir}/results.md, results.json, length.png and dilution.png")
     return text
 
 

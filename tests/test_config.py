@@ -66,8 +66,28 @@ def test_invalid_choice_is_refused():
 def test_derived_fields_are_checked():
     with pytest.raises(ValueError, match="divisible by n_query_groups"):
         Config.from_name("debug", n_query_groups=3)
-    with pytest.raises(ValueError, match="at least one of ssa_position, ssa_token"):
-        Config.from_name("debug", attention_temperature="ssa", ssa_position=False, ssa_token=False)
+    with pytest.raises(ValueError, match="needs a term on at least one side"):
+        Config.from_name("debug", attention_temperature="ssa", ssa_query="none", ssa_value="none")
+    with pytest.raises(ValueError, match="ssa_value must be one of"):
+        Config.from_name("debug", attention_temperature="ssa", ssa_value="position-token")
+
+
+@pytest.mark.parametrize("query", ["none", "position", "token", "position+token"])
+@pytest.mark.parametrize("value", ["none", "position", "token", "position+token"])
+def test_every_per_side_combination_is_a_config_value(query, value):
+    if query == value == "none":
+        return
+    config = Config.from_name("debug", attention_temperature="ssa", ssa_query=query, ssa_value=value)
+    assert config.ssa_terms("query") == ("position" in query, "token" in query)
+    assert config.ssa_terms("value") == ("position" in value, "token" in value)
+    assert config.ssa_terms("key") == (False, False)
+
+
+def test_configs_written_before_the_per_side_terms_still_load():
+    old = Config.from_name("debug", attention_temperature="ssa", ssa_query=True, ssa_value=False, ssa_key=True,
+                           ssa_token=False)
+    assert (old.ssa_query, old.ssa_value, old.ssa_key) == ("position", "none", "position")
+    assert Config.from_name("debug", ssa_position=False).ssa_query == "token"
 
 
 def test_missing_config_file_is_named(tmp_path):
@@ -80,7 +100,7 @@ def test_ssa_recipe_differs_from_its_base_only_in_attention_keys(recipe):
     folder = Path(__file__).parents[1] / "configs"
     ssa = yaml.safe_load((folder / recipe).read_text())
     base = yaml.safe_load((folder / recipe.replace("-ssa.yaml", ".yaml")).read_text())
-    attention = {"ssa", "ssa_lr", "ssa_only"}
+    attention = {"ssa", "ssa_only"}
     assert {k: v for k, v in ssa.items() if k not in attention | {"model"}} == {
         k: v for k, v in base.items() if k not in attention | {"model"}}
     model_keys = set(ssa.get("model", {})) | set(base.get("model", {}))

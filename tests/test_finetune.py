@@ -1,5 +1,6 @@
 """Fine-tuning with SSA through its real entry point."""
 
+import dataclasses
 import json
 import lzma
 import math
@@ -16,20 +17,10 @@ from lit_gpt.convert import convert_lit_checkpoint
 from lit_gpt.data.alpaca import encode_records, load_records
 from lit_gpt.data.prepare import BUNDLED_CORPUS, GPT2_TOKENIZER
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.training import EvalArgs, TrainArgs, parameter_groups
+from lit_gpt.training import EvalArgs, TrainArgs, get_lr, parameter_groups
 from lit_gpt.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def base(tmp_path_factory) -> Path:
-    """A vanilla checkpoint (debug size, GPT-2 tokenizer) briefly trained so that it is not uniform."""
-    torch.manual_seed(0)
-    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=128))
-    folder = tmp_path_factory.mktemp("finetune") / "base"
-    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +28,25 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "austen.txt"
     path.write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:120_000])
     return path
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, text_file) -> Path:
+    """A vanilla checkpoint (debug size, GPT-2 tokenizer) trained briefly on the text, so that its loss lies far
+    below ln(vocab) and a wrong SSA initialisation shows in the first validation loss."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=128))
+    ids = Tokenizer(GPT2_TOKENIZER).encode(text_file.read_text())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        starts = torch.randint(0, ids.numel() - 65, (8,)).tolist()
+        batch = torch.stack([ids[s : s + 65] for s in starts])
+        model(batch[:, :-1], targets=batch[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("finetune") / "base"
+    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
+    return folder
 
 
 def arguments(base, data, out_dir, **train):
@@ -60,7 +70,10 @@ def test_ssa_starts_from_the_checkpoints_own_validation_loss(base, text_file, tm
     setup(**arguments(base, data, tmp_path / "vanilla"), data_source=str(text_file))
     setup(**arguments(base, data, tmp_path / "ssa"), ssa=True)
     vanilla, ssa = val_losses(tmp_path / "vanilla"), val_losses(tmp_path / "ssa")
-    assert ssa[0] == pytest.approx(vanilla[0], rel=1e-3)  # sigmoid(alpha) = 6e-4: temperatures within 0.3% of 1
+    assert vanilla[0] < math.log(50257) - 3  # a trained checkpoint: a wrong start would show
+    assert ssa[0] == pytest.approx(vanilla[0], rel=1e-4)  # slope 6e-4: temperatures within 0.3% of 1
+    setup(**arguments(base, data, tmp_path / "wrong-start"), ssa=True, model={"ssa_position_init": 0.5})
+    assert abs(val_losses(tmp_path / "wrong-start")[0] - vanilla[0]) > 2e-3 * vanilla[0]  # the test can fail
     model = GPT.from_checkpoint(tmp_path / "ssa" / "final")
     assert model.config.attention_temperature == "ssa" and model.config.ssa_position_init == 6e-4
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0
@@ -76,13 +89,24 @@ def test_ssa_only_trains_only_the_temperatures(base, text_file, tmp_path):
     assert any(after[k].abs().sum() > 0 for k in added if k.endswith("token_weight"))
 
 
-def test_temperatures_get_their_own_learning_rate():
-    model = GPT(Config.from_name("debug", attention_temperature="ssa"))
-    groups = parameter_groups(model, TrainArgs(learning_rate=3e-5, weight_decay=0.1), ssa_lr=1e-2)
-    temperature = [g for g in groups if any(p is q for p in g["params"] for q in model.temperature_parameters())]
-    assert len(temperature) == 1 and temperature[0]["lr_scale"] == pytest.approx(1e-2 / 3e-5)
-    assert temperature[0]["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+@pytest.mark.parametrize("weights", ["shared", "separate"])
+def test_position_slopes_and_token_weights_get_their_own_learning_rates(weights):
+    model = GPT(Config.from_name("debug", attention_temperature="ssa", ssa_token_weights=weights))
+    args = TrainArgs(learning_rate=3e-5, min_lr=3e-6, warmup_steps=10, weight_decay=0.1, ssa_position_lr=1e-2,
+                     ssa_token_lr=1e-3)
+    groups = {g["name"]: g for g in parameter_groups(model, args)}
+    names = {id(p): name for name, p in model.named_parameters()}
+    position = {names[id(p)].rsplit(".", 1)[-1] for p in groups["ssa_position"]["params"]}
+    token = {names[id(p)].split("temperature.")[-1] for p in groups["ssa_token"]["params"]}
+    assert position == {"position_param"}
+    assert token == ({"token_weight"} if weights == "shared" else {"token_weight", "token_proj.weight"})
+    assert groups["ssa_position"]["peak_lr"] == 1e-2 and groups["ssa_token"]["peak_lr"] == 1e-3
+    assert groups["ssa_position"]["weight_decay"] == groups["ssa_token"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    # each group follows the backbone's warmup and cosine decay, to the same fraction of its own peak
+    assert get_lr(0, 100, TrainArgs(learning_rate=3e-5, warmup_steps=10), peak=1e-2) == pytest.approx(1e-3)
+    assert get_lr(100, 100, args, peak=1e-2) == pytest.approx(1e-3)
+    assert get_lr(100, 100, dataclasses.replace(args, learning_rate=0.0), peak=1e-2) == 0.0  # no division by zero
 
 
 def test_output_is_a_checkpoint_every_tool_takes(base, text_file, tmp_path):
@@ -98,7 +122,7 @@ def test_ssa_on_an_ssa_checkpoint_keeps_its_parameters(base, text_file, tmp_path
     setup(**arguments(base, tmp_path / "data", tmp_path / "first"), data_source=str(text_file), ssa=True)
     first = load_file(tmp_path / "first" / "final" / "model.safetensors")
     setup(**arguments(tmp_path / "first" / "final", tmp_path / "data", tmp_path / "second", max_steps=1,
-                      learning_rate=1e-9, min_lr=0.0), ssa=True, ssa_lr=0.0)
+                      learning_rate=1e-9, min_lr=0.0, ssa_position_lr=0.0, ssa_token_lr=0.0), ssa=True)
     assert "already has SSA" in capsys.readouterr().out
     second = load_file(tmp_path / "second" / "final" / "model.safetensors")
     temperatures = GPT.from_checkpoint(tmp_path / "first" / "final").temperature_parameter_names()

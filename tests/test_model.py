@@ -22,11 +22,14 @@ FAMILIES = {
 SSA_VARIANTS = {
     "ssa-shared": dict(attention_temperature="ssa"),
     "ssa-separate": dict(attention_temperature="ssa", ssa_token_weights="separate"),
-    "ssa-all-sides": dict(attention_temperature="ssa", ssa_key=True),
-    "ssa-position-only": dict(attention_temperature="ssa", ssa_token=False),
-    "ssa-token-only": dict(attention_temperature="ssa", ssa_position=False),
-    "ssa-query-only": dict(attention_temperature="ssa", ssa_value=False),
-    "ssa-value-only": dict(attention_temperature="ssa", ssa_query=False),
+    "ssa-all-sides": dict(attention_temperature="ssa", ssa_key="position+token"),
+    "ssa-position-only": dict(attention_temperature="ssa", ssa_query="position", ssa_value="position"),
+    "ssa-token-only": dict(attention_temperature="ssa", ssa_query="token", ssa_value="token"),
+    "ssa-query-only": dict(attention_temperature="ssa", ssa_value="none"),
+    "ssa-value-only": dict(attention_temperature="ssa", ssa_query="none"),
+    "ssa-query-both-value-token": dict(attention_temperature="ssa", ssa_value="token"),
+    "ssa-sigmoid-slope": dict(attention_temperature="ssa", ssa_slope_form="sigmoid"),
+    "ssa-official-slope": dict(attention_temperature="ssa", ssa_slope_form="official"),
     **{mode: dict(attention_temperature=mode) for mode in TEMPERATURE_MODES if mode != "ssa"},
 }
 
@@ -47,7 +50,8 @@ def with_weights_of(vanilla: GPT, **overrides) -> GPT:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_switched_off_is_bit_identical_to_vanilla(family):
     vanilla = build(family)
-    off = with_weights_of(vanilla, attention_temperature="none", ssa_key=True, ssa_token_weights="separate")
+    off = with_weights_of(vanilla, attention_temperature="none", ssa_key="position+token",
+                          ssa_token_weights="separate")
     assert set(off.state_dict()) == set(vanilla.state_dict())
     idx = torch.randint(0, 97, (2, 24))
     assert torch.equal(off(idx), vanilla(idx))
@@ -57,7 +61,8 @@ def test_switched_off_is_bit_identical_to_vanilla(family):
 @pytest.mark.parametrize("weights", ["shared", "separate"])
 def test_token_term_alone_starts_exactly_as_vanilla(family, weights):
     vanilla = build(family)
-    ssa = with_weights_of(vanilla, attention_temperature="ssa", ssa_position=False, ssa_token_weights=weights)
+    ssa = with_weights_of(vanilla, attention_temperature="ssa", ssa_query="token", ssa_value="token",
+                          ssa_token_weights=weights)
     idx = torch.randint(0, 97, (2, 24))
     torch.testing.assert_close(ssa(idx), vanilla(idx), rtol=0, atol=0)
 
@@ -75,7 +80,7 @@ def test_ssa_at_initialisation_stays_close_to_vanilla(family):
 
 
 def test_initial_temperatures_are_the_position_term():
-    ssa = build("llama", attention_temperature="ssa", ssa_key=True)
+    ssa = build("llama", attention_temperature="ssa", ssa_key="position+token")
     details = []
     ssa(torch.randint(0, 97, (1, 10)), details=details)
     expected = 1 + 1e-2 * torch.log(torch.arange(1, 11, dtype=torch.float32))
@@ -189,7 +194,7 @@ def test_baseline_temperatures_follow_their_formulas():
     torch.testing.assert_close(details[0]["query_temperature"][0, 3], 0.5 * n.log())
     assert details[0]["value_temperature"] is None
     model = build("llama", attention_temperature="ssa_position")
-    assert model.transformer.h[0].attn.query_temperature.position_logit.shape == (1,)
+    assert model.transformer.h[0].attn.query_temperature.position_param.shape == (1,)
 
 
 def test_extra_boolean_and_additive_masks_agree():
@@ -247,8 +252,9 @@ def test_fused_cross_entropy_equals_logits_then_cross_entropy(head):
         torch.testing.assert_close(model(idx, targets=targets), plain.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["log", "sigmoid", "official"])
 @pytest.mark.parametrize("case", ["shared", "separate", "position-per-layer", "token-only"])
-def test_hand_written_temperature_backward_passes_gradcheck(case):
+def test_hand_written_temperature_backward_passes_gradcheck(case, form):
     from lit_gpt.model import ScaleByTemperature
 
     B, T, h, d = 2, 5, 3, 4
@@ -256,12 +262,12 @@ def test_hand_written_temperature_backward_passes_gradcheck(case):
     target = torch.randn(B, T, h, d, **double)
     features = target if case == "shared" else torch.randn(B, T, h, d, **double)
     weight = None if case == "position-per-layer" else torch.randn(h, d, **double)
-    logit = None if case == "token-only" else torch.randn(1 if case == "position-per-layer" else h, **double)
+    logit = None if case == "token-only" else -torch.rand(1 if case == "position-per-layer" else h, **double) - 0.5
     log_n = torch.log(torch.arange(1, T + 1, dtype=torch.float64))
     if case == "position-per-layer":
         features = None
     inputs = (target, features, weight, logit, log_n)
-    assert torch.autograd.gradcheck(lambda *a: ScaleByTemperature.apply(*a), inputs)
+    assert torch.autograd.gradcheck(lambda *a: ScaleByTemperature.apply(*a, form), inputs)
 
 
 @pytest.mark.parametrize("variant", SSA_VARIANTS)

@@ -1,6 +1,7 @@
 """Pretraining through its real entry point, on a small corpus prepared by the real prepare step."""
 
 import csv
+import dataclasses
 import json
 import lzma
 import os
@@ -70,7 +71,8 @@ def test_pretraining_writes_checkpoints_that_the_other_tools_load(data_dir, tmp_
 def test_ssa_switch_reaches_the_model(data_dir, tmp_path):
     args = tiny(data_dir, tmp_path / "run", max_steps=2, save_interval=None)
     args["model"]["attention_temperature"] = "ssa"
-    setup(**args, ssa_lr=0.1)
+    args["train"] = dataclasses.replace(args["train"], ssa_position_lr=0.1, ssa_token_lr=0.1)
+    setup(**args)
     model = GPT.from_checkpoint(tmp_path / "run" / "final")
     assert model.config.attention_temperature == "ssa"
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0  # it trained

@@ -61,10 +61,20 @@ def windows(data: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[t
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def train_offsets(n_tokens: int, block_size: int, count: int, seed: int, step: int) -> torch.Tensor:
-    """The window starts of global batch `step`: a function of (seed, step) alone."""
+def train_offsets(n_tokens: int, block_size: int, count: int, seed: int, step: int,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
+    """The window starts of global batch `step`, a function of (seed, step) alone: anywhere, or drawn from `starts`."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if starts is not None:
+        return starts[torch.randint(len(starts), (count,), generator=generator)]
     return torch.randint(n_tokens - block_size, (count,), generator=generator)
+
+
+def document_starts(tokens: np.ndarray, eos_id: int, block_size: int) -> torch.Tensor:
+    """The first token of every document (the file's start and each token after an end-of-text) whose window of
+    block_size + 1 tokens fits in the file."""
+    starts = np.concatenate(([0], np.flatnonzero(np.asarray(tokens) == eos_id) + 1))
+    return torch.from_numpy(starts[starts + block_size + 1 <= len(tokens)].astype(np.int64))
 
 
 def val_offsets(n_tokens: int, block_size: int, count: int) -> torch.Tensor:
@@ -76,12 +86,19 @@ class TokenBatches:
     """Global batch `step` is a function of (seed, step): resumed and multi-process runs see the same batches."""
 
     def __init__(self, data: TokenData, block_size: int, seed: int, global_batch: int, micro_batch: int,
-                 eval_iters: int) -> None:
+                 eval_iters: int, window_start: str = "random") -> None:
         self.data, self.block_size, self.seed = data, block_size, seed
         self.global_batch, self.micro_batch, self.eval_iters = global_batch, micro_batch, eval_iters
+        self.starts = None  # "random": a training window may start anywhere
+        if window_start == "document":
+            self.starts = document_starts(data.train, data.meta["eos_id"], block_size)
+            if len(self.starts) == 0:
+                raise ValueError(f"{str(data.folder)!r} has no document with room for a window of {block_size + 1}"
+                                 " tokens after it: use --data.window_start random.")
 
     def train(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = train_offsets(len(self.data.train), self.block_size, self.global_batch, self.seed, step)
+        offsets = train_offsets(len(self.data.train), self.block_size, self.global_batch, self.seed, step,
+                                self.starts)
         per_rank = self.global_batch // world_size
         return windows(self.data.train, offsets[rank * per_rank : (rank + 1) * per_rank], self.block_size)
 

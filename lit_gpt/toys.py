@@ -1,0 +1,154 @@
+"""Two toy problems that isolate one term of SSA each (scripts/reproduce.py runs them).
+
+Dilution: one attention head must put its mass on a few target keys among n. Trained at n in [8, 64] and tested up
+to n = 4,096, it shows whether a temperature that grows with log(n) helps, and when it hurts.
+
+Value selectivity: average the relevant tokens of a sequence and ignore the noisy ones. The value temperature can
+switch noisy tokens off; a control with the same number of parameters (a nonlinear score on the keys) says how much
+of that any nonlinear gate would do.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DILUTION_ARMS = ("vanilla", "constant", "ssa", "ssmax")
+
+
+class DilutionHead(torch.nn.Module):
+    """Scores q^T W k_j / sqrt(d) times a temperature: 1 (vanilla), a learned constant c, SSA's position term
+    1 + exp(p) log(n), or Scalable-Softmax's s log(n)."""
+
+    def __init__(self, dim: int, arm: str) -> None:
+        super().__init__()
+        self.arm = arm
+        self.weight = torch.nn.Parameter(torch.eye(dim) * 0.5)
+        start = {"vanilla": 0.0, "constant": 1.0, "ssa": math.log(1e-2), "ssmax": 1 / math.log(64)}[arm]
+        self.temperature = torch.nn.Parameter(torch.tensor(start))
+
+    def tau(self, n: int) -> torch.Tensor:
+        log_n = torch.tensor(math.log(n))
+        formulas = {"vanilla": lambda: torch.ones(()), "constant": lambda: self.temperature,
+                    "ssa": lambda: 1 + self.temperature.exp() * log_n, "ssmax": lambda: self.temperature * log_n}
+        return formulas[self.arm]()
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor | None = None) -> torch.Tensor:
+        """Log attention probabilities (B, n) of query q (B, d) over keys (B, n, d)."""
+        scores = torch.einsum("bd,de,bne->bn", q, self.weight, keys) / math.sqrt(q.size(-1))
+        return (scores * (self.tau(keys.size(1)) if tau is None else tau)).log_softmax(-1)
+
+
+def dilution_batch(size: int, n: int, settings: dict, variant: str, generator: torch.Generator):
+    """Queries, keys and the mask of target keys. "cluster": `targets` keys close to the query direction; the best
+    sharpness grows with n. "single": one target key among independent Gaussian keys; the strongest distractors
+    catch up with it as n grows."""
+    d = settings["dim"]
+    q = torch.randn(size, d, generator=generator)
+    keys = torch.randn(size, n, d, generator=generator)
+    targets = settings["targets"] if variant == "cluster" else 1
+    unit = q / q.norm(dim=-1, keepdim=True)
+    near = settings["target_similarity"] * unit.unsqueeze(1) + settings["target_noise"] * torch.randn(
+        size, targets, d, generator=generator)
+    keys[:, :targets] = near if variant == "cluster" else keys[:, :1] * 0.5 + unit.unsqueeze(1) * 1.5
+    is_target = torch.zeros(size, n, dtype=torch.bool)
+    is_target[:, :targets] = True
+    return q, keys, is_target
+
+
+def target_mass_loss(log_probs: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+    """-log(attention mass on the targets), averaged over the batch."""
+    return -torch.logsumexp(log_probs.masked_fill(~is_target, float("-inf")), dim=-1).mean()
+
+
+def train_dilution(arm: str, variant: str, settings: dict, seed: int) -> DilutionHead:
+    torch.manual_seed(seed)
+    head = DilutionHead(settings["dim"], arm)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings["learning_rate"])
+    generator = torch.Generator().manual_seed(seed)
+    low, high = settings["train_n"]
+    for _ in range(settings["steps"]):
+        n = int(torch.randint(low, high + 1, (), generator=generator))
+        q, keys, is_target = dilution_batch(settings["batch"], n, settings, variant, generator)
+        loss = target_mass_loss(head(q, keys), is_target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+@torch.no_grad()
+def dilution_errors(head: DilutionHead, variant: str, settings: dict, seed: int, tau=None) -> dict[int, float]:
+    """1 - attention mass on the targets, per test n; `tau(n)` overrides the head's temperature."""
+    errors = {}
+    for n in settings["test_n"]:
+        generator = torch.Generator().manual_seed(100_000 + seed * 97 + n)
+        q, keys, is_target = dilution_batch(settings["test_batch"], n, settings, variant, generator)
+        log_probs = head(q, keys, None if tau is None else torch.tensor(tau(n)))
+        mass = log_probs.masked_fill(~is_target, float("-inf")).logsumexp(-1).exp()
+        errors[n] = 1 - mass.mean().item()
+    return errors
+
+
+def oracle_errors(head: DilutionHead, variant: str, settings: dict, seed: int) -> dict[int, float]:
+    """The best fixed sharpness per n for a vanilla head: the lowest error over a grid of temperatures."""
+    grid = [2**k for k in torch.arange(-2, 4.01, 0.25).tolist()]
+    per_tau = [dilution_errors(head, variant, settings, seed, tau=lambda n, t=t: t) for t in grid]
+    return {n: min(errors[n] for errors in per_tau) for n in settings["test_n"]}
+
+
+class ValueToyAttention(torch.nn.Module):
+    """One attention head reading a sequence with a learned query. "value temperature": tau_j = 1 + tanh(u .
+    gelu(v_j)) scales each value token (SSA's value temperature, token term). "key gate": the same number of
+    parameters as a nonlinear score on the keys, u . gelu(x_j) added to the logits (the control)."""
+
+    def __init__(self, dim: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.query = torch.nn.Parameter(torch.randn(dim) * 0.1)
+        self.key, self.value = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+        self.u = torch.nn.Parameter(torch.zeros(dim)) if kind != "vanilla attention" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.key(x) @ self.query / math.sqrt(x.size(-1))  # (B, T)
+        if self.kind == "key gate":
+            scores = scores + F.gelu(x) @ self.u
+        v = self.value(x)
+        if self.kind == "value temperature":
+            v = v * (1 + torch.tanh(F.gelu(v) @ self.u)).unsqueeze(-1)
+        return (scores.softmax(-1).unsqueeze(-1) * v).sum(1)
+
+
+def value_batch(n: int, settings: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevant tokens are one signal plus small noise; the others are pure noise of a larger scale. The target is
+    the mean of the relevant tokens."""
+    T, d = settings["tokens"], settings["dim"]
+    signal = torch.randn(n, 1, d, generator=generator)
+    relevant = torch.rand(n, T, generator=generator) >= settings["noise_share"]
+    relevant[:, 0] = True
+    clean = signal + 0.1 * torch.randn(n, T, d, generator=generator)
+    noise = settings["noise_scale"] * torch.randn(n, T, d, generator=generator)
+    x = torch.where(relevant.unsqueeze(-1), clean, noise)
+    target = (x * relevant.unsqueeze(-1)).sum(1) / relevant.sum(1, keepdim=True)
+    return x, target
+
+
+def value_errors(settings: dict, seed: int) -> dict[str, float]:
+    """Test error / target variance of the naive average and of each attention variant, for one seed."""
+    test_x, test_y = value_batch(settings["test_sequences"], settings, torch.Generator().manual_seed(10_000 + seed))
+    scale = test_y.var().item()
+    errors = {"naive average": F.mse_loss(test_x.mean(1), test_y).item() / scale}
+    for kind in ("vanilla attention", "key gate", "value temperature"):
+        torch.manual_seed(seed)
+        model = ValueToyAttention(settings["dim"], kind)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(settings["steps"]):
+            x, y = value_batch(256, settings, generator)
+            loss = F.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            errors[kind] = F.mse_loss(model(test_x), test_y).item() / scale
+    return errors
