@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
-from lit_gpt.model import GPT
+from lit_gpt.model import GPT, learned_slopes
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
 
@@ -27,6 +27,7 @@ def analyze(checkpoint_dir: Path, text: str, max_tokens: int, device: str) -> di
     ids = tokenizer.encode(text)[: min(max_tokens, model.max_seq_length)].unsqueeze(0).to(device)
     details = []
     model(ids, details=details)
+    slopes = learned_slopes(model)
     T = ids.size(1)
     keys_seen = torch.arange(1, T + 1, device=device, dtype=torch.float32)  # query i sees i + 1 keys
     layers = []
@@ -39,9 +40,42 @@ def analyze(checkpoint_dir: Path, text: str, max_tokens: int, device: str) -> di
         for name in TEMPERATURES:
             tau = layer[name]
             stats[name] = None if tau is None else tau[0].float().mean(0).tolist()  # mean over heads, per position
+        stats.update(what_temperatures_learned(layer, slopes[len(layers)], keys_seen))
         layers.append(stats)
     return dict(checkpoint=str(checkpoint_dir), attention_temperature=model.config.attention_temperature,
                 tokens=T, layers=layers, maps=[d["attention"][0].float().cpu() for d in details])
+
+
+def what_temperatures_learned(layer: dict, slopes: dict, keys_seen: torch.Tensor) -> dict:
+    """SSA's learned position slope per head (min, median, max) and how much its token term varies over tokens (the
+    standard deviation over the text's tokens, min / median / max over heads), per side."""
+    out = {}
+    for side in ("query", "key", "value"):
+        tau = layer.get(f"{side}_temperature")
+        if side in slopes:
+            s = slopes[side]
+            out[f"{side}_slopes"] = dict(per_head=s.tolist(), min=s.min().item(), median=s.median().item(),
+                                         max=s.max().item())
+        if tau is not None:
+            position = 1 + slopes[side][:, None] * keys_seen.log().cpu() if side in slopes else 1.0  # (heads, T)
+            spread = (tau[0].float().cpu() - position).std(-1)  # (heads,): the token term's spread over tokens
+            out[f"{side}_token_term_std"] = dict(min=spread.min().item(), median=spread.median().item(),
+                                                 max=spread.max().item())
+    return out
+
+
+def print_learned(result: dict) -> None:
+    """One row per layer and side: the learned slopes and the token term's spread."""
+    print(f"{result['checkpoint']}: what the temperatures learned")
+    print(f"{'layer':>5} {'side':>6} {'slope min / median / max':>28} {'token term std over tokens (median head)':>42}")
+    for i, layer in enumerate(result["layers"]):
+        for side in ("query", "key", "value"):
+            slopes, spread = layer.get(f"{side}_slopes"), layer.get(f"{side}_token_term_std")
+            if slopes is None and spread is None:
+                continue
+            slope_text = "-" if slopes is None else " / ".join(f"{slopes[k]:.4f}" for k in ("min", "median", "max"))
+            spread_text = "-" if spread is None else f"{spread['median']:.4f}"
+            print(f"{i:>5} {side:>6} {slope_text:>28} {spread_text:>42}")
 
 
 def plot_stats(results: list[dict], path: Path) -> None:
@@ -142,6 +176,8 @@ def main(
         entropy = [sum(layer["normalized_entropy"]) / len(layer["normalized_entropy"]) for layer in r["layers"]]
         print(f"{r['checkpoint']} ({r['attention_temperature']}): normalized entropy per layer"
               f" {', '.join(f'{e:.3f}' for e in entropy)}")
+        if any(k.endswith(("_slopes", "_token_term_std")) for layer in r["layers"] for k in layer):
+            print_learned(r)
     print(f"Wrote {', '.join(written)} to {output_dir}")
     return summary
 

@@ -46,12 +46,15 @@ def main(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
     tokenizer = Tokenizer(checkpoint_dir)
+    if model.config.position_embedding == "none" and lengths:  # no positional encoding (NoPE): no length limit
+        model.max_seq_length = max(model.max_seq_length, max(lengths) + max_new_tokens)
     context = model.max_seq_length - max_new_tokens
     lengths = lengths or [n for n in (256, 512, 1024, 2048, 4096) if n <= context]
     too_long = [n for n in lengths if n > context]
     if too_long:
         raise ValueError(f"Lengths {too_long} leave no room for {max_new_tokens} answer tokens in the model's"
-                         f" context of {model.max_seq_length}.")
+                         f" context of {model.max_seq_length}; only a model without positional encoding"
+                         " (position_embedding: none) reads beyond its block_size.")
     if not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"Depths must lie in [0, 1], got {depths}.")
     result = summarize_passkey(run_passkey_grid(model, tokenizer, lengths, depths, trials, seed, max_new_tokens))

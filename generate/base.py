@@ -58,15 +58,15 @@ def main(
     stops = [s.replace("\\n", "\n") for s in ([stop] if isinstance(stop, str) else stop or [])]
     completions = []
     for _ in range(num_samples):
-        started, pieces = time.perf_counter(), []
+        started, pieces, counts = time.perf_counter(), [], {}
         print(prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, ids, max_new_tokens, stops, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, generator=generator):
+        for piece in stream_text(model, tokenizer, ids, max_new_tokens, stops, counts, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, generator=generator):
             print(piece, end="", flush=True)
             pieces.append(piece)
         elapsed = time.perf_counter() - started
         completions.append("".join(pieces))
-        n_tokens = tokenizer.encode(completions[-1], bos=False).numel()
+        n_tokens = counts["tokens"]  # generated, not re-encoded: a re-encoding can count other tokens
         print(f"\n\n[{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
     return completions
 

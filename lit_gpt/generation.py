@@ -84,13 +84,17 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_seq_length: 
 
 
 def stream_text(model: GPT, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None,
-                **kwargs) -> Iterator[str]:
+                counts: dict | None = None, **kwargs) -> Iterator[str]:
     """Pieces of the completion as they are decoded, ending at EOS or before the first stop string. A piece is held
-    back while it could still be the start of a stop string or of a multi-byte character."""
+    back while it could still be the start of a stop string or of a multi-byte character. `counts["tokens"]` is set
+    to the number of tokens the model generated (an EOS included)."""
     stop = [s for s in (stop or []) if s]
     new: list[int] = []
     emitted = 0
+    counts = {} if counts is None else counts
+    counts["tokens"] = 0
     for token in generate(model, prompt_ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs):
+        counts["tokens"] += 1
         if int(token[0]) == tokenizer.eos_id:
             break
         new.append(int(token[0]))

@@ -113,7 +113,10 @@ class GPT(nn.Module):
             x = block(x, cos, sin, positions, input_pos, mask, details)
         x = self.transformer.ln_f(x)
         if targets is not None:
-            return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias, targets.flatten())
+            # autograd runs a Function's forward with grad mode off, so whether gradients are wanted is decided here
+            wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias, targets.flatten(),
+                                            -100, wants_grad)
         return self.lm_head(x)  # (B, T, vocab)
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None):
@@ -605,11 +608,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     would do in its backward), so memory traffic drops from a few passes over N x V floats to one over a chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index: int = -100):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int = -100, wants_grad: bool = True):
         valid = targets != ignore_index
         count = valid.sum().clamp(min=1)
         chunk = max(1, 2**22 // weight.size(0))  # about 16 MB of float32 logits at a time
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        # under no_grad / inference_mode (validation) needs_input_grad still says True for weights that require grad
+        needs_grad = wants_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
@@ -647,6 +651,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden * scale.to(grad_hidden.dtype),
             (grad_weight * scale).to(weight_dtype),
             None if grad_bias is None else (grad_bias * scale).to(bias_dtype),
+            None,
             None,
             None,
         )

@@ -153,12 +153,16 @@ def training_step(fabric: L.Fabric, model, inputs: torch.Tensor, targets: torch.
 
 @torch.no_grad()
 def validate(fabric: L.Fabric, model, batches: Batches) -> float:
+    """Mean loss over every validation token of every process; a process with no batches adds nothing."""
     model.eval()
-    losses = [model(x.to(fabric.device), targets=y.to(fabric.device)) for x, y in
-              batches.val(fabric.global_rank, fabric.world_size)]
+    total = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # summed loss, tokens
+    for x, y in batches.val(fabric.global_rank, fabric.world_size):
+        y = y.to(fabric.device)
+        tokens = (y != -100).sum()
+        total += torch.stack((model(x.to(fabric.device), targets=y).double() * tokens, tokens.double()))
     model.train()
-    local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)
-    return fabric.all_reduce(local, reduce_op="mean").item()
+    total = fabric.all_reduce(total, reduce_op="sum")
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
 def fit(
@@ -178,7 +182,7 @@ def fit(
     throughput = ThroughputMonitor(fabric, window_size=10)
     progress = tqdm(total=max_steps, initial=state["step"], desc="training", unit="step",
                     disable=fabric.global_rank != 0, dynamic_ncols=True)
-    flops_per_step = flops_per_micro_batch * accumulation if flops_per_micro_batch else None
+    flops_per_step = flops_per_micro_batch * accumulation if flops_per_micro_batch else None  # one process's
     if eval_args.initial_validation and state["step"] == 0:
         log_validation(fabric, model, batches, state)
     started = time.perf_counter()
@@ -221,15 +225,21 @@ def optimizer_step(fabric: L.Fabric, model, optimizer, batches: Batches, step: i
 def log_step(fabric: L.Fabric, throughput: ThroughputMonitor, progress: tqdm, state: dict, loss: float, optimizer,
              args: TrainArgs, elapsed: float, flops_per_step: int | None) -> None:
     """Loss, learning rate and throughput (tokens/s, FLOPs/s) to the logger and the progress bar."""
-    throughput.update(time=elapsed, batches=state["step"], samples=state["step"] * args.global_batch_size,
-                      lengths=state["tokens"], flops=flops_per_step * state["step"] if flops_per_step else None)
+    throughput.update(time=elapsed, **throughput_counts(state, args, fabric.world_size, flops_per_step))
     if state["step"] % args.log_interval == 0:
         metrics = {"train_loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state["tokens"],
                    **throughput.compute()}
         fabric.log_dict(metrics, step=state["step"])
-        tokens_per_sec = metrics.get("device/items_per_sec", 0.0) * fabric.world_size
+        tokens_per_sec = metrics.get("items_per_sec", metrics.get("device/items_per_sec", 0.0))  # all processes
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}" if tokens_per_sec else "-")
     progress.update()
+
+
+def throughput_counts(state: dict, args: TrainArgs, world_size: int, flops_per_step: int | None) -> dict:
+    """What Lightning's Throughput expects after each step: running totals of batches, samples and tokens seen by
+    this process, and the FLOPs this process did since the last update (one optimizer step)."""
+    return dict(batches=state["step"], samples=state["step"] * args.global_batch_size // world_size,
+                lengths=state["tokens"] // world_size, flops=flops_per_step)
 
 
 def is_due(step: int, interval: int | None, max_steps: int) -> bool:
@@ -296,7 +306,10 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
-    fabric.save(tmp / STATE_FILENAME, {**state, "rng": torch.get_rng_state()})
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    fabric.save(tmp / STATE_FILENAME, {**state, **rng})
     weights = full_state_dict(fabric, state["model"])
     if fabric.global_rank == 0:
         module = state["model"].module if hasattr(state["model"], "module") else state["model"]
@@ -336,6 +349,8 @@ def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> None:
     except pickle.UnpicklingError as error:
         raise unsafe_pickle_error(path / STATE_FILENAME, error) from None
     torch.set_rng_state(remainder["rng"])
+    if torch.cuda.is_available() and "cuda_rng" in remainder:
+        torch.cuda.set_rng_state_all(remainder["cuda_rng"])
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:

@@ -277,3 +277,21 @@ def test_every_variant_starts_from_the_same_backbone(variant):
     for name, tensor in other.state_dict().items():
         if name not in temperature:
             assert torch.equal(tensor, vanilla.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_loss_without_grad_mode_does_no_gradient_work(mode, monkeypatch):
+    """Validation runs under no_grad while the weights still require grad: the fused loss must not compute the
+    gradients a backward pass would need (the weight gradient accumulates with addmm_)."""
+    model = build("pythia")
+    idx = torch.randint(0, 97, (2, 16))
+    calls = []
+    original = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with getattr(torch, mode)():
+        loss = model(idx, targets=idx)
+    assert not calls and loss.grad_fn is None
+    model(idx, targets=idx).backward()
+    assert calls  # with grad mode on, the gradient work happens in the forward pass
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets=idx), loss)

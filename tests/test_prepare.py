@@ -5,6 +5,7 @@ import lzma
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED_ASSETS
 
 from lit_gpt.data import prepare as prepare_module
@@ -147,3 +148,14 @@ def test_empty_folder_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No .txt, .jsonl or .parquet files"):
         prepare(str(tmp_path / "empty"), tmp_path / "out")
+
+
+def test_document_windows_start_at_document_starts():
+    from lit_gpt.data.tokens import document_starts, train_offsets
+
+    tokens = np.array([5, 6, 0, 7, 8, 9, 0, 1, 2, 3, 4, 0, 3, 3], dtype=np.uint16)  # 0 = end of text
+    starts = document_starts(tokens, eos_id=0, block_size=3)
+    assert starts.tolist() == [0, 3, 7]  # 12 is a start too, but a window of 4 tokens does not fit after it
+    offsets = train_offsets(len(tokens), 3, 64, seed=1, step=0, starts=starts)
+    assert set(offsets.tolist()) == {0, 3, 7}
+    assert torch.equal(offsets, train_offsets(len(tokens), 3, 64, seed=1, step=0, starts=starts))  # resumable

@@ -204,3 +204,26 @@ def test_no_arguments_say_how_to_prepare_or_run_the_demo(tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "scripts/prepare_openwebtext.py" in result.stderr and "configs/demo.yaml" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_logged_throughput_is_the_true_rate(world_size):
+    """A run with known work: each process does 5e11 FLOPs and 16,384 tokens per 0.5 s step, so every process runs
+    at 1e12 FLOP/s and 32,768 tokens/s, and all of them together at world_size times that, at every step."""
+    from lightning.fabric.utilities.throughput import Throughput
+
+    from lit_gpt.training import throughput_counts
+
+    args = TrainArgs(global_batch_size=16 * world_size, micro_batch_size=16)
+    throughput = Throughput(world_size=world_size, window_size=10)
+    state = {"step": 0, "tokens": 0}
+    for step in range(1, 301):
+        state["step"], state["tokens"] = step, step * 16 * 1024 * world_size
+        throughput.update(time=0.5 * step, **throughput_counts(state, args, world_size, flops_per_step=int(5e11)))
+        if step in (20, 300):
+            metrics = throughput.compute()
+            assert metrics["device/flops_per_sec"] == pytest.approx(1e12)
+            assert metrics["device/items_per_sec"] == pytest.approx(32768)
+            if world_size > 1:
+                assert metrics["items_per_sec"] == pytest.approx(32768 * world_size)
+                assert metrics["flops_per_sec"] == pytest.approx(1e12 * world_size)

@@ -47,7 +47,7 @@ def test_generate_cli_streams_a_completion(checkpoint):
                  "--max_new_tokens", "12", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello there") and len(result.stdout) > len("Hello there")
-    assert "tokens/s" in result.stderr
+    assert "[12 tokens in" in result.stderr and "tokens/s" in result.stderr
 
 
 def test_generate_refuses_too_long_and_empty_prompts(checkpoint):
@@ -159,6 +159,20 @@ def test_passkey_cli_writes_grid_and_heatmap(checkpoint, tmp_path):
     assert (tmp_path / "passkey.png").stat().st_size > 0 and (tmp_path / "passkey.csv").read_text().count("\n") == 5
 
 
+@pytest.mark.parametrize("positions", ["none", "rope"])
+def test_passkey_beyond_the_block_only_without_positional_encoding(checkpoint, tmp_path, positions):
+    config = Config.from_file(checkpoint, block_size=64, position_embedding=positions)
+    folder = tmp_path / positions
+    save_model_dir(GPT(config), folder, tokenizer_dir=checkpoint)
+    result = run("eval/passkey.py", "--checkpoint_dir", str(folder), "--lengths", "[128]", "--depths", "[0.5]",
+                 "--trials", "1", "--output_dir", str(tmp_path / "out"))
+    if positions == "none":  # NoPE has no position table: it reads 128 tokens though trained at 64
+        assert result.returncode == 0, result.stderr
+        assert set(json.loads((tmp_path / "out" / "passkey.json").read_text())["per_length"]) == {"128"}
+    else:
+        assert result.returncode != 0 and "position_embedding: none" in result.stderr
+
+
 def test_attention_cli_compares_two_checkpoints(checkpoint, tmp_path):
     vanilla = tmp_path / "vanilla"
     config = Config.from_file(checkpoint, attention_temperature="none")
@@ -171,6 +185,14 @@ def test_attention_cli_compares_two_checkpoints(checkpoint, tmp_path):
     layer = report[0]["layers"][0]
     assert len(layer["query_temperature"]) == 64 and report[1]["layers"][0]["query_temperature"] is None
     assert all(0.0 <= e <= 1.0 + 1e-6 for e in layer["normalized_entropy"])
+    model = GPT.from_checkpoint(checkpoint)
+    slopes = [model.transformer.h[0].attn.query_temperature.position_param.exp().tolist(),
+              model.transformer.h[0].attn.value_temperature.position_param.exp().tolist()]
+    assert layer["query_slopes"]["per_head"] == pytest.approx(slopes[0])
+    assert layer["value_slopes"]["per_head"] == pytest.approx(slopes[1])
+    assert layer["query_slopes"]["min"] == pytest.approx(min(slopes[0]))
+    assert layer["query_token_term_std"]["median"] > 0  # randomised token weights: the term varies over tokens
+    assert "what the temperatures learned" in result.stdout and "query_slopes" not in report[1]["layers"][0]
     for name in ("attention_stats.png", "attention_maps.png", "temperatures.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
