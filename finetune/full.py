@@ -93,6 +93,8 @@ def setup(
         logger_name: csv or tensorboard.
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
     """
+    train.check()
+    eval.check()
     checkpoint_dir = Path(checkpoint_dir)
     base = Config.from_file(checkpoint_dir)
     Tokenizer(checkpoint_dir)  # fail now, in one line, where the folder has no tokenizer

@@ -109,10 +109,27 @@ def safe_torch_load(path: Path, mmap: bool = True) -> dict:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor index of a .safetensors file and where its data starts, checked against the file's size so that a
+    truncated file (a cut-off download) is refused before anything is read from it."""
+    file_size = Path(path).stat().st_size
+    truncated = ValueError(f"{str(path)!r} is truncated or not a .safetensors file ({file_size:,} bytes): download"
+                           " or convert it again.")
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise truncated
+        (size,) = struct.unpack("<Q", prefix)
+        if 8 + size > file_size:
+            raise truncated
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise truncated from None
     header.pop("__metadata__", None)
+    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + size + data_end > file_size:
+        raise ValueError(f"{str(path)!r} is truncated: its header describes {8 + size + data_end:,} bytes but the file"
+                         f" has {file_size:,}; download or convert it again.")
     return header, 8 + size
 
 
@@ -128,7 +145,9 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             data = bytearray(end - begin)
             f.seek(start + begin)
-            f.readinto(data)
+            if f.readinto(data) != end - begin:
+                raise ValueError(f"{str(path)!r} ended inside tensor {name!r}: the file is truncated; download or"
+                                 " convert it again.")
             yield name, torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info["shape"])
 
 

@@ -43,6 +43,18 @@ class TrainArgs:
     save_interval: int | None = 1000
     log_interval: int = 1
 
+    def check(self) -> None:
+        """Refuse impossible values before any work starts, naming the flag."""
+        at_least("train", self, 1, "global_batch_size", "micro_batch_size", "max_tokens", "max_steps",
+                 "max_seq_length", "save_interval", "log_interval")
+        at_least("train", self, 0, "learning_rate", "min_lr", "warmup_steps", "weight_decay", "ssa_position_lr",
+                 "ssa_token_lr")
+        if not self.max_norm > 0:
+            raise ValueError(f"--train.max_norm must be above 0 (the gradient norm it clips to), got {self.max_norm}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--train.{name} must lie in [0, 1), got {getattr(self, name)}.")
+
 
 @dataclass
 class EvalArgs:
@@ -50,6 +62,16 @@ class EvalArgs:
     max_iters: int = 100
     initial_validation: bool = False
     final_validation: bool = True
+
+    def check(self) -> None:
+        at_least("eval", self, 1, "interval", "max_iters")
+
+
+def at_least(prefix: str, args, low: float, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{prefix}.{name} must be at least {low}, got {value}.")
 
 
 class TrainingDiverged(UserFacingError):

@@ -79,6 +79,8 @@ def setup(
         logger_name: csv or tensorboard.
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
     """
+    train.check()
+    eval.check()
     config = load_config(model_name, model, model_config)
     hparams = hyperparameters(model_name=model_name, model=config.to_dict(), data=data, out_dir=out_dir, train=train,
                               eval=eval, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,

@@ -110,6 +110,26 @@ def test_refuses_folder_without_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("keep", [0, 5, 200, -100])
+def test_truncated_download_is_refused_in_both_directions(tmp_path, keep):
+    """A cut-off .safetensors (keep: bytes left; negative: bytes cut from the end) must not convert into a model
+    whose tensors are zeros."""
+    hf_dir, _ = save_hf(tmp_path)
+    weights = hf_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(ValueError, match="model.safetensors' (is truncated|ended inside)"):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    assert not (tmp_path / "lit").exists()
+    weights.write_bytes(data)
+    lit_dir = convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    lit_weights = lit_dir / "model.safetensors"
+    lit_weights.write_bytes(lit_weights.read_bytes()[: (keep if keep >= 0 else keep)])
+    with pytest.raises(ValueError, match="model.safetensors' (is truncated|ended inside)"):
+        convert_lit_checkpoint(lit_dir, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
 def test_refuses_unsupported_model_type(tmp_path):
     hf_dir, _ = save_hf(tmp_path)
     config = json.loads((hf_dir / "config.json").read_text())

@@ -165,6 +165,9 @@ def test_too_long_records_are_refused_or_cut(base):
     with pytest.warns(UserWarning, match="Cut 1 of 1 records"):
         (x, y), = encode_records(records, Tokenizer(base), 64, True, "test")
     assert x.numel() == 64
+    long_prompt = [{"instruction": "Repeat. " * 100, "output": "ok"}]
+    with pytest.raises(ValueError, match="Record 0 of test keeps no response token after --truncate"):
+        encode_records(long_prompt, Tokenizer(base), 64, True, "test")
 
 
 BAD = {

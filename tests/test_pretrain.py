@@ -164,6 +164,17 @@ BAD_INPUTS = {
     "resume from a non-checkpoint": (["--resume", "{tmp}"], "is not a training checkpoint"),
     "unknown preset": (["--model_name", "gpt3"], "Unknown model preset 'gpt3'"),
     "config field typo": (["--model.n_layers", "2"], "Unknown config field 'n_layers'. Did you mean 'n_layer'"),
+    "no steps": (["--train.max_steps", "0"], "--train.max_steps must be at least 1, got 0"),
+    "negative steps": (["--train.max_steps", "-3"], "--train.max_steps must be at least 1, got -3"),
+    "no clipping norm": (["--train.max_norm", "0"], "--train.max_norm must be above 0"),
+    "negative weight decay": (["--train.weight_decay", "-0.1"], "--train.weight_decay must be at least 0"),
+    "save interval 0": (["--train.save_interval", "0"], "--train.save_interval must be at least 1"),
+    "micro batch 0": (["--train.micro_batch_size", "0"], "--train.micro_batch_size must be at least 1"),
+    "global batch 0": (["--train.global_batch_size", "0"], "--train.global_batch_size must be at least 1"),
+    "log interval 0": (["--train.log_interval", "0"], "--train.log_interval must be at least 1"),
+    "no validation batches": (["--eval.max_iters", "0"], "--eval.max_iters must be at least 1"),
+    "negative slope rate": (["--train.ssa_position_lr", "-1"], "--train.ssa_position_lr must be at least 0"),
+    "beta of one": (["--train.beta2", "1.0"], "--train.beta2 must lie in [0, 1)"),
 }
 
 

@@ -57,6 +57,12 @@ def encode_records(records: list[dict], tokenizer, max_length: int, truncate: bo
             full, cut = full[: max_length + 1], cut + 1
         targets = full.clone()
         targets[: prompt.numel()] = -100
+        if not (targets[1:] != -100).any():
+            raise ValueError(
+                f"Record {i} of {source} keeps no response token after --truncate: its prompt alone is"
+                f" {prompt.numel()} tokens of the {max_length + 1} a sequence may have. Raise --train.max_seq_length"
+                " or drop such records: a record without response tokens trains nothing."
+            )
         examples.append((full[:-1], targets[1:]))
     if cut:
         warnings.warn(f"Cut {cut} of {len(records)} records of {source} to {max_length + 1} tokens.", stacklevel=2)
