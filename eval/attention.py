@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
-from lit_gpt.model import GPT, learned_slopes
+from lit_gpt.model import GPT, learned_slopes, recording_attention
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
 
@@ -25,8 +25,8 @@ def analyze(checkpoint_dir: Path, text: str, max_tokens: int, device: str) -> di
     model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
     tokenizer = Tokenizer(checkpoint_dir)
     ids = tokenizer.encode(text)[: min(max_tokens, model.max_seq_length)].unsqueeze(0).to(device)
-    details = []
-    model(ids, details=details)
+    with recording_attention(model) as details:
+        model(ids)
     slopes = learned_slopes(model)
     T = ids.size(1)
     keys_seen = torch.arange(1, T + 1, device=device, dtype=torch.float32)  # query i sees i + 1 keys

@@ -6,6 +6,8 @@ is compared with) are per-(token, head) scalars that multiply queries, keys or v
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,24 +87,25 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        details: list | None = None,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache.
+        """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache (and only then).
         mask: an extra attention mask, boolean (True = attend) or additive, broadcastable to (B, nh, T, keys).
-        details: pass a list to run the explicit attention path; each layer appends a dict with its attention
-        probabilities and temperatures (for analysis).
         targets: (B, T) next-token ids (-100 where no loss is taken); then the mean cross-entropy is returned
         instead of the logits, computed without materialising them."""
         B, T = idx.shape
         if T == 0:
             raise ValueError(f"Expected at least one token per sequence, got input of shape {tuple(idx.shape)}.")
+        has_cache = self.transformer.h[0].attn.kv_cache is not None
         if input_pos is None:
+            if has_cache:
+                raise RuntimeError("A KV cache is set: pass input_pos to decode with it, or call"
+                                   " `model.clear_kv_cache()` first.")
             if T > self.max_seq_length:
                 raise ValueError(f"Sequence length {T} exceeds the model's max_seq_length {self.max_seq_length}.")
             positions = torch.arange(T, device=idx.device)
         else:
-            if self.transformer.h[0].attn.kv_cache is None:
+            if not has_cache:
                 raise RuntimeError("input_pos is for decoding with the KV cache: call `model.set_kv_cache(...)` first.")
             positions = input_pos
         cos, sin = self.cos[positions], self.sin[positions]
@@ -110,7 +113,7 @@ class GPT(nn.Module):
         if self.config.position_embedding == "learned":
             x = x + self.transformer.wpe(positions)
         for block in self.transformer.h:
-            x = block(x, cos, sin, positions, input_pos, mask, details)
+            x = block(x, cos, sin, positions, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
             # autograd runs a Function's forward with grad mode off, so whether gradients are wanted is decided here
@@ -235,8 +238,8 @@ class Block(nn.Module):
         self.mlp = GptNeoxMLP(config) if config.mlp_class_name == "GptNeoxMLP" else LLaMAMLP(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x, cos, sin, positions, input_pos=None, mask=None, details=None) -> torch.Tensor:
-        h = self.attn(self.norm_1(x), cos, sin, positions, input_pos, mask, details)
+    def forward(self, x, cos, sin, positions, mask=None) -> torch.Tensor:
+        h = self.attn(self.norm_1(x), cos, sin, positions, mask)
         if self.parallel_residual:  # GPT-NeoX: x + attn(norm_1(x)) + mlp(norm_2(x))
             return x + h + self.mlp(self.norm_2(x))
         x = x + h
@@ -253,9 +256,11 @@ class CausalSelfAttention(nn.Module):
         self.key_temperature = build_temperature(config, "key")
         self.value_temperature = build_temperature(config, "value")
         self.kv_cache: KVCache | None = None
+        self.records: list[dict] | None = None  # set by `recording_attention`: run the explicit path and record it
         self.config = config
 
-    def forward(self, x, cos, sin, positions, input_pos=None, mask=None, details=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, mask=None) -> torch.Tensor:
+        """x: (B, T, C); positions: (T,) absolute positions, which go through the KV cache when one is set."""
         B, T, _ = x.shape
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
@@ -266,7 +271,7 @@ class CausalSelfAttention(nn.Module):
         if any(t is not None for t in temperatures):
             # log(n), n = absolute position + 1; temperatures are computed in float32 at least, whatever x's dtype
             log_n = torch.log1p(positions.to(torch.promote_types(x.dtype, torch.float32)))
-            if details is not None:  # the temperatures themselves, for analysis
+            if self.records is not None:  # the temperatures themselves, for analysis
                 taus = [None if t is None else t.tau(x, f, log_n) for t, f in zip(temperatures, (q, k, v))]
             # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
             q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
@@ -274,23 +279,23 @@ class CausalSelfAttention(nn.Module):
         if self.config.rope_n_elem:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if input_pos is not None:
-            k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = keys seen so far
-        attn_mask = build_attention_mask(T, k.size(2), positions, input_pos, mask)
-        if details is None:
+        if self.kv_cache is not None:
+            k, v = self.kv_cache(positions, k, v)  # (B, ng, S, hs), S = keys seen so far
+        attn_mask = build_attention_mask(T, k.size(2), positions, self.kv_cache is not None, mask)
+        if self.records is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=nh != ng
             )
         else:
             y, probs = explicit_attention(q, k, v, attn_mask)
-            details.append(temperature_details(probs, taus, T))
+            self.records.append(temperature_details(probs, taus, T))
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
         return self.proj(y)
 
 
-def build_attention_mask(T: int, S: int, positions, input_pos, mask) -> torch.Tensor | None:
+def build_attention_mask(T: int, S: int, positions, cached: bool, mask) -> torch.Tensor | None:
     """Causal mask (T, S) combined with an optional extra mask; None where plain causal attention suffices."""
-    if mask is None and (input_pos is None or T == 1):
+    if mask is None and (not cached or T == 1):
         return None  # causal without a cache: `is_causal`; a single new token sees every cached key
     causal = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (T, S)
     if mask is None:
@@ -300,6 +305,21 @@ def build_attention_mask(T: int, S: int, positions, input_pos, mask) -> torch.Te
     if mask.dtype == torch.bool:
         return causal & mask
     return mask.masked_fill(~causal, float("-inf"))
+
+
+@contextmanager
+def recording_attention(model: "GPT") -> Iterator[list[dict]]:
+    """Within the block every attention layer runs the explicit path (it equals the fused one) and appends a dict
+    with its attention probabilities and temperatures to the yielded list, one per layer and forward pass."""
+    records: list[dict] = []
+    layers = [block.attn for block in model.transformer.h]
+    for attn in layers:
+        attn.records = records
+    try:
+        yield records
+    finally:
+        for attn in layers:
+            attn.records = None
 
 
 def explicit_attention(q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 from conftest import TEMPERATURE_MODES, randomize_temperatures
 
 from lit_gpt import GPT, Config
+from lit_gpt.model import recording_attention
 
 FAMILIES = {
     "gpt2": dict(name="gpt2-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4, n_embd=32,
@@ -81,8 +82,8 @@ def test_ssa_at_initialisation_stays_close_to_vanilla(family):
 
 def test_initial_temperatures_are_the_position_term():
     ssa = build("llama", attention_temperature="ssa", ssa_key="position+token")
-    details = []
-    ssa(torch.randint(0, 97, (1, 10)), details=details)
+    with recording_attention(ssa) as details:
+        ssa(torch.randint(0, 97, (1, 10)))
     expected = 1 + 1e-2 * torch.log(torch.arange(1, 11, dtype=torch.float32))
     for layer in details:
         for name in ("query_temperature", "key_temperature", "value_temperature"):
@@ -95,9 +96,10 @@ def test_explicit_path_equals_fused_path(family, variant):
     model = build(family, **SSA_VARIANTS[variant])
     randomize_temperatures(model)
     idx = torch.randint(0, 97, (2, 30))
-    details = []
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, details=details), model(idx), rtol=1e-5, atol=1e-5)
+        with recording_attention(model) as details:
+            explicit = model(idx)
+        torch.testing.assert_close(explicit, model(idx), rtol=1e-5, atol=1e-5)
     assert len(details) == model.config.n_layer
     probs = details[0]["attention"]
     assert probs.shape == (2, model.config.n_head, 30, 30)
@@ -184,13 +186,13 @@ def test_shared_ssa_adds_under_half_a_percent(name):
 def test_baseline_temperatures_follow_their_formulas():
     config = dict(attention_temperature="logn", logn_length=4)
     model = build("llama", **config)
-    details = []
-    model(torch.randint(0, 97, (1, 16)), details=details)
+    with recording_attention(model) as details:
+        model(torch.randint(0, 97, (1, 16)))
     n = torch.arange(1, 17, dtype=torch.float32)
     torch.testing.assert_close(details[0]["query_temperature"][0, 0], (n.log() / math.log(4)).clamp(min=1))
     model = build("llama", attention_temperature="ssmax", ssmax_init=0.5)
-    details = []
-    model(torch.randint(0, 97, (1, 16)), details=details)
+    with recording_attention(model) as details:
+        model(torch.randint(0, 97, (1, 16)))
     torch.testing.assert_close(details[0]["query_temperature"][0, 3], 0.5 * n.log())
     assert details[0]["value_temperature"] is None
     model = build("llama", attention_temperature="ssa_position")
@@ -204,11 +206,12 @@ def test_extra_boolean_and_additive_masks_agree():
     keep = torch.rand(12, 12) > 0.3
     keep.fill_diagonal_(True)
     additive = torch.zeros(12, 12).masked_fill(~keep, float("-inf"))
-    details = []
     with torch.no_grad():
         boolean_logits = model(idx, mask=keep)
         torch.testing.assert_close(model(idx, mask=additive), boolean_logits)
-        torch.testing.assert_close(model(idx, mask=keep, details=details), boolean_logits, rtol=1e-5, atol=1e-5)
+        with recording_attention(model) as details:
+            explicit = model(idx, mask=keep)
+        torch.testing.assert_close(explicit, boolean_logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(boolean_logits, model(idx))
     assert details[0]["attention"][0, 0][~keep].abs().max() == 0
 
@@ -295,3 +298,23 @@ def test_loss_without_grad_mode_does_no_gradient_work(mode, monkeypatch):
     assert calls  # with grad mode on, the gradient work happens in the forward pass
     with torch.no_grad():
         torch.testing.assert_close(model(idx, targets=idx), loss)
+
+
+def test_forward_refuses_to_mix_the_kv_cache_with_full_passes():
+    model = build("llama")
+    idx = torch.randint(0, 97, (1, 8))
+    with pytest.raises(RuntimeError, match="input_pos is for decoding with the KV cache"):
+        model(idx, input_pos=torch.arange(8))
+    model.set_kv_cache(batch_size=1)
+    with pytest.raises(RuntimeError, match="A KV cache is set: pass input_pos"):
+        model(idx)
+    model.clear_kv_cache()
+    assert model(idx).shape == (1, 8, 128)
+
+
+def test_recording_is_switched_off_after_the_block():
+    model = build("llama", attention_temperature="ssa")
+    with recording_attention(model) as records:
+        model(torch.randint(0, 97, (1, 8)))
+    model(torch.randint(0, 97, (1, 8)))
+    assert len(records) == model.config.n_layer and all(b.attn.records is None for b in model.transformer.h)

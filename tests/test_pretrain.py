@@ -238,3 +238,29 @@ def test_logged_throughput_is_the_true_rate(world_size):
             if world_size > 1:
                 assert metrics["items_per_sec"] == pytest.approx(32768 * world_size)
                 assert metrics["flops_per_sec"] == pytest.approx(1e12 * world_size)
+
+
+def test_weight_decay_falls_on_matrices_only():
+    from lit_gpt.config import Config
+    from lit_gpt.training import parameter_groups
+
+    model = GPT(Config.from_name("debug", bias=True, attention_temperature="ssa", ssa_token_weights="separate"))
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {g["name"]: [names[id(p)] for p in g["params"]] for g in parameter_groups(model, TrainArgs())}
+    assert all(name.endswith("weight") and "norm" not in name and "temperature" not in name
+               for name in groups["decay"])
+    assert {n.rsplit(".", 1)[-1] for n in groups["no_decay"]} == {"weight", "bias"}  # norms' weights and biases
+    assert all("norm" in n or "ln_f" in n or n.endswith("bias") for n in groups["no_decay"])
+    assert all("temperature" in n for n in groups["ssa_position"] + groups["ssa_token"])
+    assert sorted(n for g in groups.values() for n in g) == sorted(names.values())
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
+    from lit_gpt.training import get_lr
+
+    args = TrainArgs(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [get_lr(step, 110, args) for step in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then never rises
+    assert lrs[60] == pytest.approx(5.5e-4)  # half way through the cosine
+    assert lrs[110] == pytest.approx(1e-4)

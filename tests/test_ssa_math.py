@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from test_model import FAMILIES
 
 from lit_gpt import GPT, Config
+from lit_gpt.model import recording_attention
 
 FAMILIES_WITH_MQA = {**FAMILIES, "llama-mqa": dict(FAMILIES["llama"], n_query_groups=1)}
 TERMS = ("none", "position", "token", "position+token")
@@ -129,7 +130,7 @@ def test_attention_equals_the_float64_reference_in_outputs_and_every_gradient(fa
 
     expected = reference_attention(attn, config, x, cos, sin)
     expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params.values()])
-    actual = attn(x, cos, sin, torch.arange(T))
+    actual = attn(x, cos, sin, torch.arange(T))  # the whole forward of the attention: only what attention needs
     actual_grads = torch.autograd.grad((actual * weight).sum(), [x, *params.values()])
 
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
@@ -181,9 +182,8 @@ def test_temperatures_are_float32_for_bfloat16_inputs():
     model = GPT(Config(**{**FAMILIES["llama"], "attention_temperature": "ssa", "ssa_position_init": 6e-4}))
     randomize(model)
     model.bfloat16()
-    details = []
-    with torch.no_grad():
-        model(torch.randint(0, 97, (1, 16)), details=details)
+    with torch.no_grad(), recording_attention(model) as details:
+        model(torch.randint(0, 97, (1, 16)))
     assert details[0]["query_temperature"].dtype == torch.float32
 
 
