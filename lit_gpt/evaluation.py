@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lit_gpt.generation import generate_text
 from lit_gpt.model import GPT
+from lit_gpt.utils import progress_bar
 
 
 @torch.inference_mode()
@@ -23,8 +23,9 @@ def sliding_window_nll(model: GPT, ids: torch.Tensor, window: int, stride: int, 
     if not 0 < stride <= window:
         raise ValueError(f"The stride must lie in (0, window={window}], got {stride}.")
     total, count, scored_until = 0.0, 0, 1  # token 0 has no context and is never scored
-    starts = range(0, max(1, ids.numel() - 1), stride)
-    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+    starts = list(range(0, max(1, ids.numel() - 1), stride))
+    last = next((i for i, begin in enumerate(starts) if begin + window + 1 >= ids.numel()), len(starts) - 1)
+    for begin in progress_bar(starts[: last + 1], desc="perplexity", unit="window", disable=not progress):
         end = min(begin + window + 1, ids.numel())
         chunk = ids[begin:end].unsqueeze(0).to(model.lm_head.weight.device)
         logits = model(chunk[:, :-1]).float()
@@ -35,8 +36,6 @@ def sliding_window_nll(model: GPT, ids: torch.Tensor, window: int, stride: int, 
         total += nll.item()
         count += int((targets != -100).sum())
         scored_until = end
-        if end == ids.numel():
-            break
     return total, count
 
 
@@ -95,7 +94,7 @@ def run_passkey_grid(model: GPT, tokenizer, lengths: list[int], depths: list[flo
     """One row per (length, depth) cell, with its accuracy and the raw answers."""
     rows = []
     cells = [(length, depth) for length in lengths for depth in depths]
-    for i, (length, depth) in enumerate(tqdm(cells, desc="passkey", unit="cell")):
+    for i, (length, depth) in enumerate(progress_bar(cells, desc="passkey", unit="cell")):
         answers, correct = [], 0
         for key in passkey_keys(trials, seed + i):
             prompt = passkey_prompt(tokenizer, length, depth, key)

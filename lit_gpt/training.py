@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lit_gpt.checkpoint import copy_tokenizer_files, model_state_dict, unsafe_pickle_error, write_model_files
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
-from lit_gpt.utils import USER_ERRORS, UserFacingError
+from lit_gpt.utils import USER_ERRORS, UserFacingError, progress_bar
 
 STATE_FILENAME = "training_state.pth"
 
@@ -202,8 +202,8 @@ def fit(
     """Train until max_steps; `save(name)` writes a checkpoint. `state` holds the counters that resume needs."""
     max_steps, accumulation = schedule(args, args.global_batch_size * tokens_per_sequence, fabric.world_size)
     throughput = ThroughputMonitor(fabric, window_size=10)
-    progress = tqdm(total=max_steps, initial=state["step"], desc="training", unit="step",
-                    disable=fabric.global_rank != 0, dynamic_ncols=True)
+    progress = progress_bar(total=max_steps, initial=state["step"], desc="training", unit="step",
+                            disable=fabric.global_rank != 0)
     flops_per_step = flops_per_micro_batch * accumulation if flops_per_micro_batch else None  # one process's
     if eval_args.initial_validation and state["step"] == 0:
         log_validation(fabric, model, batches, state)
@@ -253,7 +253,8 @@ def log_step(fabric: L.Fabric, throughput: ThroughputMonitor, progress: tqdm, st
                    **throughput.compute()}
         fabric.log_dict(metrics, step=state["step"])
         tokens_per_sec = metrics.get("items_per_sec", metrics.get("device/items_per_sec", 0.0))  # all processes
-        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}" if tokens_per_sec else "-")
+        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}" if tokens_per_sec else "-",
+                             refresh=False)
     progress.update()
 
 
@@ -301,7 +302,8 @@ def log_validation(fabric: L.Fabric, model, batches: Batches, state: dict) -> fl
     loss = validate(fabric, model, batches)
     state["history"].append({"step": state["step"], "tokens": state["tokens"], "val_loss": loss})
     fabric.log_dict({"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}, step=state["step"])
-    fabric.print(f"step {state['step']}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+    if fabric.global_rank == 0:  # through tqdm, so that the line does not land on the progress bar
+        tqdm.write(f"step {state['step']}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
     return loss
 
 

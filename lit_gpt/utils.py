@@ -2,11 +2,13 @@
 
 import dataclasses
 import inspect
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 
 class UserFacingError(RuntimeError):
@@ -16,6 +18,25 @@ class UserFacingError(RuntimeError):
 # errors that mean "the input is wrong": the entry points print them in one line instead of a traceback
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError,
                UserFacingError)
+
+
+class LineProgress(tqdm):
+    """tqdm for output that is not a terminal (a log file, a pipe): one whole line per refresh (at most every
+    `mininterval` seconds, and at the end), never a carriage return."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        self.fp.write((msg or self.__str__()) + "\n")
+        self.fp.flush()
+        return True
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """A progress bar with its ETA that stays visible everywhere: in a terminal it follows the width (taking 100
+    columns where the terminal reports none, as under `script`); redirected to a file it prints a line every 30 s."""
+    if not sys.stderr.isatty():
+        return LineProgress(iterable, mininterval=kwargs.pop("mininterval", 30.0), ncols=100, ascii=True, **kwargs)
+    width = shutil.get_terminal_size(fallback=(0, 0)).columns
+    return tqdm(iterable, dynamic_ncols=width > 0, ncols=None if width > 0 else 100, **kwargs)
 
 
 def run_cli(function: Callable, args: list[str] | None = None) -> Any:

@@ -245,6 +245,8 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 
 def paired(differences: list[float]) -> dict:
     """Mean, standard error and sign count of paired differences (arm minus baseline, same seed)."""
+    if not differences:
+        return dict(mean=float("nan"), se=float("nan"), positive=0, negative=0, seeds=0)
     mean = statistics.mean(differences)
     se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
     return dict(mean=mean, se=se, positive=sum(d > 0 for d in differences), negative=sum(d < 0 for d in differences),
@@ -257,21 +259,28 @@ def far_gain(row: dict, base: dict, metric: str, lengths: list[int]) -> float:
     return statistics.mean(a[n] - b[n] for n in lengths)
 
 
-def verdict(length: dict, settings: dict) -> dict:
+def verdict(length: dict, settings: dict, seeds_wanted: int = 3) -> dict:
     """The README's decision rule: SSA helps at length if SSA minus vanilla is at least 0.15 of exact match averaged
-    over 4x and 8x the training length, with the same sign in every seed, and at most 0.05 worse at 1x; it does not
-    help if the difference is under 0.05 or the signs disagree; in between, more seeds are needed."""
+    over 4x and 8x the training length, with the same sign in every seed (`seeds_wanted` of them), and at most 0.05
+    worse at 1x; it does not help if the difference is under 0.05 or the signs disagree; in between, more seeds are
+    needed. Only seeds where both runs learned the task inside the training length are compared."""
     train = settings["lengths"][0]
     far = [n for n in settings["lengths"] if n >= 4 * train] or settings["lengths"][-1:]
     by_seed = {arm: {r["seed"]: r for r in rows} for arm, rows in length.items()}
-    seeds = sorted(by_seed["vanilla"])
+    learned = learned_runs(length, settings)
     out = {}
     for arm in [a for a in length if a != "vanilla"]:
+        seeds = sorted(set(learned[arm]) & set(learned["vanilla"]))
+        if not seeds:
+            out[arm] = dict(far_lengths=far, seeds=[], verdict="undecided: no seed where both runs learned the task")
+            continue
         far_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", far) for s in seeds])
         near_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", [train]) for s in seeds])
         ll_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "log_likelihood", far) for s in seeds])
         same_sign = max(far_diff["positive"], far_diff["negative"]) == far_diff["seeds"]
-        if far_diff["mean"] >= 0.15 and far_diff["positive"] == far_diff["seeds"] and near_diff["mean"] >= -0.05:
+        if len(seeds) < seeds_wanted and abs(far_diff["mean"]) >= 0.05:
+            call = "undecided: more seeds"
+        elif far_diff["mean"] >= 0.15 and far_diff["positive"] == far_diff["seeds"] and near_diff["mean"] >= -0.05:
             call = "helps"
         elif abs(far_diff["mean"]) < 0.05 or not same_sign:
             call = "does not help"
@@ -279,11 +288,13 @@ def verdict(length: dict, settings: dict) -> dict:
             call = "undecided: more seeds"
         if far_diff["mean"] <= -0.15 and far_diff["negative"] == far_diff["seeds"]:
             call = "hurts"
-        out[arm] = dict(far_lengths=far, exact_far=far_diff, exact_train=near_diff, log_likelihood_far=ll_diff,
-                        verdict=call)
-    if "ssa" in by_seed and "logn" in by_seed:
-        out["ssa minus logn"] = dict(far_lengths=far, exact_far=paired(
-            [far_gain(by_seed["ssa"][s], by_seed["logn"][s], "exact", far) for s in seeds]))
+        out[arm] = dict(far_lengths=far, seeds=seeds, exact_far=far_diff, exact_train=near_diff,
+                        log_likelihood_far=ll_diff, verdict=call)
+    seeds = sorted(set(learned.get("ssa", [])) & set(learned.get("logn", [])))
+    if seeds:
+        out["ssa minus logn"] = dict(far_lengths=far, seeds=seeds, exact_far=paired(
+            [far_gain(by_seed["ssa"][s], by_seed["logn"][s], "exact", far) for s in seeds]), log_likelihood_far=paired(
+            [far_gain(by_seed["ssa"][s], by_seed["logn"][s], "log_likelihood", far) for s in seeds]))
     return out
 
 
@@ -326,16 +337,19 @@ def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, 
               "| arm | " + " | ".join(bands) + " |", "| --- |" + " ---: |" * len(bands)]
     for arm, rows in length.items():
         lines.append(f"| {arm} | " + " | ".join(mean_std([r["bands"][b] for r in rows]) for b in bands) + " |")
-    lines += ["", "Paired differences against vanilla (same seed), exact match averaged over "
-              f"{decisions[next(iter(decisions))]['far_lengths']} tokens, mean ± standard error (seeds above / below"
-              " zero):", "",
-              "| arm | exact match, far | exact match, training length | log-likelihood, far | verdict |",
-              "| --- | ---: | ---: | ---: | --- |"]
+    lines += ["", "Paired differences against vanilla (same seed, only seeds where both runs learned the task), at"
+              f" {decisions[next(iter(decisions))]['far_lengths']} tokens (far) and at the training length, mean ±"
+              " standard error (seeds above / below zero):", "",
+              "| arm | seeds compared | exact match, far | exact match, training length | log-likelihood, far |"
+              " verdict |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for arm, d in decisions.items():
-        if arm == "ssa minus logn":
-            lines.append(f"| SSA minus log-n at inference | {fmt_paired(d['exact_far'])} | | | |")
+        if "exact_far" not in d:
+            lines.append(f"| {arm} | none | | | | {d['verdict']} |")
+        elif arm == "ssa minus logn":
+            lines.append(f"| SSA minus log-n at inference | {d['seeds']} | {fmt_paired(d['exact_far'])} | |"
+                         f" {fmt_paired(d['log_likelihood_far'], 2)} | |")
         else:
-            lines.append(f"| {arm} | {fmt_paired(d['exact_far'])} | {fmt_paired(d['exact_train'])} |"
+            lines.append(f"| {arm} | {d['seeds']} | {fmt_paired(d['exact_far'])} | {fmt_paired(d['exact_train'])} |"
                          f" {fmt_paired(d['log_likelihood_far'], 2)} | {d['verdict']} |")
     ssa_slopes = [r["slopes"] for r in length.get("ssa", []) if r.get("slopes")]
     if ssa_slopes:
@@ -452,7 +466,7 @@ def main(grid: Path = ROOT / "configs" / "reproduce.yaml", out_dir: Path | None 
     dilution = dilution_experiment(grid)
     print("Value toy:", flush=True)
     value = value_experiment(grid)
-    decisions = verdict(length, grid["length"])
+    decisions = verdict(length, grid["length"], len(grid["seeds"]))
     text = report(grid, slopes, length, dilution, value, decisions, quick)
     (out_dir / "results.md").write_text(text)
     summary = dict(slopes=slopes, length=length, learned=learned_runs(length, grid["length"]), decisions=decisions,

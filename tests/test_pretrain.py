@@ -264,3 +264,29 @@ def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then never rises
     assert lrs[60] == pytest.approx(5.5e-4)  # half way through the cosine
     assert lrs[110] == pytest.approx(1e-4)
+
+
+def test_progress_redirected_to_a_file_is_whole_lines(data_dir, tmp_path):
+    """Not a terminal: no carriage returns, a line with the step count, ETA and loss, and validation lines apart."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        subprocess.run([sys.executable, SCRIPT, *cli_args(data_dir, tmp_path / "run", "--train.max_steps", "3")],
+                       check=True, stderr=stderr, stdout=subprocess.PIPE)
+    text = log.read_text()
+    assert "\r" not in text
+    last = [line for line in text.splitlines() if line.startswith("training")][-1]
+    assert "3/3" in last and "loss=" in last and "<" in last  # tqdm's elapsed<remaining
+
+
+@pytest.mark.parametrize("columns", [0, 30, 200])
+def test_progress_bar_in_a_terminal_keeps_a_width(monkeypatch, columns):
+    import shutil
+
+    from lit_gpt import utils
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((columns, 24)))
+    bar = utils.progress_bar(total=10, desc="x", file=open(os.devnull, "w"))
+    assert type(bar) is not utils.LineProgress
+    assert (bar.ncols == 100) if columns == 0 else bar.dynamic_ncols
+    bar.close()

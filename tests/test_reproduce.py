@@ -71,7 +71,7 @@ def test_paired_differences_and_the_decision_rule():
                  dict(length=1024, depth=0.5, exact=exact_far, log_likelihood=-3.0)]
         return dict(seed=seed, cells=cells, bands={})
 
-    settings = {"lengths": [128, 512, 1024]}
+    settings = {"lengths": [128, 512, 1024], "learned_at": 0.5}
     vanilla = [row(s, 0.1, 0.9) for s in (1, 2, 3)]
     helps = {"vanilla": vanilla, "ssa": [row(s, 0.1 + d, 0.9) for s, d in zip((1, 2, 3), (0.2, 0.3, 0.25))]}
     assert verdict(helps, settings)["ssa"]["verdict"] == "helps"
@@ -80,6 +80,9 @@ def test_paired_differences_and_the_decision_rule():
     assert verdict(mixed, settings)["ssa"]["verdict"] == "does not help"
     worse_inside = {"vanilla": vanilla, "ssa": [row(s, 0.4, 0.7) for s in (1, 2, 3)]}
     assert verdict(worse_inside, settings)["ssa"]["verdict"] == "undecided: more seeds"
+    one_did_not_learn = {"vanilla": vanilla, "ssa": [row(s, 0.4, 0.9 if s != 2 else 0.1) for s in (1, 2, 3)]}
+    decision = verdict(one_did_not_learn, settings)["ssa"]
+    assert decision["seeds"] == [1, 3] and decision["verdict"] == "undecided: more seeds"  # seed 2 is not compared
     assert paired([0.1, 0.2, 0.3])["se"] == pytest.approx(0.1 / 3**0.5)
 
 
