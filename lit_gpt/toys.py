@@ -1,6 +1,6 @@
 """Two toy problems that isolate one term of SSA each (scripts/reproduce.py runs them).
 
-Dilution: one attention head must put its mass on a few target keys among n. Trained at n in [8, 64] and tested up
+Dilution: one attention head must read the values of its target keys among n. Trained at n in [8, 64] and tested up
 to n = 4,096, it shows whether a temperature that grows with log(n) helps, and when it hurts.
 
 Value selectivity: average the relevant tokens of a sequence and ignore the noisy ones. The value temperature can
@@ -40,25 +40,36 @@ class DilutionHead(torch.nn.Module):
 
 
 def dilution_batch(size: int, n: int, settings: dict, variant: str, generator: torch.Generator):
-    """Queries, keys and the mask of target keys. "cluster": `targets` keys close to the query direction; the best
-    sharpness grows with n. "single": one target key among independent Gaussian keys; the strongest distractors
-    catch up with it as n grows."""
+    """Queries (B, d), keys (B, n, d), values (B, n, d) and the target output (B, d).
+
+    "cluster": `targets` keys near the query direction (similarity 2 +- 0.5) among distractors of similarity in
+    [-1, 1]; the target is the mean of the targets' values, so the head must be sharp enough to shut the distractors
+    out and soft enough to average its targets: the best sharpness grows with n. "single": one key of similarity
+    `target_similarity` among independent Gaussian keys (similarity ~ N(0, 1)); the target is its value. The
+    strongest distractors catch up with it as n grows, so more sharpness eventually hurts."""
     d = settings["dim"]
-    q = torch.randn(size, d, generator=generator)
-    keys = torch.randn(size, n, d, generator=generator)
-    targets = settings["targets"] if variant == "cluster" else 1
-    unit = q / q.norm(dim=-1, keepdim=True)
-    near = settings["target_similarity"] * unit.unsqueeze(1) + settings["target_noise"] * torch.randn(
-        size, targets, d, generator=generator)
-    keys[:, :targets] = near if variant == "cluster" else keys[:, :1] * 0.5 + unit.unsqueeze(1) * 1.5
-    is_target = torch.zeros(size, n, dtype=torch.bool)
-    is_target[:, :targets] = True
-    return q, keys, is_target
+    unit = F.normalize(torch.randn(size, d, generator=generator), dim=-1)
+    q = unit * math.sqrt(d)
+    noise = torch.randn(size, n, d, generator=generator)
+    values = torch.randn(size, n, d, generator=generator)
+    along = (noise * unit[:, None]).sum(-1, keepdim=True)  # each key's component along the query
+    if variant == "cluster":
+        m = settings["targets"]
+        similarity = torch.rand(size, n, 1, generator=generator) * 2 - 1  # distractors: [-1, 1]
+        similarity[:, :m] = 2.0 + settings["target_noise"] * torch.randn(size, m, 1, generator=generator)
+        keys = noise - along * unit[:, None] + similarity * unit[:, None]
+        target = values[:, :m].mean(1)
+    else:
+        keys = noise.clone()
+        keys[:, :1] = noise[:, :1] - along[:, :1] * unit[:, None] + settings["target_similarity"] * unit[:, None]
+        target = values[:, 0]
+    return q, keys, values, target
 
 
-def target_mass_loss(log_probs: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
-    """-log(attention mass on the targets), averaged over the batch."""
-    return -torch.logsumexp(log_probs.masked_fill(~is_target, float("-inf")), dim=-1).mean()
+def dilution_error(log_probs: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error of the attention output against the target, over the target's squared norm (per batch)."""
+    output = torch.einsum("bn,bnd->bd", log_probs.exp(), values)
+    return ((output - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean()
 
 
 def train_dilution(arm: str, variant: str, settings: dict, seed: int) -> DilutionHead:
@@ -69,8 +80,8 @@ def train_dilution(arm: str, variant: str, settings: dict, seed: int) -> Dilutio
     low, high = settings["train_n"]
     for _ in range(settings["steps"]):
         n = int(torch.randint(low, high + 1, (), generator=generator))
-        q, keys, is_target = dilution_batch(settings["batch"], n, settings, variant, generator)
-        loss = target_mass_loss(head(q, keys), is_target)
+        q, keys, values, target = dilution_batch(settings["batch"], n, settings, variant, generator)
+        loss = dilution_error(head(q, keys), values, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -79,14 +90,13 @@ def train_dilution(arm: str, variant: str, settings: dict, seed: int) -> Dilutio
 
 @torch.no_grad()
 def dilution_errors(head: DilutionHead, variant: str, settings: dict, seed: int, tau=None) -> dict[int, float]:
-    """1 - attention mass on the targets, per test n; `tau(n)` overrides the head's temperature."""
+    """Normalised error per test n; `tau(n)` overrides the head's temperature."""
     errors = {}
     for n in settings["test_n"]:
         generator = torch.Generator().manual_seed(100_000 + seed * 97 + n)
-        q, keys, is_target = dilution_batch(settings["test_batch"], n, settings, variant, generator)
+        q, keys, values, target = dilution_batch(settings["test_batch"], n, settings, variant, generator)
         log_probs = head(q, keys, None if tau is None else torch.tensor(tau(n)))
-        mass = log_probs.masked_fill(~is_target, float("-inf")).logsumexp(-1).exp()
-        errors[n] = 1 - mass.mean().item()
+        errors[n] = dilution_error(log_probs, values, target).item()
     return errors
 
 

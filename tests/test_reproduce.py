@@ -120,3 +120,18 @@ def test_an_output_folder_holds_one_grid(tmp_path):
     changed = {**grid, "length": {**length, "arms": {**length["arms"], "ssa": {"attention_temperature": "logn"}}}}
     with pytest.raises(ValueError, match="holds the runs of a different grid"):
         check_same_grid(tmp_path, changed)
+
+
+def test_dilution_batches_put_the_targets_where_the_variant_says():
+    from lit_gpt.toys import dilution_batch
+
+    settings = {"dim": 16, "targets": 4, "target_similarity": 2.5, "target_noise": 0.3}
+    generator = torch.Generator().manual_seed(0)
+    q, keys, values, target = dilution_batch(64, 32, settings, "cluster", generator)
+    similarity = torch.einsum("bd,bnd->bn", q, keys) / 4  # q has norm sqrt(d) = 4
+    assert similarity[:, 4:].abs().max() <= 1 + 1e-5 and similarity[:, :4].mean() == pytest.approx(2.0, abs=0.1)
+    torch.testing.assert_close(target, values[:, :4].mean(1))
+    q, keys, values, target = dilution_batch(64, 32, settings, "single", generator)
+    similarity = torch.einsum("bd,bnd->bn", q, keys) / 4
+    torch.testing.assert_close(similarity[:, 0], torch.full((64,), 2.5))
+    assert 0.8 < similarity[:, 1:].std() < 1.2 and torch.equal(target, values[:, 0])
