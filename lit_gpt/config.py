@@ -258,3 +258,4 @@ configs += [
 ]
 
 name_to_config: dict[str, dict] = {row["name"]: deepcopy(row) for row in configs}
+

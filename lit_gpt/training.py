@@ -26,6 +26,27 @@ STATE_FILENAME = "training_state.pth"
 
 @dataclass
 class TrainArgs:
+    """Batch sizes, length of the run, optimizer and schedule.
+
+    Args:
+        global_batch_size: sequences per optimizer step, over all processes.
+        micro_batch_size: sequences per forward pass; the rest of the global batch is gradient accumulation.
+        max_tokens: length of the run in training tokens (max_steps wins when both are set).
+        max_steps: length of the run in optimizer steps; takes precedence over max_tokens.
+        max_seq_length: tokens per training window; default the model's block_size.
+        learning_rate: peak learning rate of the backbone, reached after warmup.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: steps of linear warmup from 0 to learning_rate.
+        weight_decay: AdamW weight decay, on matrices only (not on norms, biases or temperatures).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        max_norm: gradients are clipped to this global norm.
+        ssa_position_lr: peak learning rate of SSA's position slopes and the baselines' scales; default the backbone's.
+        ssa_token_lr: peak learning rate of SSA's token-term weights; default the backbone's.
+        save_interval: steps between checkpoints (null: only final/).
+        log_interval: steps between logged metrics.
+    """
+
     global_batch_size: int = 512
     micro_batch_size: int = 8
     max_tokens: int | None = None
@@ -58,6 +79,15 @@ class TrainArgs:
 
 @dataclass
 class EvalArgs:
+    """Validation during training.
+
+    Args:
+        interval: steps between validations.
+        max_iters: validation batches (of micro_batch_size sequences) per validation.
+        initial_validation: validate once before the first step.
+        final_validation: validate once after the last step.
+    """
+
     interval: int = 1000
     max_iters: int = 100
     initial_validation: bool = False

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -39,13 +40,28 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, dynamic_ncols=width > 0, ncols=None if width > 0 else 100, **kwargs)
 
 
+def readable_type(text: str) -> str:
+    """A type as a person reads it in --help: `path`, `int | null`, `bool | auto | path`, `csv | tensorboard`."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
+    text = re.sub(r"Literal\[([^\]]*)\]", lambda m: " | ".join(v.strip(" '\"") for v in m.group(1).split(",")), text)
+    text = re.sub(r"Optional\[(.*)\]$", r"\1 | null", text)
+    while (match := re.search(r"Union\[([^\[\]]*)\]", text)) is not None:
+        text = text[: match.start()] + " | ".join(p.strip() for p in match.group(1).split(",")) + text[match.end():]
+    return re.sub(r"\bPath\b", "path", text).replace("NoneType", "null")
+
+
 def run_cli(function: Callable, args: list[str] | None = None) -> Any:
     """jsonargparse CLI over a typed function; bad input ends in one line on stderr and a non-zero exit."""
-    from jsonargparse import auto_cli
+    from jsonargparse import DefaultHelpFormatter, auto_cli
+
+    class ReadableHelpFormatter(DefaultHelpFormatter):
+        def _get_type_str(self, action) -> str | None:
+            text = super()._get_type_str(action)
+            return None if text is None else readable_type(text)
 
     args = expand_bare_flags(sys.argv[1:] if args is None else args, bool_flags(function))
     try:
-        return auto_cli(function, args=args, as_positional=False)
+        return auto_cli(function, args=args, as_positional=False, formatter_class=ReadableHelpFormatter)
     except USER_ERRORS as error:
         message = error.args[0] if error.args else repr(error)
         print(f"error: {message}", file=sys.stderr)

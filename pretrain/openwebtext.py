@@ -37,6 +37,19 @@ from lit_gpt.utils import num_parameters, run_cli
 
 @dataclass
 class DataArgs:
+    """The prepared token folder, and how to prepare it when it is missing.
+
+    Args:
+        dir: a folder prepared by scripts/prepare_openwebtext.py (train.bin, val.bin, meta.json).
+        source: where to prepare `dir` from when it holds no prepared data: `openwebtext` (or another Hugging Face
+            dataset name, needs internet), `bundled` (the corpus in data/corpus), or a local .txt/.jsonl/.parquet
+            file or folder.
+        tokenizer_dir: the tokenizer to prepare with (a folder with tokenizer.json or tokenizer.model).
+        train_tokenizer: instead, train a byte-level BPE of this many tokens on the training split.
+        val_fraction: share of the documents held out for validation.
+        window_start: `random`: training windows start anywhere; `document`: only at the start of a document.
+    """
+
     dir: Path = Path("data/prepared/openwebtext")
     source: str | None = None  # prepare `dir` from this source first where it holds no prepared data
     tokenizer_dir: Path = GPT2_TOKENIZER  # the tokenizer to prepare with
@@ -64,7 +77,7 @@ def setup(
     """Pretrain a model from scratch.
 
     Args:
-        model_name: a preset (see lit_gpt/config.py), e.g. gpt2, pythia-160m, demo.
+        model_name: a preset, e.g. gpt2, pythia-160m, demo; `python -m lit_gpt` lists them all.
         model: overrides of the preset's fields, SSA included: --model.attention_temperature ssa.
         model_config: a model_config.yaml to use instead of a preset (the overrides still apply).
         data: the prepared token folder, and how to prepare it when it is missing.

@@ -122,3 +122,37 @@ def test_every_recipe_parses_with_its_entry_point(recipe):
     if not recipe.startswith("finetune"):
         model = Config.from_name(values.model_name, **(values.model or {}))
         assert model.attention_temperature == ("ssa" if "-ssa" in recipe else "none")
+
+
+@pytest.mark.parametrize("script", ["pretrain/openwebtext.py", "finetune/full.py"])
+def test_every_flag_has_a_description_and_a_readable_type(script):
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True,
+                            env={"COLUMNS": "200", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    options = re.findall(r"^  (--[\w.]+)(?: [A-Z_{},a-z]+)?\s+(.*?)(?=^  --|\Z)", result.stdout, re.S | re.M)
+    described = {flag: " ".join(text.split()) for flag, text in options}
+    assert "--train.max_steps" in described and "--data.source" in described if "pretrain" in script else True
+    for flag, text in described.items():
+        if flag in ("--help", "--config", "--print_config") or flag.count(".") == 0 and text.startswith("Path to"):
+            continue
+        assert not text.startswith("(type:") and text, f"{flag} has no description"
+    assert "<class" not in result.stdout and "Union[" not in result.stdout and "Literal[" not in result.stdout
+    if "pretrain" in script:
+        assert "bundled" in described["--data.source"] and "python -m lit_gpt" in described["--model_name"]
+        assert "max_steps wins" in described["--train.max_tokens"]
+
+
+def test_python_dash_m_lit_gpt_lists_every_preset():
+    import subprocess
+    import sys
+
+    from lit_gpt.config import name_to_config
+
+    result = subprocess.run([sys.executable, "-m", "lit_gpt"], capture_output=True, text=True, check=True)
+    assert [line.split()[0] for line in result.stdout.splitlines()] == list(name_to_config)
+    assert not result.stderr
