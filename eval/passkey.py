@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.evaluation import plot_passkey_heatmap, run_passkey_grid, summarize_passkey
+from lit_gpt.evaluation import run_passkey_grid, summarize_passkey
 from lit_gpt.model import GPT
+from lit_gpt.plots import plot_passkey_heatmap
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import parse_dtype, run_cli
 

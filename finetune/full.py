@@ -21,23 +21,21 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from lit_gpt.checkpoint import find_resume_checkpoint, save_checkpoint
 from lit_gpt.config import Config
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
+from lit_gpt.fabric import build_fabric, on_rank_zero
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import (
     EvalArgs,
     TrainArgs,
-    build_fabric,
     check_window,
-    find_resume_checkpoint,
     fit,
     freeze_backbone,
     hyperparameters,
-    on_rank_zero,
-    save_checkpoint,
     setup_training,
     write_history,
 )

@@ -1,7 +1,10 @@
-"""Checkpoint folders: reading and writing them safely, atomically and one tensor at a time.
+"""Checkpoint folders, the one home of checkpoint code: reading and writing them safely, atomically and one tensor at a
+time, and the training checkpoints that resume exactly.
 
-A checkpoint folder holds `model.safetensors`, `model_config.yaml` and the tokenizer files. It is written under a
-temporary name and renamed when complete, so an interrupted write never leaves a folder that later loads.
+A checkpoint folder holds `model.safetensors`, `model_config.yaml` and the tokenizer files (a training checkpoint adds
+`training_state.pth` and `hyperparameters.yaml`). It is written under a temporary name and moved into place when
+complete (`move_into_place`), so an interrupted write never leaves a folder that later loads. `GPT.from_checkpoint`
+is the public entry for loading one.
 """
 
 import json
@@ -12,8 +15,11 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
+import lightning as L
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from lit_gpt.config import CONFIG_FILENAME
@@ -26,6 +32,7 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+STATE_FILENAME = "training_state.pth"
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -47,6 +54,13 @@ def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, target)
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename a complete temporary folder to `target`. An existing target is renamed aside first and deleted after,
+    so `target` always names a complete folder, the old one or the new one (but for the instant between the two
+    renames), and an interruption never leaves a half-deleted checkpoint."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
@@ -194,3 +208,71 @@ class SafetensorsStreamWriter:
             missing = sorted(self.pending)
             more = " ..." if len(missing) > 5 else ""
             raise ValueError(f"Missing tensor(s) {missing[:5]}{more} in the source checkpoint.")
+
+
+def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
+    """The unsharded weights on rank 0 (None elsewhere), a tied lm_head stored once."""
+    from lightning.fabric.strategies import FSDPStrategy
+
+    module = model.module if hasattr(model, "module") else model
+    if isinstance(fabric.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if module.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return state if fabric.global_rank == 0 else None
+    return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
+
+
+def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict) -> None:
+    """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    fabric.save(tmp / STATE_FILENAME, {**state, **rng})
+    weights = full_state_dict(fabric, state["model"])
+    if fabric.global_rank == 0:
+        module = state["model"].module if hasattr(state["model"], "module") else state["model"]
+        write_model_files(module, tmp, state=weights)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
+        move_into_place(tmp, folder)
+    fabric.barrier()
+
+
+def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path) -> Path | None:
+    """The checkpoint to resume from: the latest in out_dir for "auto", or the given folder."""
+    if resume is False or resume is None:
+        if Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+            raise FileExistsError(
+                f"{str(out_dir)!r} holds an earlier run: pass --resume auto to continue it, or choose another"
+                " --out_dir."
+            )
+        return None
+    if resume == "auto" or resume is True:
+        candidates = sorted(Path(out_dir).glob("step-*"), key=lambda p: p.name)
+        candidates = [p for p in candidates if (p / STATE_FILENAME).is_file()]
+        return candidates[-1] if candidates else None
+    resume = Path(resume)
+    if not (resume / STATE_FILENAME).is_file():
+        raise FileNotFoundError(f"--resume {resume} is not a training checkpoint: it has no {STATE_FILENAME}.")
+    return resume
+
+
+def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> None:
+    """Restore model, optimizer, counters and RNG; only tensors and plain containers are accepted from the file."""
+    try:
+        remainder = fabric.load(path / STATE_FILENAME, state, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_pickle_error(path / STATE_FILENAME, error) from None
+    torch.set_rng_state(remainder["rng"])
+    if torch.cuda.is_available() and "cuda_rng" in remainder:
+        torch.cuda.set_rng_state_all(remainder["cuda_rng"])

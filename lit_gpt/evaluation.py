@@ -4,7 +4,6 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,27 +110,3 @@ def summarize_passkey(rows: list[dict]) -> dict:
                   for n in lengths}
     return dict(accuracy=sum(r["accuracy"] for r in rows) / len(rows), per_length=per_length, cells=rows)
 
-
-def plot_passkey_heatmap(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
-    accuracy = {(r["length"], r["depth"]): r["accuracy"] for r in rows}
-    grid = [[accuracy[n, d] for n in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.6 * len(depths) + 1.5))
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
-    for y, row in enumerate(grid):
-        for x, value in enumerate(row):
-            ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

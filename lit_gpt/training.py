@@ -1,27 +1,23 @@
-"""The training loop pieces that pretraining and fine-tuning share: arguments, schedule, optimizer groups, the step
-with gradient accumulation, validation, checkpoints that resume exactly, and the loss curve."""
+"""The training loop and what it needs: arguments, schedule, optimizer groups, the step with gradient accumulation,
+validation and logging. Checkpoints live in lit_gpt/checkpoint.py, Fabric set-up in lit_gpt/fabric.py."""
 
 import json
 import math
-import pickle
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import lightning as L
 import torch
-import yaml
 from lightning.fabric.utilities.throughput import ThroughputMonitor, measure_flops
 from tqdm import tqdm
 
-from lit_gpt.checkpoint import copy_tokenizer_files, model_state_dict, unsafe_pickle_error, write_model_files
+from lit_gpt.checkpoint import load_training_state
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
-from lit_gpt.utils import USER_ERRORS, UserFacingError, progress_bar
-
-STATE_FILENAME = "training_state.pth"
+from lit_gpt.plots import plot_history
+from lit_gpt.utils import UserFacingError, progress_bar
 
 
 @dataclass
@@ -337,142 +333,8 @@ def log_validation(fabric: L.Fabric, model, batches: Batches, state: dict) -> fl
     return loss
 
 
-def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
-    """The unsharded weights on rank 0 (None elsewhere), a tied lm_head stored once."""
-    from lightning.fabric.strategies import FSDPStrategy
-
-    module = model.module if hasattr(model, "module") else model
-    if isinstance(fabric.strategy, FSDPStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if module.config.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        return state if fabric.global_rank == 0 else None
-    return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
-
-
-def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict) -> None:
-    """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if fabric.global_rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    fabric.barrier()
-    rng = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    fabric.save(tmp / STATE_FILENAME, {**state, **rng})
-    weights = full_state_dict(fabric, state["model"])
-    if fabric.global_rank == 0:
-        module = state["model"].module if hasattr(state["model"], "module") else state["model"]
-        write_model_files(module, tmp, state=weights)
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    fabric.barrier()
-
-
-def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path) -> Path | None:
-    """The checkpoint to resume from: the latest in out_dir for "auto", or the given folder."""
-    if resume is False or resume is None:
-        if Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
-            raise FileExistsError(
-                f"{str(out_dir)!r} holds an earlier run: pass --resume auto to continue it, or choose another"
-                " --out_dir."
-            )
-        return None
-    if resume == "auto" or resume is True:
-        candidates = sorted(Path(out_dir).glob("step-*"), key=lambda p: p.name)
-        candidates = [p for p in candidates if (p / STATE_FILENAME).is_file()]
-        return candidates[-1] if candidates else None
-    resume = Path(resume)
-    if not (resume / STATE_FILENAME).is_file():
-        raise FileNotFoundError(f"--resume {resume} is not a training checkpoint: it has no {STATE_FILENAME}.")
-    return resume
-
-
-def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> None:
-    """Restore model, optimizer, counters and RNG; only tensors and plain containers are accepted from the file."""
-    try:
-        remainder = fabric.load(path / STATE_FILENAME, state, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise unsafe_pickle_error(path / STATE_FILENAME, error) from None
-    torch.set_rng_state(remainder["rng"])
-    if torch.cuda.is_available() and "cuda_rng" in remainder:
-        torch.cuda.set_rng_state_all(remainder["cuda_rng"])
-
-
-def plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Training and validation loss against tokens, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(h["tokens"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def hyperparameters(**kwargs) -> dict:
     """The run's arguments as plain YAML-able values."""
     plain = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in kwargs.items()}
     return json.loads(json.dumps(plain, default=str))
 
-
-def choose_precision(precision: str | None) -> str:
-    if precision is not None:
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
-
-
-def build_fabric(devices: int, num_nodes: int, strategy: str, precision: str | None, out_dir: Path,
-                 logger_name: str) -> L.Fabric:
-    """One process or many: DDP, or FSDP sharding whole transformer blocks, when devices * num_nodes > 1."""
-    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-    from lightning.fabric.strategies import FSDPStrategy
-
-    from lit_gpt.model import Block
-
-    if strategy == "fsdp":
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
-    elif strategy == "auto" and devices * num_nodes > 1:
-        strategy = "ddp"
-    if logger_name == "csv":  # each start of a run (a resumed one too) writes its own logs/csv-N/metrics.csv
-        runs = len(list((Path(out_dir) / "logs").glob("csv-*")))
-        logger = CSVLogger(out_dir, name="logs", version=f"csv-{runs + 1}", flush_logs_every_n_steps=1)
-    else:
-        logger = TensorBoardLogger(out_dir, name="logs")
-    return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=choose_precision(precision),
-                    loggers=[logger])
-
-
-def on_rank_zero(fabric: L.Fabric, function, *args):
-    """Run `function` on rank 0 only and hand its result, or its user-facing error, to every rank."""
-    result = None
-    if fabric.global_rank == 0:
-        try:
-            result = ("ok", function(*args))
-        except USER_ERRORS as error:
-            result = ("error", error)
-    result = fabric.broadcast(result, src=0)
-    if result[0] == "error":
-        raise result[1]
-    return result[1]
