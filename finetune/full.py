@@ -174,7 +174,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, s
     added = num_parameters(model) - num_parameters_of(base)
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters, {added:,} added by SSA"
                  f" ({added / max(1, num_parameters(model) - added):.3%}); {num_parameters(model, True):,} trainable")
-    model, optimizer, state = setup_training(fabric, model, train, resume_dir)
+    model, optimizer, state = setup_training(fabric, model, train, resume_dir, out_dir)
 
     save = lambda name: save_checkpoint(fabric, state, out_dir / name, checkpoint_dir, hparams)  # noqa: E731
     fit(fabric, model, optimizer, state, batches, train, eval, block_size, save)

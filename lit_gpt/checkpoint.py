@@ -236,7 +236,8 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
     rng = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    fabric.save(tmp / STATE_FILENAME, {**state, **rng})
+    # the per-step history is not in here: it grows with the run and lives in history.jsonl beside the logs
+    fabric.save(tmp / STATE_FILENAME, {**{k: v for k, v in state.items() if k != "history"}, **rng})
     weights = full_state_dict(fabric, state["model"])
     if fabric.global_rank == 0:
         module = state["model"].module if hasattr(state["model"], "module") else state["model"]
@@ -267,12 +268,16 @@ def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path)
     return resume
 
 
-def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> None:
-    """Restore model, optimizer, counters and RNG; only tensors and plain containers are accepted from the file."""
+def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> list[dict]:
+    """Restore model, optimizer, counters and RNG (only tensors and plain containers are accepted from the file).
+    Returns the history a checkpoint of an older version stored inside itself (empty for current ones)."""
+    restored = {k: v for k, v in state.items() if k != "history"}
     try:
-        remainder = fabric.load(path / STATE_FILENAME, state, weights_only=True)
+        remainder = fabric.load(path / STATE_FILENAME, restored, weights_only=True)
     except pickle.UnpicklingError as error:
         raise unsafe_pickle_error(path / STATE_FILENAME, error) from None
+    state.update(restored)
     torch.set_rng_state(remainder["rng"])
     if torch.cuda.is_available() and "cuda_rng" in remainder:
         torch.cuda.set_rng_state_all(remainder["cuda_rng"])
+    return remainder.get("history", [])

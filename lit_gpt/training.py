@@ -100,6 +100,9 @@ def at_least(prefix: str, args, low: float, *names: str) -> None:
             raise ValueError(f"--{prefix}.{name} must be at least {low}, got {value}.")
 
 
+HISTORY_FILENAME = "history.jsonl"
+
+
 class TrainingDiverged(UserFacingError):
     pass
 
@@ -304,15 +307,45 @@ def micro_batch_flops(config: Config, micro_batch: int, block_size: int) -> int:
         return measure_flops(meta_model, lambda: meta_model(x, targets=x), lambda loss: loss)
 
 
-def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None):
+class History(list):
+    """The run's records (one per step and per validation), kept in memory and appended to history.jsonl beside the
+    logs as they come (on rank 0), so that checkpoints need not carry them."""
+
+    def __init__(self, path: Path | None, records: list[dict]) -> None:
+        super().__init__(records)
+        self.path = path
+        if path is not None and path.exists():  # keep this run's records so far; drop those of an interrupted run
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            tmp.replace(path)
+
+    def append(self, record: dict) -> None:
+        super().append(record)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_history(path: Path, until_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= until_step]
+
+
+def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None, out_dir: Path):
     """The model and optimizer set up by Fabric, and the state that checkpoints hold, restored when resuming."""
     optimizer = build_optimizer(model, args)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(optimizer)
-    state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0, "history": []}
+    state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0}
+    records = []
     if resume_dir is not None:
         fabric.print(f"Resuming from {resume_dir}")
-        load_training_state(fabric, resume_dir, state)
+        inside = load_training_state(fabric, resume_dir, state)
+        records = read_history(Path(out_dir) / HISTORY_FILENAME, state["step"]) or inside
+    state["history"] = History(Path(out_dir) / HISTORY_FILENAME if fabric.global_rank == 0 else None, records)
     return model, optimizer, state
 
 

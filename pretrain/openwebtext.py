@@ -131,7 +131,7 @@ def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, t
         model = GPT(config)
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters ({num_parameters(model, True):,} trainable),"
                  f" attention_temperature={config.attention_temperature!r}")
-    model, optimizer, state = setup_training(fabric, model, train, resume_dir)
+    model, optimizer, state = setup_training(fabric, model, train, resume_dir, out_dir)
     fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
                  f" {data.meta['unigram_loss']:.3f} on validation")
 

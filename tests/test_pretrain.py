@@ -58,6 +58,9 @@ def test_pretraining_writes_checkpoints_that_the_other_tools_load(data_dir, tmp_
     assert (run / "loss.png").stat().st_size > 0
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()] == history
+    state = torch.load(run / "step-00000003" / "training_state.pth", weights_only=True)
+    assert "history" not in state and state["step"] == 3  # the history grows with the run: not in every checkpoint
     val = [h["val_loss"] for h in history if "val_loss" in h]
     assert len(val) == 3 and val[-1] < val[0]  # initial, step 3, final
     model = GPT.from_checkpoint(run / "final")
@@ -119,6 +122,10 @@ def test_resume_after_sigkill_reproduces_every_loss(data_dir, tmp_path):
     whole, resumed = losses_by_step(tmp_path / "whole"), losses_by_step(interrupted)
     assert sorted(resumed) == list(range(1, 41)) and killed_at < 40
     assert resumed == whole  # bit for bit
+    history = json.loads((interrupted / "history.json").read_text())
+    steps = [h["step"] for h in history if "train_loss" in h]
+    assert steps == list(range(1, 41))  # each step once: records after the checkpoint were dropped on resume
+    assert {h["step"]: h["train_loss"] for h in history if "train_loss" in h} == whole
 
 
 @pytest.mark.slow
