@@ -211,6 +211,18 @@ def per_length(row: dict, metric: str) -> dict[int, float]:
     return {n: statistics.mean(c[metric] for c in row["cells"] if c["length"] == n) for n in lengths}
 
 
+def cached(out_dir: Path, name: str, settings: dict, compute) -> dict:
+    """compute() once per settings: kept as out_dir/toys/<name>-<digest>.json and reused when run again."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    record = out_dir / "toys" / f"{name}-{digest}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    result = compute()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(result, indent=2))
+    return json.loads(record.read_text())  # as it reads back: the numbers n of the dilution toy become strings
+
+
 def dilution_experiment(grid: dict) -> dict:
     settings = grid["dilution"]
     results = {}
@@ -227,7 +239,8 @@ def dilution_experiment(grid: dict) -> dict:
         for arm, errors in rows.items():
             print(f"  dilution {variant}, {arm}: " + ", ".join(
                 f"n={n}: {statistics.mean(e[n] for e in errors):.3f}" for n in settings["test_n"]), flush=True)
-    return results
+    return {variant: {arm: [{str(n): e for n, e in errors.items()} for errors in rows] for arm, rows in by.items()}
+            for variant, by in results.items()}
 
 
 def value_experiment(grid: dict) -> dict:
@@ -365,7 +378,7 @@ def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, 
                   f" {len(grid['dilution']['seeds'])} seeds; trained at n in {grid['dilution']['train_n']})**", "",
                   "| arm | " + " | ".join(f"n = {n}" for n in test_n) + " |", "| --- |" + " ---: |" * len(test_n)]
         for arm, errors in rows.items():
-            lines.append(f"| {arm} | " + " | ".join(mean_std([e[n] for e in errors]) for n in test_n) + " |")
+            lines.append(f"| {arm} | " + " | ".join(mean_std([e[str(n)] for e in errors]) for n in test_n) + " |")
     lines += ["", "**4. Value toy (test error / target variance, mean ± std over seeds)**", "",
               "| method | parameters beyond vanilla | normalised error |", "| --- | ---: | ---: |"]
     extra = {"naive average": "-", "vanilla attention": "0", "key gate": str(grid["toy"]["dim"]),
@@ -399,7 +412,7 @@ def plot(grid: dict, length: dict, dilution: dict, out_dir: Path) -> None:
     fig, axes = plt.subplots(1, len(dilution), figsize=(5.5 * len(dilution), 4), squeeze=False)
     for ax, (variant, rows) in zip(axes[0], dilution.items()):
         for arm, errors in rows.items():
-            ax.plot(test_n, [statistics.mean(e[n] for e in errors) for n in test_n], "o-", label=arm)
+            ax.plot(test_n, [statistics.mean(e[str(n)] for e in errors) for n in test_n], "o-", label=arm)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("keys n (trained at 8-64)")
         ax.set_ylabel("1 - mass on targets")
@@ -463,9 +476,9 @@ def main(grid: Path = ROOT / "configs" / "reproduce.yaml", out_dir: Path | None 
     slopes = slopes_experiment(grid, out_dir, data_dir)
     torch.set_num_threads(os.cpu_count() or 1)
     print("Dilution toy:", flush=True)
-    dilution = dilution_experiment(grid)
+    dilution = cached(out_dir, "dilution", grid["dilution"], lambda: dilution_experiment(grid))
     print("Value toy:", flush=True)
-    value = value_experiment(grid)
+    value = cached(out_dir, "value", {**grid["toy"], "seeds": grid["seeds"]}, lambda: value_experiment(grid))
     decisions = verdict(length, grid["length"], len(grid["seeds"]))
     text = report(grid, slopes, length, dilution, value, decisions, quick)
     (out_dir / "results.md").write_text(text)
