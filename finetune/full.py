@@ -21,7 +21,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from lit_gpt.checkpoint import find_resume_checkpoint, save_checkpoint
+from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
 from lit_gpt.config import Config
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare
@@ -39,7 +39,7 @@ from lit_gpt.training import (
     setup_training,
     write_history,
 )
-from lit_gpt.utils import num_parameters, run_cli
+from lit_gpt.utils import check_apart, num_parameters, run_cli
 
 FINETUNE_SSA_INIT = 6e-4  # the position slope at the start of fine-tuning, as in the official fine-tuning scripts
 FINETUNE_POSITION_LR = 1e-2  # peak learning rate of the position slopes (the README says how it was chosen)
@@ -93,6 +93,7 @@ def setup(
     """
     train.check()
     eval.check()
+    check_apart(Path(out_dir), "--out_dir", Path(checkpoint_dir), "--checkpoint_dir")
     checkpoint_dir = Path(checkpoint_dir)
     base = Config.from_file(checkpoint_dir)
     Tokenizer(checkpoint_dir)  # fail now, in one line, where the folder has no tokenizer
@@ -157,6 +158,14 @@ def token_batches(folder: Path, checkpoint_dir: Path, config: Config, block_size
 def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, data: Path,
          data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs, eval: EvalArgs,
          seed: int, resume, hparams: dict) -> None:
+    with run_lock(fabric, out_dir):  # one run at a time in out_dir
+        finetune(fabric, checkpoint_dir, base, config, ssa_only, data, data_source, val_fraction, truncate, out_dir,
+                 train, eval, seed, resume, hparams)
+
+
+def finetune(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, data: Path,
+             data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs,
+             eval: EvalArgs, seed: int, resume, hparams: dict) -> None:
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
     block_size = check_window(train.max_seq_length, config)
     if data.suffix in (".json", ".jsonl"):

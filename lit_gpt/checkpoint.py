@@ -7,6 +7,7 @@ complete (`move_into_place`), so an interrupted write never leaves a folder that
 is the public entry for loading one.
 """
 
+import fcntl
 import json
 import os
 import pickle
@@ -249,17 +250,81 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
     fabric.barrier()
 
 
+LOCK_FILENAME = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder (out_dir/.lock, held by one process for the whole run): a second run into
+    the same folder is refused at once instead of overwriting the first one's checkpoints and logs."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.created = not self.out_dir.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / LOCK_FILENAME
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise FileExistsError(f"{str(self.out_dir)!r} is in use by another run (process {holder}): wait for it"
+                                  " to finish, or choose another --out_dir.") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        if self.created and not any(self.out_dir.iterdir()):  # a run refused before it wrote anything
+            self.out_dir.rmdir()
+
+
+@contextmanager
+def run_lock(fabric: L.Fabric, out_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock for the block (rank 0 holds it; every rank learns when it is refused)."""
+    lock, error = None, None
+    if fabric.global_rank == 0:
+        try:
+            lock = RunLock(out_dir)
+        except FileExistsError as refused:
+            error = refused
+    error = fabric.broadcast(error, src=0)
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_resume_point(resumed_step: int, max_steps: int) -> None:
+    """A run continues only forward: refuse to finish at or before the step its checkpoint already reached (which
+    would replace final/ with an older or the same state)."""
+    if resumed_step >= max_steps:
+        raise FileExistsError(
+            f"The run being resumed already reached step {resumed_step} and --train.max_steps asks for {max_steps}:"
+            " nothing to train. Raise --train.max_steps (or max_tokens) to continue it, or choose another --out_dir"
+            " for a new run."
+        )
+
+
 def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path) -> Path | None:
-    """The checkpoint to resume from: the latest in out_dir for "auto", or the given folder."""
+    """The checkpoint to resume from: the latest in out_dir for "auto" (final/ counts, and is the latest), or the
+    given folder."""
     if resume is False or resume is None:
-        if Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+        if Path(out_dir).is_dir() and any(p.name != LOCK_FILENAME for p in Path(out_dir).iterdir()):
             raise FileExistsError(
                 f"{str(out_dir)!r} holds an earlier run: pass --resume auto to continue it, or choose another"
                 " --out_dir."
             )
         return None
     if resume == "auto" or resume is True:
-        candidates = sorted(Path(out_dir).glob("step-*"), key=lambda p: p.name)
+        candidates = [*sorted(Path(out_dir).glob("step-*"), key=lambda p: p.name), Path(out_dir) / "final"]
         candidates = [p for p in candidates if (p / STATE_FILENAME).is_file()]
         return candidates[-1] if candidates else None
     resume = Path(resume)

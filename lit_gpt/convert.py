@@ -28,7 +28,7 @@ from lit_gpt.checkpoint import (
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
-from lit_gpt.utils import parse_dtype
+from lit_gpt.utils import check_apart, parse_dtype
 
 
 def find_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -101,9 +101,10 @@ def convert_hf_checkpoint(
         overwrite: replace an output folder that already holds files.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + "-lit")
+    check_apart(output_dir, "--output_dir", checkpoint_dir, "--checkpoint_dir")
     config = load_hf_config(checkpoint_dir, model_name)
     files = find_weight_files(checkpoint_dir)
-    output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + "-lit")
     target_dtype = parse_dtype(dtype) or source_dtype(files)
     with torch.device("meta"):
         spec = {k: (tuple(v.shape), target_dtype) for k, v in model_state_dict(GPT(config)).items()}
@@ -152,6 +153,7 @@ def convert_lit_checkpoint(
         overwrite: replace an output folder that already holds files.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    check_apart(Path(output_dir), "--output_dir", checkpoint_dir, "--checkpoint_dir")
     if not is_checkpoint(checkpoint_dir):
         raise FileNotFoundError(
             f"Expected a checkpoint folder with {WEIGHTS_FILENAME} and model_config.yaml at {str(checkpoint_dir)!r}."

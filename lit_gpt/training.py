@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.utilities.throughput import ThroughputMonitor, measure_flops
 from tqdm import tqdm
 
-from lit_gpt.checkpoint import load_training_state
+from lit_gpt.checkpoint import check_resume_point, load_training_state
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
@@ -230,6 +230,8 @@ def fit(
 ) -> None:
     """Train until max_steps; `save(name)` writes a checkpoint. `state` holds the counters that resume needs."""
     max_steps, accumulation = schedule(args, args.global_batch_size * tokens_per_sequence, fabric.world_size)
+    if state["step"] > 0:  # resumed: refused before anything is written when the run already went that far
+        check_resume_point(state["step"], max_steps)
     throughput = ThroughputMonitor(fabric, window_size=10)
     progress = progress_bar(total=max_steps, initial=state["step"], desc="training", unit="step",
                             disable=fabric.global_rank != 0)

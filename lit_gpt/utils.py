@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,16 @@ def expand_bare_flags(argv: list[str], flags: set[str]) -> list[str]:
         if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             expanded.append("true")
     return expanded
+
+
+def check_apart(output: Path, output_flag: str, source: Path, source_flag: str) -> None:
+    """Refuse an output folder that is, contains or lies inside the input: writing there could destroy the input."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    relation = ("is" if out == src else "contains" if out in src.parents
+                else "lies inside" if src in out.parents else None)
+    if relation is not None:
+        raise ValueError(f"{output_flag} {output} {relation} {source_flag} {source}: the output must be apart from the"
+                         f" input; choose another {output_flag}.")
 
 
 def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from lit_gpt.checkpoint import find_resume_checkpoint, save_checkpoint
+from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
 from lit_gpt.config import Config
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
@@ -120,6 +120,12 @@ def ensure_prepared(data: DataArgs) -> Path:
 
 def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, train: TrainArgs, eval: EvalArgs,
          seed: int, resume, hparams: dict) -> None:
+    with run_lock(fabric, out_dir):  # one run at a time in out_dir
+        pretrain(fabric, config, data_args, out_dir, train, eval, seed, resume, hparams)
+
+
+def pretrain(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, train: TrainArgs, eval: EvalArgs,
+             seed: int, resume, hparams: dict) -> None:
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
     on_rank_zero(fabric, ensure_prepared, data_args)
     data = TokenData(data_args.dir)

@@ -244,3 +244,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: Expected a Hugging Face model folder at '{tmp_path / 'nope'}', found nothing there."
     ]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_apart_from_the_input_in_both_converters(tmp_path, where):
+    hf_dir, _ = save_hf(tmp_path)
+    before = {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    output = {"same": hf_dir, "inside": hf_dir / "lit", "contains": tmp_path}[where]
+    with pytest.raises(ValueError, match="the output must be apart from the input"):
+        convert_hf_checkpoint(hf_dir, output, overwrite=True)
+    assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == before  # the source is untouched
+    lit_dir = convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    output = {"same": lit_dir, "inside": lit_dir / "hf", "contains": tmp_path}[where]
+    with pytest.raises(ValueError, match="the output must be apart from the input"):
+        convert_lit_checkpoint(lit_dir, output, overwrite=True)
+    assert is_checkpoint(lit_dir)

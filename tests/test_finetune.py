@@ -171,10 +171,20 @@ def test_too_long_records_are_refused_or_cut(base):
 
 
 BAD = {
-    "config missing": (lambda base, tmp: dict(checkpoint_dir=str(tmp)), "model config file"),
+    "config missing": (lambda base, tmp: dict(checkpoint_dir=str(empty_folder(tmp))), "model config file"),
     "tokenizer missing": (lambda base, tmp: dict(checkpoint_dir=str(strip_tokenizer(base, tmp))), "No tokenizer"),
     "other model": (lambda base, tmp: dict(checkpoint_dir=str(other_model(base, tmp))), "from another model?"),
+    "output is the input's run folder": (lambda base, tmp: dict(checkpoint_dir=str(base), out_dir=str(base.parent)),
+                                         "contains --checkpoint_dir"),
+    "output is the input": (lambda base, tmp: dict(checkpoint_dir=str(base), out_dir=str(base)), "is --checkpoint_dir"),
+    "no steps": (lambda base, tmp: dict(checkpoint_dir=str(base), **{"train.max_steps": "0"}),
+                 "--train.max_steps must be at least 1"),
 }
+
+
+def empty_folder(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
 
 
 def strip_tokenizer(base: Path, tmp: Path) -> Path:

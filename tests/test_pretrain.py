@@ -297,3 +297,34 @@ def test_progress_bar_in_a_terminal_keeps_a_width(monkeypatch, columns):
     assert type(bar) is not utils.LineProgress
     assert (bar.ncols == 100) if columns == 0 else bar.dynamic_ncols
     bar.close()
+
+
+def test_a_second_run_into_the_same_folder_is_refused(data_dir, tmp_path, capsys):
+    from lit_gpt.checkpoint import RunLock
+
+    run = tmp_path / "run"
+    lock = RunLock(run)  # another run holds the folder
+    try:
+        with pytest.raises(SystemExit):
+            run_cli(setup, cli_args(data_dir, run, "--train.max_steps", "2", "--resume", "auto"))
+        assert f"is in use by another run (process {os.getpid()})" in capsys.readouterr().err
+        assert [p.name for p in run.iterdir()] == [".lock"]  # nothing written
+    finally:
+        lock.release()
+    setup(**tiny(data_dir, run, max_steps=2, save_interval=None))  # free again
+    assert not (run / ".lock").exists() and (run / "final").is_dir()
+
+
+def test_a_finished_run_is_not_replaced_by_resuming_it(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    setup(**tiny(data_dir, run, max_steps=4, save_interval=None))  # only final/ holds a training state
+    before = {p: p.read_bytes() for p in (run / "final").iterdir()} | {run / "history.json": (run / "history.json")
+                                                                      .read_bytes()}
+    for steps in ("4", "3"):
+        with pytest.raises(SystemExit):
+            run_cli(setup, cli_args(data_dir, run, "--train.max_steps", steps, "--resume", "auto"))
+        assert "already reached step 4" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    setup(**tiny(data_dir, run, max_steps=6, save_interval=None), resume="auto")  # continuing forward is fine
+    history = json.loads((run / "history.json").read_text())
+    assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4, 5, 6]
