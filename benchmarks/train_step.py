@@ -5,11 +5,16 @@ same weights and the same tokens.
 
     python benchmarks/train_step.py                                  # pythia-14m and pythia-70m, 4 x 512 and 4 x 2048
     python benchmarks/train_step.py --models pythia-14m --lengths 512 --repeats 3
-"""
+    python benchmarks/train_step.py --models pythia-14m --lengths 2048 --only vanilla "SSA (shared)" --rounds 3
 
+With --rounds N the rows are measured N times, interleaved (vanilla, SSA, vanilla, SSA, ...), and the ratio to vanilla
+is the median of the N per-round ratios with its range: on a noisy machine one pair of runs cannot resolve a few
+percent.
+"""
 import argparse
 import contextlib
 import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -111,20 +116,31 @@ def measure(name: str, label: str, batch: int, length: int, repeats: int) -> dic
     return time_and_peak(step, repeats)
 
 
-def benchmark(name: str, batch: int, length: int, repeats: int, peak: float) -> str:
+def benchmark(name: str, batch: int, length: int, repeats: int, peak: float, only: list[str] | None = None,
+              rounds: int = 1) -> str:
     config = Config.from_name(name)
     flops = micro_batch_flops(config, batch, length)  # of the vanilla model: the MFU numerator for every row
-    rows, reference = [], None
-    for label, _, _ in implementations(name):
-        result = measure_isolated(__file__, repeats, name=name, label=label, batch=batch, length=length)
-        seconds = result["seconds"]
-        reference = reference or result
-        rows.append([label, f"{batch * length / seconds:,.0f}", f"{seconds:.2f}",
-                     f"{flops / seconds / 1e9 / peak:.0%}", f"{seconds / reference['seconds']:.3f}",
-                     f"{result['peak_mb']:,.0f}", f"{result['peak_mb'] / reference['peak_mb']:.3f}"])
-    title = f"{name}, batch {batch} x {length} tokens, float32, median of {repeats} steps"
-    return f"**{title}**\n\n" + table(["implementation", "tokens/s", "step (s)", "MFU vs matmul peak",
-                                        "time / vanilla", "peak memory of a step (MiB)", "memory / vanilla"], rows)
+    labels = [label for label, _, _ in implementations(name)
+              if label.endswith("vanilla") or not only or any(o in label for o in only)]
+    results = {label: [] for label in labels}
+    for _ in range(rounds):  # interleaved: a drift of the machine's speed hits every row alike
+        for label in labels:
+            results[label].append(measure_isolated(__file__, repeats, name=name, label=label, batch=batch,
+                                                   length=length))
+    reference = results[labels[0]]
+    rows = []
+    for label, runs in results.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        ratios = [r["seconds"] / v["seconds"] for r, v in zip(runs, reference)]
+        spread = f" ({min(ratios):.3f}-{max(ratios):.3f})" if rounds > 1 else ""
+        rows.append([label, f"{batch * length / seconds:,.0f}", f"{seconds:.2f}", f"{flops / seconds / 1e9 / peak:.0%}",
+                     f"{statistics.median(ratios):.3f}{spread}", f"{runs[0]['peak_mb']:,.0f}",
+                     f"{runs[0]['peak_mb'] / reference[0]['peak_mb']:.3f}"])
+    title = (f"{name}, batch {batch} x {length} tokens, float32, median of {repeats} steps"
+             + (f", {rounds} interleaved rounds" if rounds > 1 else ""))
+    ratio_head = "time / vanilla" + (" (median of rounds, range)" if rounds > 1 else "")
+    return f"**{title}**\n\n" + table(["implementation", "tokens/s", "step (s)", "MFU vs matmul peak", ratio_head,
+                                        "peak memory of a step (MiB)", "memory / vanilla"], rows)
 
 
 def main() -> None:
@@ -133,6 +149,8 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="+", help="rows whose name contains one of these (vanilla is always run)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every row")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if answer_child(args.child, measure):
@@ -144,7 +162,7 @@ def main() -> None:
           " state already allocated), measured with large allocations returned to the system at once.\n")
     for name in args.models:
         for length in args.lengths:
-            print(benchmark(name, args.batch, length, args.repeats, peak) + "\n", flush=True)
+            print(benchmark(name, args.batch, length, args.repeats, peak, args.only, args.rounds) + "\n", flush=True)
 
 
 if __name__ == "__main__":
