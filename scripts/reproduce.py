@@ -290,7 +290,7 @@ def verdict(length: dict, settings: dict, seeds_wanted: int = 3) -> dict:
         far_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", far) for s in seeds])
         near_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", [train]) for s in seeds])
         ll_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "log_likelihood", far) for s in seeds])
-        same_sign = max(far_diff["positive"], far_diff["negative"]) == far_diff["seeds"]
+        same_sign = not (far_diff["positive"] and far_diff["negative"])  # a zero difference disagrees with neither
         if len(seeds) < seeds_wanted and abs(far_diff["mean"]) >= 0.05:
             call = "undecided: more seeds"
         elif far_diff["mean"] >= 0.15 and far_diff["positive"] == far_diff["seeds"] and near_diff["mean"] >= -0.05:
@@ -362,8 +362,16 @@ def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, 
             lines.append(f"| SSA minus log-n at inference | {d['seeds']} | {fmt_paired(d['exact_far'])} | |"
                          f" {fmt_paired(d['log_likelihood_far'], 2)} | |")
         else:
-            lines.append(f"| {arm} | {d['seeds']} | {fmt_paired(d['exact_far'])} | {fmt_paired(d['exact_train'])} |"
-                         f" {fmt_paired(d['log_likelihood_far'], 2)} | {d['verdict']} |")
+            lines.append(f"| {arm} | {d['seeds']} | {fmt_paired(d['exact_far'])} |"
+                         f" {fmt_paired(d['exact_train'])} | {fmt_paired(d['log_likelihood_far'], 2)} | {d['verdict']} |")
+    lines += ["", "Paired differences against vanilla at every length, all seeds (whether or not a run learned the task),"
+              " exact match, mean ± standard error (seeds above / below zero):", "",
+              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
+    vanilla = {r["seed"]: per_length(r, "exact") for r in length["vanilla"]}
+    for arm, rows in length.items():
+        if arm != "vanilla":
+            diffs = {n: paired([per_length(r, "exact")[n] - vanilla[r["seed"]][n] for r in rows]) for n in lengths}
+            lines.append(f"| {arm} | " + " | ".join(fmt_paired(diffs[n], 2) for n in lengths) + " |")
     ssa_slopes = [r["slopes"] for r in length.get("ssa", []) if r.get("slopes")]
     if ssa_slopes:
         lines += ["", "Learned position slopes of the SSA arm (min / median / max over layers and heads; start 0.01):",
