@@ -362,8 +362,8 @@ def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, 
             lines.append(f"| SSA minus log-n at inference | {d['seeds']} | {fmt_paired(d['exact_far'])} | |"
                          f" {fmt_paired(d['log_likelihood_far'], 2)} | |")
         else:
-            lines.append(f"| {arm} | {d['seeds']} | {fmt_paired(d['exact_far'])} |"
-                         f" {fmt_paired(d['exact_train'])} | {fmt_paired(d['log_likelihood_far'], 2)} | {d['verdict']} |")
+            cells = [fmt_paired(d["exact_far"]), fmt_paired(d["exact_train"]), fmt_paired(d["log_likelihood_far"], 2)]
+            lines.append(f"| {arm} | {d['seeds']} | " + " | ".join(cells) + f" | {d['verdict']} |")
     lines += ["", "Paired differences against vanilla at every length, all seeds (whether or not a run learned the task),"
               " exact match, mean ± standard error (seeds above / below zero):", "",
               "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
