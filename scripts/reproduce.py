@@ -364,8 +364,8 @@ def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, 
         else:
             cells = [fmt_paired(d["exact_far"]), fmt_paired(d["exact_train"]), fmt_paired(d["log_likelihood_far"], 2)]
             lines.append(f"| {arm} | {d['seeds']} | " + " | ".join(cells) + f" | {d['verdict']} |")
-    lines += ["", "Paired differences against vanilla at every length, all seeds (whether or not a run learned the task),"
-              " exact match, mean ± standard error (seeds above / below zero):", "",
+    lines += ["", "Paired differences against vanilla at every length, all seeds (whether or not a run learned the"
+              " task), exact match, mean ± standard error (seeds above / below zero):", "",
               "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
     vanilla = {r["seed"]: per_length(r, "exact") for r in length["vanilla"]}
     for arm, rows in length.items():
