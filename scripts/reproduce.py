@@ -101,9 +101,10 @@ def final_val_loss(folder: Path) -> float:
 
 
 def slope_summary(folder: Path) -> dict:
-    """min / median / max of the learned position slopes of each side, over layers and heads."""
+    """min / median / max of the learned position slopes of each side, over layers and heads, and every slope
+    ("per_layer": for each layer, {side: [one per head]})."""
     slopes = learned_slopes(GPT.from_checkpoint(folder / "final"))
-    summary = {}
+    summary = {"per_layer": [{side: s.tolist() for side, s in layer.items()} for layer in slopes]}
     for side in ("query", "key", "value"):
         values = torch.cat([layer[side] for layer in slopes if layer.get(side) is not None] or [torch.empty(0)])
         if values.numel():
@@ -382,7 +383,8 @@ def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, 
             lines.append(f"| {r['seed']} | {cells[0]} | {cells[1]} |")
     test_n = grid["dilution"]["test_n"]
     for variant, rows in dilution.items():
-        lines += ["", f"**3. Dilution toy, {variant} (1 - attention mass on the targets, mean ± std over"
+        lines += ["", f"**3. Dilution toy, {variant} (squared error of the head's output / squared norm of the target,"
+                  " mean ± std over"
                   f" {len(grid['dilution']['seeds'])} seeds; trained at n in {grid['dilution']['train_n']})**", "",
                   "| arm | " + " | ".join(f"n = {n}" for n in test_n) + " |", "| --- |" + " ---: |" * len(test_n)]
         for arm, errors in rows.items():
@@ -423,12 +425,37 @@ def plot(grid: dict, length: dict, dilution: dict, out_dir: Path) -> None:
             ax.plot(test_n, [statistics.mean(e[str(n)] for e in errors) for n in test_n], "o-", label=arm)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("keys n (trained at 8-64)")
-        ax.set_ylabel("1 - mass on targets")
+        ax.set_ylabel("output error / target norm (squared)")
         ax.set_title(f"dilution toy: {variant}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "dilution.png", dpi=120)
+    plt.close(fig)
+    rows = [r for r in length.get("ssa", []) if r.get("slopes")]
+    if rows:
+        plot_slopes(rows, out_dir / "slopes.png", plt)
+
+
+def plot_slopes(rows: list[dict], path: Path, plt) -> None:
+    """Every learned slope of the SSA arm, by layer and side, one colour per side, seeds side by side."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for side, colour, shift in (("query", "tab:blue", -0.15), ("value", "tab:orange", 0.15)):
+        for k, row in enumerate(rows):
+            for layer, sides in enumerate(row["slopes"]["per_layer"]):
+                heads = sides.get(side, [])
+                ax.scatter([layer + shift + 0.05 * (k - 1)] * len(heads), [max(h, 1e-5) for h in heads], s=12,
+                           color=colour, label=side if layer == 0 and k == 0 else None)
+    ax.axhline(0.01, color="gray", linestyle="--", linewidth=1, label="start (0.01)")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows[0]["slopes"]["per_layer"])))
+    ax.set_xlabel("layer (seeds side by side)")
+    ax.set_ylabel("learned position slope per head")
+    ax.set_title("SSA's position slopes after training (length experiment)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -495,7 +522,7 @@ def main(grid: Path = ROOT / "configs" / "reproduce.yaml", out_dir: Path | None 
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plot(grid, length, dilution, out_dir)
     print("\n" + text)
-    print(f"Wrote {out_dir}/results.md, results.json, length.png and dilution.png")
+    print(f"Wrote {out_dir}/results.md, results.json, length.png, dilution.png and slopes.png")
     return text
 
 

@@ -34,7 +34,7 @@ def test_quick_grid_runs_every_experiment(tmp_path):
     assert set(summary["slopes"]) == {"log-lr3e-2"}
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| vanilla |" in report and "| key gate |" in report and "verdict" in report
-    for picture in ("length.png", "dilution.png"):
+    for picture in ("length.png", "dilution.png", "slopes.png"):
         assert (tmp_path / "out" / picture).stat().st_size > 0
     again = subprocess.run(command, capture_output=True, text=True)  # finished runs and evaluations are reused
     assert again.returncode == 0 and "Prepared" not in again.stdout
