@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from lit_gpt.checkpoint import (
     TORCH_DTYPES,
@@ -28,7 +27,7 @@ from lit_gpt.checkpoint import (
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
-from lit_gpt.utils import check_apart, parse_dtype
+from lit_gpt.utils import check_apart, parse_dtype, progress_bar
 
 
 def find_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -112,7 +111,7 @@ def convert_hf_checkpoint(
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec)
         items = (item for f in files for item in iter_weight_file(f))
-        progress = tqdm(total=count_tensors(files), desc="converting", unit="tensor")
+        progress = progress_bar(total=count_tensors(files), desc="converting", unit="tensor")
         try:
             for name, tensor in lit_weights_from_hf(config, progress_of(items, progress), dtype=target_dtype):
                 writer.write(name, tensor)
@@ -172,7 +171,8 @@ def convert_lit_checkpoint(
 
     with atomic_output_dir(Path(output_dir), overwrite=overwrite) as tmp:
         writer, side = SafetensorsStreamWriter(tmp / "model.safetensors", spec), {}
-        for name, tensor in tqdm(iter_safetensors(weights), total=len(header), desc="converting", unit="tensor"):
+        for name, tensor in progress_bar(iter_safetensors(weights), total=len(header), desc="converting",
+                                         unit="tensor"):
             if name in temperature_names:
                 side[name] = tensor
                 continue
