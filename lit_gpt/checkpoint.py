@@ -259,7 +259,7 @@ class RunLock:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
-        self.created = not self.out_dir.exists()
+        self.created = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]  # deepest first
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / LOCK_FILENAME
         self.file = open(self.path, "a+")
@@ -279,8 +279,10 @@ class RunLock:
         self.path.unlink(missing_ok=True)
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-        if self.created and not any(self.out_dir.iterdir()):  # a run refused before it wrote anything
-            self.out_dir.rmdir()
+        for folder in self.created:  # a run refused before it wrote anything leaves no folder behind
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 @contextmanager
