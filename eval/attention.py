@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt.config import Config
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
-from lit_gpt.model import GPT, learned_slopes, recording_attention
-from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import run_cli
+from lit_gpt.generation import load_for_inference
+from lit_gpt.model import learned_slopes, recording_attention
+from lit_gpt.utils import check_writable, resolve_device, run_cli
 
 TEMPERATURES = ("query_temperature", "value_temperature")
 
@@ -22,9 +23,11 @@ TEMPERATURES = ("query_temperature", "value_temperature")
 @torch.inference_mode()
 def analyze(checkpoint_dir: Path, text: str, max_tokens: int, device: str) -> dict:
     """Attention statistics of one checkpoint on one text, and the raw maps and temperatures for plotting."""
-    model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-    tokenizer = Tokenizer(checkpoint_dir)
+    model, tokenizer = load_for_inference(checkpoint_dir, device)
     ids = tokenizer.encode(text)[: min(max_tokens, model.max_seq_length)].unsqueeze(0).to(device)
+    if ids.size(1) < 2:
+        raise ValueError(f"The text gives {ids.size(1)} token(s); entropy over the keys a query sees needs at least"
+                         " 2: give a longer --text_file.")
     with recording_attention(model) as details:
         model(ids)
     slopes = learned_slopes(model)
@@ -145,7 +148,7 @@ def main(
     max_tokens: int = 256,
     head: int = 0,
     output_dir: Path | None = None,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> list[dict]:
     """Attention entropy, spikiness, temperatures and maps.
 
@@ -156,14 +159,26 @@ def main(
         max_tokens: how many tokens of it.
         head: the head whose maps are drawn.
         output_dir: default <checkpoint_dir>/attention.
-        device: cpu or cuda.
+        device: cpu or cuda; default cuda when available.
     """
     import matplotlib
 
     matplotlib.use("Agg")
-    text = read_text(Path(text_file)) if text_file is not None else read_text(BUNDLED_WIKI)[20000:]
-    results = [analyze(Path(d), text, max_tokens, device) for d in [checkpoint_dir, compare_dir] if d is not None]
+    if max_tokens < 2:
+        raise ValueError(f"--max_tokens must be at least 2 (entropy over one key is undefined), got {max_tokens}.")
+    folders = [Path(d) for d in [checkpoint_dir, compare_dir] if d is not None]
+    for folder in folders:
+        n_head = Config.from_file(folder).n_head
+        if not 0 <= head < n_head:
+            raise ValueError(f"--head {head} does not exist in {str(folder)!r}, whose layers have {n_head} heads"
+                             f" (0 to {n_head - 1}).")
     output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "attention"
+    check_writable(output_dir, "--output_dir", is_dir=True)
+    if text_file is not None and not Path(text_file).is_file():
+        raise FileNotFoundError(f"--text_file {text_file}: expected a text file there, found nothing.")
+    device = resolve_device(device)
+    text = read_text(Path(text_file)) if text_file is not None else read_text(BUNDLED_WIKI)[20000:]
+    results = [analyze(folder, text, max_tokens, device) for folder in folders]
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_stats(results, output_dir / "attention_stats.png")
     plot_maps(results, output_dir / "attention_maps.png", head)

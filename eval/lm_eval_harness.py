@@ -19,10 +19,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lit_gpt.generation import generate_text
-from lit_gpt.model import GPT
-from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import parse_dtype, run_cli
+from lit_gpt.generation import generate_text, load_for_inference
+from lit_gpt.utils import check_writable, resolve_device, run_cli
 
 
 @register_model("lit_gpt_ssa")
@@ -30,8 +28,7 @@ class LitLM(LM):
     def __init__(self, checkpoint_dir: str, device: str = "cpu", dtype: str | None = None,
                  max_length: int | None = None, **kwargs) -> None:
         super().__init__()
-        self.model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
-        self.tokenizer = Tokenizer(checkpoint_dir)
+        self.model, self.tokenizer = load_for_inference(Path(checkpoint_dir), device, dtype)
         self.max_length = max_length or self.model.max_seq_length
         self._device = torch.device(device)
         prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
@@ -120,7 +117,16 @@ def main(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
+    if limit is not None and not limit > 0:
+        raise ValueError(f"--limit must be above 0 (documents per task, or a fraction below 1), got {limit}.")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include_path {include_path}: expected a folder of task YAML files, found"
+                                f" {'a file' if Path(include_path).exists() else 'nothing'} there.")
+    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "lm_eval.json"
+    check_writable(output_file, "--output_file")
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
@@ -129,7 +135,6 @@ def main(
     results = lm_eval.simple_evaluate(model=LitLM(str(checkpoint_dir), device=device, dtype=dtype), tasks=tasks,
                                       num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
-    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "lm_eval.json"
     output_file.write_text(json.dumps(results["results"], indent=2, default=str))
     print(json.dumps(results["results"], indent=2, default=str))
     return results["results"]

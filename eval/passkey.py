@@ -11,13 +11,33 @@ import csv
 import json
 from pathlib import Path
 
-import torch
-
-from lit_gpt.evaluation import run_passkey_grid, summarize_passkey
-from lit_gpt.model import GPT
+from lit_gpt.evaluation import passkey_min_length, run_passkey_grid, summarize_passkey
+from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import plot_passkey_heatmap
-from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import parse_dtype, run_cli
+from lit_gpt.utils import check_positive, check_writable, run_cli
+
+
+def passkey_lengths(model, tokenizer, lengths: list[int] | None, max_new_tokens: int) -> list[int]:
+    """The prompt lengths to test, checked: each holds the prompt's fixed text and one filler, and leaves room for
+    the answer in the model's context (a model without positional encoding reads beyond its block)."""
+    shortest = passkey_min_length(tokenizer)
+    if lengths is not None and model.config.position_embedding == "none" and lengths:
+        model.max_seq_length = max(model.max_seq_length, max(lengths) + max_new_tokens)
+    context = model.max_seq_length - max_new_tokens
+    if lengths is None:  # powers of two that fit, or the context itself on a small model
+        lengths = [n for n in (256, 512, 1024, 2048, 4096) if shortest <= n <= context] or [context]
+    if not lengths:
+        raise ValueError("--lengths is empty: give at least one prompt length.")
+    too_short = [n for n in lengths if n < shortest]
+    if too_short:
+        raise ValueError(f"--lengths {too_short}: a passkey prompt needs at least {shortest} tokens (its question,"
+                         " key and one filler sentence); give longer lengths.")
+    too_long = [n for n in lengths if n > context]
+    if too_long:
+        raise ValueError(f"--lengths {too_long} leave no room for {max_new_tokens} answer tokens in the model's"
+                         f" context of {model.max_seq_length}; only a model without positional encoding"
+                         " (position_embedding: none) reads beyond its block_size.")
+    return lengths
 
 
 def main(
@@ -44,22 +64,14 @@ def main(
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16 or bfloat16; default the checkpoint's own.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
-    tokenizer = Tokenizer(checkpoint_dir)
-    if model.config.position_embedding == "none" and lengths:  # no positional encoding (NoPE): no length limit
-        model.max_seq_length = max(model.max_seq_length, max(lengths) + max_new_tokens)
-    context = model.max_seq_length - max_new_tokens
-    lengths = lengths or [n for n in (256, 512, 1024, 2048, 4096) if n <= context]
-    too_long = [n for n in lengths if n > context]
-    if too_long:
-        raise ValueError(f"Lengths {too_long} leave no room for {max_new_tokens} answer tokens in the model's"
-                         f" context of {model.max_seq_length}; only a model without positional encoding"
-                         " (position_embedding: none) reads beyond its block_size.")
-    if not all(0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"Depths must lie in [0, 1], got {depths}.")
-    result = summarize_passkey(run_passkey_grid(model, tokenizer, lengths, depths, trials, seed, max_new_tokens))
+    check_positive(trials=trials, max_new_tokens=max_new_tokens)
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths must be a non-empty list of values in [0, 1], got {depths}.")
     output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "passkey"
+    check_writable(output_dir, "--output_dir", is_dir=True)
+    model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
+    lengths = passkey_lengths(model, tokenizer, lengths, max_new_tokens)
+    result = summarize_passkey(run_passkey_grid(model, tokenizer, lengths, depths, trials, seed, max_new_tokens))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "passkey.json").write_text(json.dumps(result, indent=2))
     with open(output_dir / "passkey.csv", "w", newline="") as f:

@@ -11,13 +11,10 @@ lm-evaluation-harness counts them) and bits per byte.
 import json
 from pathlib import Path
 
-import torch
-
 from lit_gpt.data.prepare import BUNDLED_WIKI, local_files, read_text
 from lit_gpt.evaluation import PerplexityResult, count_words, sliding_window_nll
-from lit_gpt.model import GPT
-from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import check_hub_reachable, parse_dtype, run_cli
+from lit_gpt.generation import load_for_inference
+from lit_gpt.utils import check_hub_reachable, check_positive, check_writable, run_cli
 
 
 def load_text(data: Path | None, dataset: str | None, dataset_config: str | None, split: str, text_column: str,
@@ -78,9 +75,12 @@ def main(
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16 or bfloat16; default the checkpoint's own.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
-    tokenizer = Tokenizer(checkpoint_dir)
+    check_positive(max_chars=max_chars, max_tokens=max_tokens, window=window, stride=stride)
+    if start_char < 0:
+        raise ValueError(f"--start_char must be 0 or more, got {start_char}.")
+    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "perplexity.json"
+    check_writable(output_file, "--output_file")
+    model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
     text = load_text(data, dataset, dataset_config, split, text_column, start_char, max_chars)
     ids = tokenizer.encode(text)[:max_tokens]
     if max_tokens is not None:
@@ -92,7 +92,6 @@ def main(
     result = PerplexityResult(nll, count, count_words(text), len(text.encode("utf-8"))).as_dict()
     result.update(checkpoint=str(checkpoint_dir), data=dataset or str(data or BUNDLED_WIKI), window=window,
                   stride=stride or max(1, window // 2))
-    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "perplexity.json"
     output_file.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result

@@ -97,6 +97,7 @@ def setup(
     checkpoint_dir = Path(checkpoint_dir)
     base = Config.from_file(checkpoint_dir)
     Tokenizer(checkpoint_dir)  # fail now, in one line, where the folder has no tokenizer
+    check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
     hparams = hyperparameters(checkpoint_dir=checkpoint_dir, ssa=ssa, ssa_only=ssa_only,
                               model=config.to_dict(), data=data, data_source=data_source, val_fraction=val_fraction,
@@ -104,6 +105,17 @@ def setup(
     fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
     fabric.launch(main, checkpoint_dir, base, config, ssa_only, Path(data), data_source, val_fraction,
                   truncate, Path(out_dir), train, eval, seed, resume, hparams)
+
+
+def check_data_argument(data: Path, data_source: str | None) -> None:
+    """--data is instruction records (.json/.jsonl) or a token folder; a text file is neither."""
+    if data.suffix in (".json", ".jsonl"):
+        if not data.is_file():
+            raise FileNotFoundError(f"--data {data}: expected an Alpaca-format instruction file there, found"
+                                    f" {'a folder' if data.exists() else 'nothing'}.")
+    elif data.is_file():
+        raise ValueError(f"--data {data} is a file, not instruction data (.json/.jsonl) or a prepared token folder: to"
+                         f" fine-tune on its text, pass --data_source {data} --data <a new folder to prepare into>.")
 
 
 def finetune_config(base: Config, ssa: bool, overrides: dict) -> Config:
@@ -185,7 +197,10 @@ def finetune(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Confi
                  f" ({added / max(1, num_parameters(model) - added):.3%}); {num_parameters(model, True):,} trainable")
     model, optimizer, state = setup_training(fabric, model, train, resume_dir, out_dir)
 
-    save = lambda name: save_checkpoint(fabric, state, out_dir / name, checkpoint_dir, hparams)  # noqa: E731
+
+    def save(name: str) -> None:
+        save_checkpoint(fabric, state, out_dir / name, checkpoint_dir, hparams, keep_last=train.keep_last)
+
     fit(fabric, model, optimizer, state, batches, train, eval, block_size, save)
     report(fabric, state, out_dir, config)
 

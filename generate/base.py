@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.generation import prepare_prompt, stream_text
-from lit_gpt.model import GPT
-from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import parse_dtype, run_cli
+from lit_gpt.generation import check_sampling, load_for_inference, prepare_prompt, stream_text
+from lit_gpt.utils import check_positive, run_cli
 
 
 def main(
@@ -49,9 +47,10 @@ def main(
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16 or bfloat16; default the checkpoint's own.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
-    tokenizer = Tokenizer(checkpoint_dir)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_positive(num_samples=num_samples)
+    model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
+    device = model.lm_head.weight.device
     ids = prepare_prompt(tokenizer, prompt, max_new_tokens, model.max_seq_length, truncate).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     # a backslash-n typed on the command line means a newline

@@ -11,8 +11,10 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,9 +25,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from lit_gpt.config import CONFIG_FILENAME
+from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
 from lit_gpt.tokenizer import TOKENIZER_FILES
+from lit_gpt.utils import set_interrupt_note
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -34,19 +37,71 @@ SAFETENSORS_DTYPES = {
 }
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 STATE_FILENAME = "training_state.pth"
+# every file name this project writes into an output folder: --overwrite replaces a folder holding only these
+OUTPUT_NAMES = {WEIGHTS_FILENAME, CONFIG_FILENAME, STATE_FILENAME, "hyperparameters.yaml", "meta.json", "train.bin",
+                "val.bin", "config.json", "README.md", "ssa_parameters.safetensors", "configuration_ssa.py",
+                "modeling_ssa.py", *TOKENIZER_FILES}
 
 
 def is_checkpoint(path: Path) -> bool:
     return (path / WEIGHTS_FILENAME).is_file() and (path / CONFIG_FILENAME).is_file()
 
 
+def check_replaceable(target: Path, overwrite: bool) -> None:
+    """An output folder may be replaced only on request (--overwrite), and only when it looks like this project's
+    output: files of the names it writes and nothing else (never a folder of unrelated files, never a source)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{str(target)!r} is a file, not a folder: choose another output folder.")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{str(target)!r} already holds files; pass --overwrite to replace them.")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in OUTPUT_NAMES or not p.is_file())
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise FileExistsError(f"{str(target)!r} holds files this project did not write ({shown}); --overwrite replaces"
+                              " only its own output: choose another output folder or empty this one yourself.")
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporary folders that an interrupted write into `target` left beside it (`.NAME.tmp-PID`,
+    `.NAME.old-PID`) when their process is gone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)$")
+    for path in target.parent.glob(f".{glob_escape(target.name)}.*-*"):
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not process_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def readable_by_all(path: Path) -> None:
+    """safetensors writes files as 0600; give them the mode any other file of ours gets (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary folder beside `target`; renames it to `target` only when the block completes."""
     target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{str(target)!r} already holds files; pass --overwrite to replace them.")
+    check_replaceable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -92,6 +147,7 @@ def write_model_files(model: GPT, folder: Path, tokenizer_dir: Path | None = Non
     """Weights, config and tokenizer files into an existing (temporary) folder."""
     save_file(state if state is not None else model_state_dict(model), folder / WEIGHTS_FILENAME,
               metadata={"format": "pt"})
+    readable_by_all(folder / WEIGHTS_FILENAME)
     model.config.save(folder / CONFIG_FILENAME)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, folder)
@@ -226,11 +282,14 @@ def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
     return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
 
 
-def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict) -> None:
-    """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done."""
+def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict,
+                    keep_last: int | None = None) -> None:
+    """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done;
+    then only the `keep_last` latest step-* checkpoints are kept (final/ is never removed)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     if fabric.global_rank == 0:
+        remove_stale_temporaries(folder)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
@@ -247,7 +306,26 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
             copy_tokenizer_files(tokenizer_dir, tmp)
         (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
         move_into_place(tmp, folder)
+        if keep_last is not None:
+            prune_checkpoints(folder.parent, keep_last)
+        set_interrupt_note(f"the last checkpoint is {folder}; continue the run with --resume auto.")
     fabric.barrier()
+
+
+STEP_PATTERN = re.compile(r"step-\d{8}$")
+
+
+def step_checkpoints(out_dir: Path) -> list[Path]:
+    """The run's step-XXXXXXXX checkpoints, oldest first."""
+    return sorted(p for p in Path(out_dir).glob("step-*") if STEP_PATTERN.match(p.name) and p.is_dir())
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
+    """Delete all but the `keep_last` latest step checkpoints this run wrote (folders named step-XXXXXXXX that hold a
+    training state); nothing else in out_dir is touched."""
+    steps = [p for p in step_checkpoints(out_dir) if (p / STATE_FILENAME).is_file()]
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        shutil.rmtree(old)
 
 
 LOCK_FILENAME = ".lock"
@@ -326,18 +404,59 @@ def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path)
             )
         return None
     if resume == "auto" or resume is True:
-        candidates = [*sorted(Path(out_dir).glob("step-*"), key=lambda p: p.name), Path(out_dir) / "final"]
+        candidates = [*step_checkpoints(out_dir), Path(out_dir) / "final"]
         candidates = [p for p in candidates if (p / STATE_FILENAME).is_file()]
-        return candidates[-1] if candidates else None
+        for later, candidate in zip([None, *candidates[::-1]], candidates[::-1]):
+            problem = unreadable_checkpoint(candidate)
+            if problem is None:
+                if later is not None:
+                    print(f"Resuming from {candidate}, the latest readable checkpoint.")
+                return candidate
+            print(f"Skipping {candidate}: {problem}.")
+        if candidates:
+            raise ValueError(f"No readable checkpoint in {str(out_dir)!r} to resume from (all {len(candidates)} are"
+                             " damaged): start a new run in another --out_dir.")
+        return None
     resume = Path(resume)
     if not (resume / STATE_FILENAME).is_file():
         raise FileNotFoundError(f"--resume {resume} is not a training checkpoint: it has no {STATE_FILENAME}.")
+    problem = unreadable_checkpoint(resume)
+    if problem is not None:
+        raise ValueError(f"--resume {resume}: {problem}; resume from an earlier checkpoint.")
     return resume
+
+
+def unreadable_checkpoint(folder: Path) -> str | None:
+    """Why a training checkpoint cannot be resumed from (a truncated state or weights file), or None. Cheap: reads
+    the zip directory at the end of the state file and the weights file's header."""
+    try:
+        with zipfile.ZipFile(folder / STATE_FILENAME) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{STATE_FILENAME} is truncated or damaged ({error})"
+    try:
+        read_safetensors_header(folder / WEIGHTS_FILENAME)
+    except (ValueError, OSError) as error:
+        return str(error).rstrip(".")
+    return None
+
+
+def check_same_architecture(checkpoint: Path, config: Config) -> None:
+    """Resuming continues the same model: refuse a checkpoint whose model_config.yaml differs in any field (the
+    optimizer state and the weights would not fit), naming the fields."""
+    saved = Config.from_file(Path(checkpoint) / CONFIG_FILENAME).to_dict()
+    differ = [k for k, v in config.to_dict().items() if saved.get(k) != v and k != "name"]
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {config.to_dict()[k]!r} now" for k in differ[:3])
+        raise ValueError(f"{str(checkpoint)!r} was trained with another model ({shown}): resume with the same model"
+                         " settings, or choose another --out_dir for a new run.")
 
 
 def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> list[dict]:
     """Restore model, optimizer, counters and RNG (only tensors and plain containers are accepted from the file).
     Returns the history a checkpoint of an older version stored inside itself (empty for current ones)."""
+    module = state["model"].module if hasattr(state["model"], "module") else state["model"]
+    check_same_architecture(path, module.config)
     restored = {k: v for k, v in state.items() if k != "history"}
     try:
         remainder = fabric.load(path / STATE_FILENAME, restored, weights_only=True)

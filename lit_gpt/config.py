@@ -2,6 +2,8 @@
 
 import difflib
 import math
+import types
+import typing
 from copy import deepcopy
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -80,6 +82,10 @@ class Config:
         for side in SSA_SIDES:  # YAML and the command line may spell "none" as null
             if getattr(self, side) is None:
                 setattr(self, side, "none")
+        check_field_types(self)
+        for key in ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"Config.{key} must be at least 1, got {getattr(self, key)}.")
         for key, choices in CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"Config.{key} must be one of {choices}, got {getattr(self, key)!r}.")
@@ -141,10 +147,17 @@ class Config:
             path = path / CONFIG_FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"Expected a model config file at {str(path)!r}, found nothing there.")
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise ValueError(f"{str(path)!r} is not valid YAML ({first}); restore or recreate the file.") from None
         if not isinstance(values, dict):
             raise ValueError(f"{str(path)!r} should hold a mapping of config fields, found {type(values).__name__}.")
-        return cls.from_dict({**values, **overrides})
+        try:
+            return cls.from_dict({**values, **overrides})
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{str(path)!r}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -154,6 +167,28 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_field_types(config: Config) -> None:
+    """Each field holds a value of its annotated type (`n_layer: two` in a YAML file is refused, naming the field);
+    an int is accepted for a float and stored as one."""
+    plain = {int: int, float: (int, float), bool: bool, str: str, dict: dict}
+    for name, hint in typing.get_type_hints(Config).items():
+        value = getattr(config, name)
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in options:
+            continue
+        for option in options:
+            kind = plain.get(typing.get_origin(option) or option)
+            if typing.get_origin(option) is Literal:
+                kind = str
+            if kind is not None and isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+                if option is float:
+                    setattr(config, name, float(value))
+                break
+        else:
+            expected = " or ".join("null" if o is type(None) else getattr(o, "__name__", "a choice") for o in options)
+            raise ValueError(f"Config.{name} must be {expected}, got {value!r}.")
 
 
 def upgrade_ssa_fields(values: dict) -> dict:

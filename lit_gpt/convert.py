@@ -22,12 +22,13 @@ from lit_gpt.checkpoint import (
     iter_safetensors,
     model_state_dict,
     read_safetensors_header,
+    readable_by_all,
     safe_torch_load,
 )
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
-from lit_gpt.utils import check_apart, parse_dtype, progress_bar
+from lit_gpt.utils import check_apart, parse_dtype, progress_bar, read_json
 
 
 def find_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -36,7 +37,7 @@ def find_weight_files(checkpoint_dir: Path) -> list[Path]:
                                 ("pytorch_model.bin.index.json", "*.bin")):
         index = checkpoint_dir / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            names = sorted(set(read_json(index, required=("weight_map",))["weight_map"].values()))
             missing = [n for n in names if not (checkpoint_dir / n).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index_name} lists {missing[0]!r}, which is not in {str(checkpoint_dir)!r}.")
@@ -80,7 +81,12 @@ def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> Config:
     config_file = checkpoint_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"Expected {str(config_file)!r} (the Hugging Face config), found nothing there.")
-    return config_from_hf(json.loads(config_file.read_text()), name=model_name)
+    hf_config = read_json(config_file)
+    try:
+        return config_from_hf(hf_config, name=model_name)
+    except KeyError as error:
+        raise ValueError(f"{str(config_file)!r} lacks the key {error.args[0]!r} that a {hf_config.get('model_type')}"
+                         " config holds; download the complete config.json.") from None
 
 
 def convert_hf_checkpoint(
@@ -183,6 +189,7 @@ def convert_lit_checkpoint(
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if side:
             save_file(side, tmp / SSA_SIDE_FILE, metadata={"attention_temperature": config.attention_temperature})
+            readable_by_all(tmp / SSA_SIDE_FILE)
         copy_tokenizer_files(checkpoint_dir, tmp)
     print(f"Wrote {output_dir} ({hf_config['architectures'][0]}, {len(spec)} tensors, {out_dtype})")
     return Path(output_dir)

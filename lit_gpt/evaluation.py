@@ -67,6 +67,12 @@ def passkey_needle(key: int) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
+def passkey_min_length(tokenizer) -> int:
+    """The fewest tokens a passkey prompt can have: the fixed text with the longest key, and one filler."""
+    fixed = tokenizer.encode(" ".join([PASSKEY_INTRO, passkey_needle(99999), PASSKEY_QUESTION])).numel()
+    return fixed + tokenizer.encode(" " + PASSKEY_FILLER, bos=False).numel()
+
+
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> str:
     """A prompt of about `length` tokens with the needle at relative `depth` (0 = start, 1 = end of the filler)."""
     fixed = tokenizer.encode(" ".join([PASSKEY_INTRO, passkey_needle(key), PASSKEY_QUESTION])).numel()

@@ -2,10 +2,40 @@
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import parse_dtype, resolve_device
+
+
+def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: str | None = None
+                       ) -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode, on --device, in --dtype) and tokenizer of a checkpoint folder, checked to belong
+    together: a tokenizer with more tokens than the model's vocabulary would index past its embedding."""
+    device = resolve_device(device)
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    if tokenizer.vocab_size > model.config.padded_vocab_size:
+        raise ValueError(
+            f"The tokenizer in {str(checkpoint_dir)!r} has {tokenizer.vocab_size:,} tokens but the model's vocabulary"
+            f" {model.config.padded_vocab_size:,}: the tokenizer files belong to another model; copy the model's own."
+        )
+    return model, tokenizer
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float) -> None:
+    """Refuse sampling settings that mean nothing, naming the flag."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if not temperature >= 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or above, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top_k must be at least 1 (or null for no limit), got {top_k}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must lie in (0, 1], got {top_p}.")
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0):
@@ -76,6 +106,9 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_seq_length: 
         raise ValueError("The prompt is empty: give at least one character of text.")
     ids = tokenizer.encode(prompt)
     room = max_seq_length - max_new_tokens
+    if truncate and room <= 0:
+        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of"
+                         f" {max_seq_length} tokens: ask for fewer new tokens.")
     if truncate and ids.numel() > room > 0:
         warnings.warn(f"Keeping the last {room} of the prompt's {ids.numel()} tokens to fit the context.", stacklevel=2)
         ids = ids[-room:]

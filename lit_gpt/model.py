@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lit_gpt.config import CONFIG_FILENAME, Config
@@ -175,7 +176,11 @@ class GPT(nn.Module):
         weights = checkpoint_dir / WEIGHTS_FILENAME
         if not weights.is_file():
             raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
-        state_dict = load_file(weights, device=str(device))
+        try:
+            state_dict = load_file(weights, device=str(device))
+        except SafetensorError as error:
+            raise ValueError(f"{str(weights)!r} is truncated or not a .safetensors file ({error}): convert or download"
+                             " it again.") from None
         if dtype is not None:
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         with torch.device("meta"):

@@ -1,9 +1,10 @@
 """One tokenizer interface over Hugging Face `tokenizer.json`, SentencePiece and Llama-3's tiktoken files."""
 
-import json
 from pathlib import Path
 
 import torch
+
+from lit_gpt.utils import read_json
 
 # files that travel with every checkpoint folder
 TOKENIZER_FILES = (
@@ -24,7 +25,7 @@ class Tokenizer:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"Expected a checkpoint folder at {str(checkpoint_dir)!r}, found nothing there.")
-        settings = read_json(checkpoint_dir / "tokenizer_config.json")
+        settings = read_json_if_present(checkpoint_dir / "tokenizer_config.json")
         if (checkpoint_dir / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -83,8 +84,8 @@ def tokenizer_fingerprint(folder: Path) -> str:
     raise FileNotFoundError(f"No tokenizer in {str(folder)!r}: expected tokenizer.json or tokenizer.model there.")
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def read_json_if_present(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
 
 
 def token_name(token) -> str | None:

@@ -17,7 +17,7 @@ from lit_gpt.checkpoint import check_resume_point, load_training_state
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
-from lit_gpt.utils import UserFacingError, progress_bar
+from lit_gpt.utils import UserFacingError, progress_bar, set_interrupt_note
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TrainArgs:
         ssa_position_lr: peak learning rate of SSA's position slopes and the baselines' scales; default the backbone's.
         ssa_token_lr: peak learning rate of SSA's token-term weights; default the backbone's.
         save_interval: steps between checkpoints (null: only final/).
+        keep_last: keep only this many of the latest step checkpoints (null: keep all); final/ is always kept.
         log_interval: steps between logged metrics.
     """
 
@@ -58,12 +59,13 @@ class TrainArgs:
     ssa_position_lr: float | None = None  # peak learning rate of SSA's position slopes (and the baselines' scales)
     ssa_token_lr: float | None = None  # peak learning rate of SSA's token-term weights
     save_interval: int | None = 1000
+    keep_last: int | None = None  # step checkpoints to keep, the latest ones (null: all)
     log_interval: int = 1
 
     def check(self) -> None:
         """Refuse impossible values before any work starts, naming the flag."""
         at_least("train", self, 1, "global_batch_size", "micro_batch_size", "max_tokens", "max_steps",
-                 "max_seq_length", "save_interval", "log_interval")
+                 "max_seq_length", "save_interval", "keep_last", "log_interval")
         at_least("train", self, 0, "learning_rate", "min_lr", "warmup_steps", "weight_decay", "ssa_position_lr",
                  "ssa_token_lr")
         if not self.max_norm > 0:
@@ -343,10 +345,12 @@ def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Pa
     optimizer = fabric.setup_optimizers(optimizer)
     state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0}
     records = []
+    set_interrupt_note("no checkpoint was written yet.")
     if resume_dir is not None:
         fabric.print(f"Resuming from {resume_dir}")
         inside = load_training_state(fabric, resume_dir, state)
         records = read_history(Path(out_dir) / HISTORY_FILENAME, state["step"]) or inside
+        set_interrupt_note(f"no new checkpoint since {resume_dir}; continue the run with --resume auto.")
     state["history"] = History(Path(out_dir) / HISTORY_FILENAME if fabric.global_rank == 0 else None, records)
     return model, optimizer, state
 

@@ -1,7 +1,10 @@
 """Small helpers shared by the entry points."""
 
 import dataclasses
+import errno
 import inspect
+import json
+import os
 import re
 import shutil
 import sys
@@ -17,9 +20,17 @@ class UserFacingError(RuntimeError):
     """A failure whose message tells the user what happened and what to do (a diverged run, for instance)."""
 
 
-# errors that mean "the input is wrong": the entry points print them in one line instead of a traceback
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError,
-               UserFacingError)
+# errors that mean "the input is wrong" or "the machine refused": the entry points print them in one line instead
+# of a traceback (OSError covers a missing file, a read-only folder, a full disk)
+USER_ERRORS = (ValueError, OSError, ConnectionError, UserFacingError)
+
+# what an interrupted run says (set by the training loop when it saves a checkpoint)
+_interrupt_note = {"text": "nothing was saved."}
+
+
+def set_interrupt_note(text: str) -> None:
+    """The one line that Ctrl-C prints after "Interrupted: ", e.g. where the last checkpoint is."""
+    _interrupt_note["text"] = text
 
 
 class LineProgress(tqdm):
@@ -60,13 +71,57 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
             text = super()._get_type_str(action)
             return None if text is None else readable_type(text)
 
+    from argparse import ArgumentError
+
     args = expand_bare_flags(sys.argv[1:] if args is None else args, bool_flags(function))
     try:
-        return auto_cli(function, args=args, as_positional=False, formatter_class=ReadableHelpFormatter)
+        return auto_cli(function, args=args, as_positional=False, formatter_class=ReadableHelpFormatter,
+                        exit_on_error=False)
+    except ArgumentError as error:
+        print(f"error: {argument_error_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as error:
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: {_interrupt_note['text']}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def error_line(error: BaseException) -> str:
+    """One line for the user: our own messages as they are; an operating-system error as its reason and file, with
+    what to do (not `2`, the errno, which is what `error.args[0]` holds)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        where = f" {str(error.filename)!r}" if error.filename is not None else ""
+        hint = {errno.ENOSPC: "free some disk space and run again",
+                errno.EACCES: "choose a folder you can write to, or fix its permissions",
+                errno.EROFS: "choose a folder on a writable file system",
+                errno.ENOENT: "check the path",
+                errno.ENOTDIR: "a file stands where a folder is expected; check the path",
+                errno.EISDIR: "a folder stands where a file is expected; check the path"}.get(error.errno,
+                                                                                            "check the path")
+        return f"{error.strerror}:{where}; {hint}."
+    text = str(error.args[0]) if error.args else type(error).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def argument_error_line(error: Exception) -> str:
+    """jsonargparse's multi-line account of a bad flag, in one line: the flag, the type it takes, the value given."""
+    text = str(error)
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if match is None:
+        return f"{text.strip().splitlines()[0]} (see --help)"
+    key, detail = match.groups()
+    given = re.search(r"Given value: (.*)", detail)
+    subtypes = re.search(r"Subtypes: \[(.*?)\]\n", detail)
+    expected = re.search(r"Expected a (.*)", detail)
+    if subtypes:
+        kind = " | ".join(readable_type(t.strip()) for t in subtypes.group(1).split(", "))
+    elif expected:
+        kind = readable_type(expected.group(1).strip())
+    else:
+        return f"--{key}: {detail.strip().splitlines()[0]} (see --help)"
+    return f"--{key} takes {kind}" + (f", got {given.group(1).strip()!r}" if given else "") + " (see --help)."
 
 
 def bool_flags(function: Callable) -> set[str]:
@@ -103,6 +158,58 @@ def check_apart(output: Path, output_flag: str, source: Path, source_flag: str) 
 def num_parameters(module: torch.nn.Module, requires_grad: bool | None = None) -> int:
     params = {id(p): p for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad}
     return sum(p.numel() for p in params.values())
+
+
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object from `path`; malformed JSON, another type or a missing key is an error naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); restore or recreate the file.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} should hold a JSON object, found {type(value).__name__}.")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the key(s) {missing}; restore or recreate the file.")
+    return value
+
+
+def check_positive(**values: float | None) -> None:
+    """Each named value (a flag) must be at least 1 where given."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
+
+
+def resolve_device(device: str | None) -> str:
+    """--device: default cuda where available, else cpu; an unknown device or CUDA without a GPU is refused."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"Unknown --device {device!r}: use cpu, cuda or cuda:N.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA but this machine has no usable GPU: use --device cpu.")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Unsupported --device {device!r}: use cpu, cuda or cuda:N.")
+    return device
+
+
+def check_writable(path: Path, flag: str, is_dir: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is expected (or the other
+    way round), or a read-only place. Creates nothing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_dir:
+        what = "a folder" if is_dir else "a file"
+        raise ValueError(f"{flag} {path} should be {what} but {'a file' if is_dir else 'a folder'} is there:"
+                         f" choose another {flag}.")
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not existing.is_dir() and existing != path:
+        raise ValueError(f"{flag} {path} lies under {existing}, which is a file, not a folder: choose another {flag}.")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to.")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -129,6 +129,9 @@ def pretrain(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Pat
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
     on_rank_zero(fabric, ensure_prepared, data_args)
     data = TokenData(data_args.dir)
+    data.check_own_tokenizer()
+    if data_args.tokenizer_dir != GPT2_TOKENIZER and data_args.train_tokenizer is None:  # asked for by name
+        data.check_tokenizer(data_args.tokenizer_dir)
     block_size = check_window(train.max_seq_length, config)
     data.check(config.padded_vocab_size, block_size)
 
@@ -143,7 +146,10 @@ def pretrain(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Pat
 
     batches = TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters,
                            data_args.window_start)
-    save = lambda name: save_checkpoint(fabric, state, out_dir / name, data_args.dir, hparams)  # noqa: E731
+
+    def save(name: str) -> None:
+        save_checkpoint(fabric, state, out_dir / name, data_args.dir, hparams, keep_last=train.keep_last)
+
     fit(fabric, model, optimizer, state, batches, train, eval, block_size, save,
         flops_per_micro_batch=micro_batch_flops(config, train.micro_batch_size, block_size))
     write_history(fabric, state, out_dir, f"{config.name} ({config.attention_temperature})")

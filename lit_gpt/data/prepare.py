@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_gpt.checkpoint import atomic_output_dir, copy_tokenizer_files
+from lit_gpt.checkpoint import atomic_output_dir, check_replaceable, copy_tokenizer_files
 from lit_gpt.tokenizer import Tokenizer, tokenizer_fingerprint
-from lit_gpt.utils import check_hub_reachable
+from lit_gpt.utils import check_apart, check_hub_reachable
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 BUNDLED_CORPUS = [REPO_DATA / "corpus" / f"{name}.txt.xz" for name in ("shakespeare", "austen", "brown")]
@@ -55,6 +55,27 @@ def local_files(source: Path) -> list[Path]:
     return files
 
 
+def load_table(path: Path):
+    """A .jsonl/.json/.parquet file as a `datasets.Dataset`; a malformed file is one line naming it."""
+    import datasets
+
+    kind = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps the parser's error in several layers
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+        raise ValueError(f"{str(path)!r} is not a readable {kind} file ({first}); fix or remove it.") from None
+
+
+def looks_like_path(source: str) -> bool:
+    """A --source that names a local file or folder rather than a Hub dataset (`org/name` has no file suffix)."""
+    return source.startswith(("/", ".", "~")) or Path(source).suffix in (*TEXT_SUFFIXES, ".jsonl", ".json",
+                                                                       ".parquet", ".csv")
+
+
 def load_documents(source: str, text_column: str = "text", num_proc: int | None = None):
     """A `datasets.Dataset` with one document per row in column "text"."""
     import datasets
@@ -68,12 +89,13 @@ def load_documents(source: str, text_column: str = "text", num_proc: int | None 
             if file.suffix in TEXT_SUFFIXES:
                 texts += split_documents(read_text(file))
             else:
-                kind = "parquet" if file.suffix == ".parquet" else "json"
-                rows = datasets.load_dataset(kind, data_files=str(file), split="train")
+                rows = load_table(file)
                 if text_column not in rows.column_names:
                     raise ValueError(f"{str(file)!r} has no column {text_column!r} (it has {rows.column_names}).")
                 texts += [t for t in rows[text_column] if t]
         return datasets.Dataset.from_dict({"text": texts})
+    if looks_like_path(source):
+        raise FileNotFoundError(f"--source {source}: expected a local file or folder there, found nothing.")
     try:  # a dataset on the Hugging Face Hub, such as "openwebtext"
         check_hub_reachable(f"the dataset {source!r}")
         rows = datasets.load_dataset(source, split="train", num_proc=num_proc)
@@ -162,6 +184,11 @@ def prepare(
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}.")
     if (output_dir / META_FILENAME).is_file() and not overwrite:
         raise FileExistsError(f"{str(output_dir)!r} already holds prepared data; pass --overwrite to prepare it again.")
+    if Path(source).exists():
+        check_apart(output_dir, "--output_dir", Path(source), "--source")
+    if train_tokenizer is None:
+        check_apart(output_dir, "--output_dir", Path(tokenizer_dir), "--tokenizer_dir")
+    check_replaceable(output_dir, overwrite)
     num_proc = num_proc or min(8, os.cpu_count() or 1)
     documents = load_documents(source, text_column, num_proc)
     if len(documents) < 2:

@@ -1,7 +1,6 @@
 """Reading prepared token files: random training windows chosen by the step number alone (so a resumed run and a
 run on any number of processes see the same global batches) and fixed validation windows."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 
 from lit_gpt.data.prepare import META_FILENAME
 from lit_gpt.tokenizer import tokenizer_fingerprint
+from lit_gpt.utils import read_json
 
 
 class TokenData:
@@ -20,7 +20,8 @@ class TokenData:
                 f"No prepared data in {str(folder)!r} (expected {META_FILENAME}, train.bin, val.bin). Prepare it with"
                 f" `python scripts/prepare_openwebtext.py --output_dir {folder}`."
             )
-        self.folder, self.meta = folder, json.loads(meta_file.read_text())
+        self.folder = folder
+        self.meta = read_json(meta_file, required=("dtype", "train_tokens", "val_tokens", "max_token_id", "eos_id"))
         self.train, self.val = (self._open(name) for name in ("train", "val"))
 
     def _open(self, name: str) -> np.memmap:
@@ -37,6 +38,15 @@ class TokenData:
             raise ValueError(
                 f"{str(self.folder)!r} was tokenized with another tokenizer than {str(checkpoint_dir)!r}'s: prepare"
                 f" it again with --tokenizer_dir {checkpoint_dir}."
+            )
+
+    def check_own_tokenizer(self) -> None:
+        """The tokenizer files in the folder are those it was prepared with (they go into every checkpoint)."""
+        found = tokenizer_fingerprint(self.folder)
+        if self.meta.get("tokenizer") != found:
+            raise ValueError(
+                f"The tokenizer files in {str(self.folder)!r} (fingerprint {found}) are not those its tokens were made"
+                f" with ({self.meta.get('tokenizer')}, in {META_FILENAME}): prepare the folder again with --overwrite."
             )
 
     def check(self, vocab_size: int, block_size: int) -> None:
@@ -105,4 +115,4 @@ class TokenBatches:
     def val(self, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         offsets = val_offsets(len(self.data.val), self.block_size, self.eval_iters * self.micro_batch)
         mine = offsets[rank::world_size].split(self.micro_batch)
-        return [windows(self.data.val, chunk, self.block_size) for chunk in mine]
+        return [windows(self.data.val, chunk, self.block_size) for chunk in mine if len(chunk)]
