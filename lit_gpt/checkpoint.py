@@ -337,6 +337,8 @@ class RunLock:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FileExistsError(f"--out_dir {self.out_dir} is a file, not a folder: choose another --out_dir.")
         self.created = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]  # deepest first
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / LOCK_FILENAME

@@ -97,6 +97,7 @@ def error_line(error: BaseException) -> str:
                 errno.EACCES: "choose a folder you can write to, or fix its permissions",
                 errno.EROFS: "choose a folder on a writable file system",
                 errno.ENOENT: "check the path",
+                errno.EEXIST: "a file stands where a folder is expected; check the path",
                 errno.ENOTDIR: "a file stands where a folder is expected; check the path",
                 errno.EISDIR: "a folder stands where a file is expected; check the path"}.get(error.errno,
                                                                                             "check the path")
@@ -172,6 +173,23 @@ def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
     missing = [key for key in required if key not in value]
     if missing:
         raise ValueError(f"{str(path)!r} lacks the key(s) {missing}; restore or recreate the file.")
+    return value
+
+
+def read_yaml(path: Path, flag: str) -> dict:
+    """A YAML mapping from `path` (given by `flag`); a missing or malformed file is one line naming it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: expected a YAML file there, found nothing.")
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{str(path)!r} is not valid YAML ({first}); fix the file.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} should hold a mapping, found {type(value).__name__}.")
     return value
 
 

@@ -1,0 +1,571 @@
+"""Every command-line tool against bad input and faults, as a hostile user would try them.
+
+Each case runs the tool's real entry point (`run_cli` over its main function) and asserts: a non-zero exit, at most
+three lines on stderr, no traceback, the expected words in the message, and nothing written, changed or deleted in
+the inputs or anywhere in the test's folder. The loss and corruption cases follow, as the tests that would have
+caught them.
+"""
+
+import hashlib
+import importlib
+import json
+import lzma
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import randomize_temperatures
+
+from lit_gpt import GPT, Config
+from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint
+from lit_gpt.data.prepare import BUNDLED_CORPUS, GPT2_TOKENIZER, prepare
+from lit_gpt.utils import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cli(path: str, name: str = "main") -> Callable:
+    """The entry function of a script, imported once as the other tests import it (lm-eval's model registry
+    refuses a second registration of the same name)."""
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+
+
+CLIS = {
+    "generate": ("generate/base.py", "main"),
+    "perplexity": ("eval/perplexity.py", "main"),
+    "passkey": ("eval/passkey.py", "main"),
+    "attention": ("eval/attention.py", "main"),
+    "lm_eval": ("eval/lm_eval_harness.py", "main"),
+    "pretrain": ("pretrain/openwebtext.py", "setup"),
+    "finetune": ("finetune/full.py", "setup"),
+    "download": ("scripts/download.py", "download"),
+    "reproduce": ("scripts/reproduce.py", "main"),
+}
+_loaded: dict[str, Callable] = {}
+
+
+def cli(name: str) -> Callable:
+    if name == "convert_hf":
+        return convert_hf_checkpoint
+    if name == "convert_lit":
+        return convert_lit_checkpoint
+    if name == "prepare":
+        return prepare
+    if name not in _loaded:
+        _loaded[name] = load_cli(*CLIS[name])
+    return _loaded[name]
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file and folder under the roots, with a hash of each file's bytes and its mode."""
+    state = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            if path.is_file():
+                state[str(path)] = hashlib.sha1(path.read_bytes()).hexdigest() + oct(path.stat().st_mode)
+            else:
+                state[str(path)] = "dir"
+    return state
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory) -> SimpleNamespace:
+    """Shared inputs, never to be changed by any case: an SSA checkpoint (GPT-2 tokenizer, block 256), a vanilla one,
+    its Hugging Face export, prepared token data and a finished two-step run."""
+    root = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    ssa = GPT(Config.from_name("debug", vocab_size=50257, attention_temperature="ssa"))
+    randomize_temperatures(ssa)
+    save_model_dir(ssa, root / "ssa", tokenizer_dir=GPT2_TOKENIZER)
+    save_model_dir(GPT(Config.from_name("debug", vocab_size=50257)), root / "vanilla", tokenizer_dir=GPT2_TOKENIZER)
+    save_model_dir(GPT(Config.from_name("debug", vocab_size=1000)), root / "small-vocab", tokenizer_dir=GPT2_TOKENIZER)
+    convert_lit_checkpoint(root / "vanilla", root / "hf")
+    text = lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:150_000]
+    (root / "corpus.txt").write_text(text)
+    (root / "records.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}] * 8))
+    prepare(str(root / "corpus.txt"), root / "prepared", train_tokenizer=512, val_fraction=0.05)
+    return SimpleNamespace(root=root, ssa=root / "ssa", vanilla=root / "vanilla", small_vocab=root / "small-vocab",
+                           hf=root / "hf", corpus=root / "corpus.txt", records=root / "records.json",
+                           prepared=root / "prepared")
+
+
+def copy_of(folder: Path, tmp: Path, name: str = "copy") -> Path:
+    shutil.copytree(folder, tmp / name)
+    return tmp / name
+
+
+def with_file(folder: Path, tmp: Path, name: str, content: bytes | str | None) -> Path:
+    """A copy of `folder` whose file `name` holds `content` (None: removed)."""
+    target = copy_of(folder, tmp)
+    if content is None:
+        (target / name).unlink()
+    else:
+        (target / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    return target
+
+
+def truncated(folder: Path, tmp: Path, name: str, keep: float = 0.5) -> Path:
+    data = (folder / name).read_bytes()
+    return with_file(folder, tmp, name, data[: int(len(data) * keep)])
+
+
+def config_text(folder: Path, old: str, new: str) -> str:
+    text = (folder / "model_config.yaml").read_text()
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def a_file(tmp: Path) -> Path:
+    (tmp / "a_file").write_text("not a folder")
+    return tmp / "a_file"
+
+
+def train_args(fx, out: Path, *extra: str) -> list[str]:
+    return ["--model_name", "debug", "--model.vocab_size", "512", "--data.dir", str(fx.prepared), "--out_dir",
+            str(out), "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "2",
+            "--train.max_seq_length", "32", "--eval.max_iters", "1", *extra]
+
+
+def tune_args(fx, out: Path, *extra: str, data: Path | None = None) -> list[str]:
+    return ["--checkpoint_dir", str(fx.vanilla), "--data", str(data or fx.records), "--out_dir", str(out),
+            "--train.global_batch_size", "2", "--train.micro_batch_size", "1", "--train.max_steps", "2",
+            "--eval.max_iters", "1", *extra]
+
+
+def gen(folder: Path, *extra: str) -> list[str]:
+    return ["--checkpoint_dir", str(folder), "--prompt", "Hello", "--max_new_tokens", "4", *extra]
+
+
+def meta_without(fx, tmp: Path, key: str) -> Path:
+    target = copy_of(fx.prepared, tmp)
+    meta = json.loads((target / "meta.json").read_text())
+    del meta[key]
+    (target / "meta.json").write_text(json.dumps(meta))
+    return target
+
+
+def hf_without(fx, tmp: Path, key: str) -> Path:
+    target = copy_of(fx.hf, tmp)
+    config = json.loads((target / "config.json").read_text())
+    del config[key]
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def foreign_folder(tmp: Path) -> Path:
+    folder = tmp / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    return folder
+
+
+def jsonl(tmp: Path, content: bytes) -> Path:
+    (tmp / "data.jsonl").write_bytes(content)
+    return tmp / "data.jsonl"
+
+
+def swapped_tokenizer(fx, tmp: Path) -> Path:
+    target = copy_of(fx.prepared, tmp)
+    shutil.copy(GPT2_TOKENIZER / "tokenizer.json", target / "tokenizer.json")
+    return target
+
+
+def other_architecture_run(fx, tmp: Path) -> Path:
+    run_cli(cli("pretrain"), train_args(fx, tmp / "run"))  # a finished 2-step run of the debug model
+    return tmp / "run"
+
+
+# (tool, arguments built from the fixtures and the test's folder, words the message must hold)
+CASES: dict[str, tuple[str, Callable, str]] = {
+    # generate/base.py
+    "generate: top_k 0": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "0"), "--top_k must be at least 1"),
+    "generate: top_k negative": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "-3"), "--top_k must be at least 1"),
+    "generate: top_p 0": ("generate", lambda fx, t: gen(fx.ssa, "--top_p", "0"), "--top_p must lie in (0, 1]"),
+    "generate: top_p above 1": ("generate", lambda fx, t: gen(fx.ssa, "--top_p", "1.5"), "--top_p must lie in (0, 1]"),
+    "generate: negative temperature": ("generate", lambda fx, t: gen(fx.ssa, "--temperature", "-1"),
+                                       "--temperature must be 0"),
+    "generate: no new tokens": ("generate", lambda fx, t: gen(fx.ssa, "--max_new_tokens", "0"),
+                                "--max_new_tokens must be at least 1"),
+    "generate: negative new tokens": ("generate", lambda fx, t: gen(fx.ssa, "--max_new_tokens", "-5"),
+                                      "--max_new_tokens must be at least 1"),
+    "generate: no samples": ("generate", lambda fx, t: gen(fx.ssa, "--num_samples", "0"),
+                             "--num_samples must be at least 1"),
+    "generate: unknown device": ("generate", lambda fx, t: gen(fx.ssa, "--device", "tpu9"), "--device"),
+    "generate: top_k not a number": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "abc"),
+                                     "--top_k takes int | null, got 'abc'"),
+    "generate: unknown flag": ("generate", lambda fx, t: gen(fx.ssa, "--bogus", "1"), "unrecognized arguments"),
+    "generate: unknown dtype": ("generate", lambda fx, t: gen(fx.ssa, "--dtype", "float8"), "Unknown dtype 'float8'"),
+    "generate: missing checkpoint": ("generate", lambda fx, t: gen(t / "nowhere"), "found nothing there"),
+    "generate: zero-byte weights": ("generate", lambda fx, t: gen(with_file(fx.ssa, t, "model.safetensors", b"")),
+                                    "not a .safetensors file"),
+    "generate: truncated weights": ("generate", lambda fx, t: gen(truncated(fx.ssa, t, "model.safetensors")),
+                                    "truncated"),
+    "generate: malformed config YAML": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "model_config.yaml", "n_layer: [2\n")), "not valid YAML"),
+    "generate: config with a word for a number": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "model_config.yaml",
+                                                config_text(fx.ssa, "n_layer: 2", "n_layer: two"))),
+        "Config.n_layer must be int, got 'two'"),
+    "generate: config field typo": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "model_config.yaml",
+                                                config_text(fx.ssa, "n_layer:", "n_layre:"))),
+        "Did you mean 'n_layer'"),
+    "generate: config that is a list": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "model_config.yaml", "- 1\n- 2\n")),
+        "should hold a mapping"),
+    "generate: weights of another model": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "model.safetensors",
+                                                (fx.small_vocab / "model.safetensors").read_bytes())),
+        "from another model"),
+    "generate: tokenizer larger than the vocabulary": ("generate", lambda fx, t: gen(fx.small_vocab),
+                                                       "belong to another model"),
+    "generate: no tokenizer": ("generate", lambda fx, t: gen(with_file(fx.ssa, t, "tokenizer.json", None)),
+                               "tokenizer"),
+    "generate: malformed tokenizer_config.json": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "tokenizer_config.json", "{oops")),
+        "tokenizer_config.json' is not valid JSON"),
+    "generate: prompt longer than the context": (
+        "generate", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--prompt", "word " * 400], "exceeds the model's"),
+    "generate: truncate with no room for a prompt": (
+        "generate", lambda fx, t: gen(fx.ssa, "--max_new_tokens", "300", "--truncate"), "leaves no room for a prompt"),
+    # eval/perplexity.py
+    "perplexity: negative window": ("perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--window", "-5"],
+                                    "--window must be at least 1"),
+    "perplexity: window beyond the context": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--window", "4096",
+                                     "--output_file", str(t / "p.json")], "--window 4096 exceeds"),
+    "perplexity: stride 0": ("perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--stride", "0"],
+                             "--stride must be at least 1"),
+    "perplexity: no tokens": ("perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--max_tokens", "0"],
+                              "--max_tokens must be at least 1"),
+    "perplexity: negative start": ("perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--start_char", "-1"],
+                                   "--start_char must be 0 or more"),
+    "perplexity: missing text": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--data", str(t / "none.txt"),
+                                     "--output_file", str(t / "p.json")], "found nothing there"),
+    "perplexity: binary text": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--data", str(jsonl(t, b"\xff\xfe\x00\x81")
+                                                                                       .rename(t / "bin.txt")),
+                                     "--output_file", str(t / "p.json")], "is not valid UTF-8"),
+    "perplexity: output is a folder": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_file", str(t)],
+        "should be a file but a folder is there"),
+    "perplexity: output under a file": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_file", str(a_file(t) / "p.json")],
+        "which is a file, not a folder"),
+    "perplexity: disk full": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--max_tokens", "20",
+                                     "--output_file", "/dev/full"], "No space left on device"),
+    # eval/passkey.py
+    "passkey: length shorter than the prompt": (
+        "passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--lengths", "[10]", "--output_dir", str(t / "o")],
+        "a passkey prompt needs at least"),
+    "passkey: zero length": (
+        "passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--lengths", "[0]", "--output_dir", str(t / "o")],
+        "a passkey prompt needs at least"),
+    "passkey: no lengths": (
+        "passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--lengths", "[]", "--output_dir", str(t / "o")],
+        "--lengths is empty"),
+    "passkey: length beyond the context": (
+        "passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--lengths", "[2048]", "--output_dir", str(t / "o")],
+        "leave no room"),
+    "passkey: no answer tokens": (
+        "passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--max_new_tokens", "0"],
+        "--max_new_tokens must be at least 1"),
+    "passkey: no trials": ("passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--trials", "0"],
+                           "--trials must be at least 1"),
+    "passkey: depth outside [0, 1]": ("passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--depths", "[1.5]"],
+                                      "--depths must be"),
+    "passkey: output is a file": (
+        "passkey", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_dir", str(a_file(t))],
+        "should be a folder but a file is there"),
+    # eval/attention.py
+    "attention: head beyond the model": (
+        "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--head", "99", "--output_dir", str(t / "o")],
+        "--head 99 does not exist"),
+    "attention: one token": (
+        "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--max_tokens", "1", "--output_dir", str(t / "o")],
+        "--max_tokens must be at least 2"),
+    "attention: missing text": (
+        "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--text_file", str(t / "none.txt"),
+                                    "--output_dir", str(t / "o")], "--text_file"),
+    "attention: missing comparison": (
+        "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--compare_dir", str(t / "none"),
+                                    "--output_dir", str(t / "o")], "found nothing there"),
+    "attention: output under a file": (
+        "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_dir", str(a_file(t) / "o")],
+        "which is a file, not a folder"),
+    # eval/lm_eval_harness.py
+    "lm_eval: negative limit": ("lm_eval", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--limit", "-1"],
+                                "--limit must be above 0"),
+    "lm_eval: negative few-shot": ("lm_eval", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--num_fewshot", "-1"],
+                                   "--num_fewshot must be 0 or more"),
+    "lm_eval: missing include path": (
+        "lm_eval", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--tasks", "[mine]", "--include_path",
+                                  str(t / "tasks")], "--include_path"),
+    "lm_eval: output is a folder": ("lm_eval", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_file", str(t)],
+                                    "should be a file"),
+    # scripts/convert_hf_checkpoint.py
+    "convert_hf: no config.json": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(with_file(fx.hf, t, "config.json", None)),
+                                     "--output_dir", str(t / "out")], "config.json"),
+    "convert_hf: malformed config.json": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(with_file(fx.hf, t, "config.json", "{\"n_layer\": ")),
+                                     "--output_dir", str(t / "out")], "config.json' is not valid JSON"),
+    "convert_hf: config.json missing a key": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(hf_without(fx, t, "num_hidden_layers")),
+                                     "--output_dir", str(t / "out")], "lacks the key 'num_hidden_layers'"),
+    "convert_hf: unsupported model type": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(with_file(fx.hf, t, "config.json",
+                                                                       '{"model_type": "bert"}')),
+                                     "--output_dir", str(t / "out")], "Unsupported model_type 'bert'"),
+    "convert_hf: truncated download": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(truncated(fx.hf, t, "model.safetensors", 0.7)),
+                                     "--output_dir", str(t / "out")], "truncated"),
+    "convert_hf: output is the input": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(fx.hf), "--output_dir", str(fx.hf), "--overwrite"],
+        "must be apart from the input"),
+    "convert_hf: overwrite a folder of other files": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(fx.hf), "--output_dir", str(foreign_folder(t)),
+                                     "--overwrite"], "holds files this project did not write (thesis.tex)"),
+    "convert_hf: output is a file": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(fx.hf), "--output_dir", str(a_file(t))],
+        "is a file, not a folder"),
+    "convert_hf: unknown dtype": (
+        "convert_hf", lambda fx, t: ["--checkpoint_dir", str(fx.hf), "--output_dir", str(t / "o"), "--dtype", "fp8"],
+        "Unknown dtype 'fp8'"),
+    # scripts/convert_lit_checkpoint.py
+    "convert_lit: missing checkpoint": (
+        "convert_lit", lambda fx, t: ["--checkpoint_dir", str(t / "none"), "--output_dir", str(t / "o")],
+        "Expected a checkpoint folder"),
+    "convert_lit: output inside the input": (
+        "convert_lit", lambda fx, t: ["--checkpoint_dir", str(fx.vanilla), "--output_dir", str(fx.vanilla / "hf")],
+        "lies inside --checkpoint_dir"),
+    "convert_lit: overwrite a folder of other files": (
+        "convert_lit", lambda fx, t: ["--checkpoint_dir", str(fx.vanilla), "--output_dir", str(foreign_folder(t)),
+                                      "--overwrite"], "did not write"),
+    "convert_lit: truncated weights": (
+        "convert_lit", lambda fx, t: ["--checkpoint_dir", str(truncated(fx.vanilla, t, "model.safetensors")),
+                                      "--output_dir", str(t / "o")], "truncated"),
+    # scripts/prepare_openwebtext.py
+    "prepare: missing local file": (
+        "prepare", lambda fx, t: ["--source", str(t / "corpus.jsonl"), "--output_dir", str(t / "o")],
+        "expected a local file or folder there"),
+    "prepare: malformed jsonl": (
+        "prepare", lambda fx, t: ["--source", str(jsonl(t, b'{"text": "a"}\n{"text": \n')), "--output_dir",
+                                  str(t / "o")], "is not a readable json file"),
+    "prepare: binary jsonl": (
+        "prepare", lambda fx, t: ["--source", str(jsonl(t, bytes(range(256)) * 8)), "--output_dir", str(t / "o")],
+        "is not a readable json file"),
+    "prepare: jsonl without the text column": (
+        "prepare", lambda fx, t: ["--source", str(jsonl(t, b'{"body": "a"}\n{"body": "b"}\n')), "--output_dir",
+                                  str(t / "o")], "has no column 'text'"),
+    "prepare: no validation share": (
+        "prepare", lambda fx, t: ["--source", str(fx.corpus), "--output_dir", str(t / "o"), "--val_fraction", "0"],
+        "val_fraction must lie in (0, 1)"),
+    "prepare: already prepared": (
+        "prepare", lambda fx, t: ["--source", str(fx.corpus), "--output_dir", str(fx.prepared)], "pass --overwrite"),
+    "prepare: overwrite a folder of other files": (
+        "prepare", lambda fx, t: ["--source", str(fx.corpus), "--output_dir", str(foreign_folder(t)), "--overwrite"],
+        "did not write"),
+    "prepare: output is the source folder": (
+        "prepare", lambda fx, t: ["--source", str(copy_of(fx.prepared, t)), "--output_dir", str(t / "copy"),
+                                  "--overwrite"], "must be apart from the input"),
+    # pretrain/openwebtext.py
+    "pretrain: zero steps": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--train.max_steps", "0"),
+                             "--train.max_steps must be at least 1"),
+    "pretrain: keep no checkpoints": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--train.keep_last", "0"),
+                                      "--train.keep_last must be at least 1"),
+    "pretrain: zero clipping norm": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--train.max_norm", "0"),
+                                     "--train.max_norm must be above 0"),
+    "pretrain: word for a number": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--model.n_layer", "two"),
+                                    "n_layer"),
+    "pretrain: model field typo": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--model.n_layre", "2"),
+                                   "Did you mean 'n_layer'"),
+    "pretrain: malformed model_config": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--model_config",
+                                             str(with_file(fx.ssa, t, "model_config.yaml", "a: [")
+                                                 / "model_config.yaml")), "not valid YAML"),
+    "pretrain: window beyond the block": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--train.max_seq_length", "4096"), "exceeds the model's"),
+    "pretrain: meta.json missing a key": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--data.dir", str(meta_without(fx, t, "train_tokens"))),
+        "lacks the key(s) ['train_tokens']"),
+    "pretrain: malformed meta.json": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--data.dir",
+                                             str(with_file(fx.prepared, t, "meta.json", "{"))), "not valid JSON"),
+    "pretrain: tokenizer files swapped after preparing": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--data.dir", str(swapped_tokenizer(fx, t))),
+        "are not those its tokens were made with"),
+    "pretrain: another tokenizer asked for": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--data.tokenizer_dir", str(fx.ssa)),
+        "another tokenizer"),
+    "pretrain: out_dir is a file": ("pretrain", lambda fx, t: train_args(fx, a_file(t)), "is a file, not a folder"),
+    "pretrain: resume with another architecture": (
+        "pretrain", lambda fx, t: train_args(fx, other_architecture_run(fx, t), "--resume", "auto",
+                                             "--train.max_steps", "3", "--model.n_embd", "32"),
+        "was trained with another model (n_embd: 64 there, 32 now"),
+    # finetune/full.py
+    "finetune: a text file as data": ("finetune", lambda fx, t: tune_args(fx, t / "run", data=fx.corpus),
+                                      "--data_source"),
+    "finetune: missing records": ("finetune", lambda fx, t: tune_args(fx, t / "run", data=t / "none.jsonl"),
+                                  "found nothing"),
+    "finetune: malformed records": (
+        "finetune", lambda fx, t: tune_args(fx, t / "run", data=jsonl(t, b'{"instruction": "a", "output"\n')),
+        "is not valid JSON"),
+    "finetune: output is the checkpoint": ("finetune", lambda fx, t: tune_args(fx, fx.vanilla),
+                                           "must be apart from the input"),
+    "finetune: architecture change": ("finetune", lambda fx, t: tune_args(fx, t / "run", "--ssa", "--model.n_layer",
+                                                                          "3"), "would change the architecture"),
+    "finetune: zero batch": ("finetune", lambda fx, t: tune_args(fx, t / "run", "--train.global_batch_size", "0"),
+                             "--train.global_batch_size must be at least 1"),
+    "finetune: missing checkpoint": (
+        "finetune", lambda fx, t: tune_args(fx, t / "run") + ["--checkpoint_dir", str(t / "none")],
+        "found nothing there"),
+    # scripts/download.py (the Hub made unreachable whatever the machine's network)
+    "download: hub unreachable": ("download", lambda fx, t: ["--repo_id", "org/model", "--checkpoint_root",
+                                                             str(t / "ckpts")], "Cannot reach the Hugging Face Hub"),
+    # scripts/reproduce.py
+    "reproduce: missing grid": ("reproduce", lambda fx, t: ["--grid", str(t / "grid.yaml")], "found nothing"),
+    "reproduce: malformed grid": ("reproduce", lambda fx, t: ["--grid", str(jsonl(t, b"seeds: [1, 2\n"))],
+                                  "is not valid YAML"),
+    "reproduce: grid without sections": ("reproduce", lambda fx, t: ["--grid", str(jsonl(t, b"seeds: [1]\n")),
+                                                                     "--out_dir", str(t / "o")], "lacks the section"),
+}
+
+
+def test_there_are_at_least_sixty_cases():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_in_one_line_and_changes_nothing(fx, tmp_path, capsys, monkeypatch, case):
+    tool, build, expected = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    if tool == "generate" and "device" in case:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if tool == "download":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    argv = build(fx, tmp_path)
+    capsys.readouterr()
+    before = snapshot(fx.root, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cli(tool), argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code not in (0, None), err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) <= 3, err
+    assert expected in err, err
+    assert snapshot(fx.root, tmp_path) == before
+
+
+def test_cuda_asked_for_without_a_gpu_is_one_line(fx, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        run_cli(cli("generate"), gen(fx.ssa, "--device", "cuda"))
+    assert "asks for CUDA but this machine has no usable GPU" in capsys.readouterr().err
+
+
+def test_passkey_defaults_fit_a_small_model(fx, tmp_path):
+    """Block 256: the default lengths (powers of two from 256) do not fit; the context itself is tested instead of
+    dividing by zero over no lengths."""
+    result = cli("passkey")(checkpoint_dir=fx.ssa, trials=1, depths=[0.5], output_dir=tmp_path / "o")
+    assert [cell["length"] for cell in result["cells"]] == [256 - 8]
+
+
+# ---------------------------------------------------------------- loss and corruption
+
+
+def pretrain(fx, out: Path, *extra: str) -> None:
+    run_cli(cli("pretrain"), train_args(fx, out, "--eval.interval", "100", *extra))
+
+
+def test_keep_last_prunes_old_step_checkpoints_only(fx, tmp_path):
+    pretrain(fx, tmp_path / "run", "--train.max_steps", "5", "--train.save_interval", "1", "--train.keep_last", "2")
+    (tmp_path / "run" / "step-notes").mkdir()  # not a checkpoint of the run: never touched
+    pretrain(fx, tmp_path / "run", "--train.max_steps", "7", "--train.save_interval", "1", "--train.keep_last", "2",
+             "--resume", "auto")
+    names = sorted(p.name for p in (tmp_path / "run").glob("step-*"))
+    assert names == ["step-00000004", "step-00000006", "step-notes"], names  # the run saved 1-4, then 6
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_skips_a_truncated_latest_checkpoint(fx, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(fx, run, "--train.max_steps", "3", "--train.save_interval", "1")
+    shutil.rmtree(run / "final")
+    state = run / "step-00000002" / "training_state.pth"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    pretrain(fx, run, "--train.max_steps", "3", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "Skipping" in out and "step-00000002" in out and "truncated" in out
+    assert f"Resuming from {run / 'step-00000001'}" in out
+    assert (run / "final" / "training_state.pth").is_file()
+
+
+def test_weights_are_readable_by_others(fx, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_model_dir(GPT(Config.from_name("debug")), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_interrupted_writes_leave_no_temporaries_behind(fx, tmp_path):
+    """A conversion killed mid-write leaves `.NAME.tmp-PID`; the next write into that place removes it (its process
+    is gone), and never one whose process still runs."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".out.tmp-{os.getppid()}"
+    alive.mkdir()
+    convert_lit_checkpoint(fx.vanilla, tmp_path / "out")
+    assert not stale.exists() and alive.exists()
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_overwrite_replaces_only_this_projects_output(fx, tmp_path):
+    convert_lit_checkpoint(fx.vanilla, tmp_path / "out")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        convert_lit_checkpoint(fx.vanilla, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    (tmp_path / "out" / "notes.txt").unlink()
+    convert_lit_checkpoint(fx.vanilla, tmp_path / "out", overwrite=True)
+
+
+def test_ctrl_c_prints_one_line_naming_the_last_checkpoint(fx, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(fx, run, "--train.max_steps", "100000", "--train.save_interval", "2", "--eval.interval", "1000")
+    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "openwebtext.py"), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (run / "step-00000002").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = [line for line in err.splitlines() if line.startswith("Interrupted")]
+    assert len(last) == 1 and "the last checkpoint is" in last[0] and "--resume auto" in last[0], err
+    assert not (run / ".lock").exists()
