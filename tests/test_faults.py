@@ -569,3 +569,13 @@ def test_ctrl_c_prints_one_line_naming_the_last_checkpoint(fx, tmp_path):
     last = [line for line in err.splitlines() if line.startswith("Interrupted")]
     assert len(last) == 1 and "the last checkpoint is" in last[0] and "--resume auto" in last[0], err
     assert not (run / ".lock").exists()
+
+
+def test_a_process_without_validation_windows_gets_no_empty_batch(fx):
+    """Two validation windows over four processes: two processes get none, and no empty array is stacked."""
+    from lit_gpt.data.tokens import TokenBatches, TokenData
+
+    batches = TokenBatches(TokenData(fx.prepared), 32, seed=0, global_batch=4, micro_batch=1, eval_iters=2)
+    shares = [batches.val(rank, 4) for rank in range(4)]
+    assert [len(share) for share in shares] == [1, 1, 0, 0]
+    assert all(x.shape == (1, 32) for share in shares for x, _ in share)
