@@ -15,10 +15,31 @@ from lit_gpt.generation import generate
 from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
 
 
-def ours(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int):
+def ours(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int, onednn: bool = True):
     model = GPT(config).eval()
     model.load_state_dict(state, strict=False)
+    if onednn:  # what the tools do (load_for_inference)
+        model.use_onednn_linear()
     return lambda: torch.cat(list(generate(model, prompt, new_tokens)), dim=1)
+
+
+def weight_bytes_per_token(config: Config) -> int:
+    """Bytes of weights one decoding step reads: every parameter but the embedding table (of which it reads one row),
+    the output layer included even when it is tied to the embedding."""
+    with torch.device("meta"):
+        model = GPT(config)
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not config.tie_embeddings:
+        total -= model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
+    return total
+
+
+def read_bandwidth_gbs(megabytes: int = 512) -> float:
+    """How fast this machine streams memory into the cores: a sum over a buffer far larger than the caches."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    seconds = median_seconds(lambda: buffer.sum(), 5, warmup=2)
+    return buffer.numel() * 4 / seconds / 1e9
 
 
 def litgpt_generate(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int):
@@ -67,7 +88,8 @@ def main() -> None:
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
     rows = [("lit-gpt-ssa, vanilla", ours(config, state, prompt, args.new_tokens)),
             ("lit-gpt-ssa, SSA", ours(Config.from_name(args.model, attention_temperature="ssa"), state, prompt,
-                                      args.new_tokens))]
+                                      args.new_tokens)),
+            ("lit-gpt-ssa, vanilla, PyTorch's linear (no oneDNN)", ours(config, state, prompt, args.new_tokens, False))]
     try:
         rows.append(("LitGPT", litgpt_generate(config, state, prompt, args.new_tokens)))
     except ImportError:
@@ -80,8 +102,15 @@ def main() -> None:
         seconds = median_seconds(run, args.repeats)
         results.append((label, seconds))
     base = results[0][1]
-    print(table(["implementation", "tokens/s", "seconds", "time / ours (vanilla)"],
-                [[label, f"{args.new_tokens / s:.1f}", f"{s:.2f}", f"{s / base:.2f}"] for label, s in results]))
+    per_token = weight_bytes_per_token(config)
+    litgpt = dict(results).get("LitGPT")
+    print(table(["implementation", "tokens/s", "ms / token", "weights read / token", "GB/s of weights", "time / ours",
+                 "tokens/s / LitGPT's"],
+                [[label, f"{args.new_tokens / s:.1f}", f"{1e3 * s / args.new_tokens:.2f}", f"{per_token / 1e6:.0f} MB",
+                  f"{per_token * args.new_tokens / s / 1e9:.1f}", f"{s / base:.2f}",
+                  f"{litgpt / s:.2f}x" if litgpt else "-"] for label, s in results]))
+    print(f"\nThis machine streams memory at {read_bandwidth_gbs():.1f} GB/s (a sum over 512 MB,"
+          f" {torch.get_num_threads()} threads); ms / token includes the prompt's prefill spread over the new tokens.")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: s
     """The model (in eval mode, on --device, in --dtype) and tokenizer of a checkpoint folder, checked to belong
     together: a tokenizer with more tokens than the model's vocabulary would index past its embedding."""
     device = resolve_device(device)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval()
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval().use_onednn_linear()
     tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise ValueError(
@@ -89,7 +89,7 @@ def generate(
         return
     model.set_kv_cache(batch_size=B, max_seq_length=T + max_new_tokens)
     try:
-        logits = model(prompt, input_pos=torch.arange(T, device=prompt.device))[:, -1]
+        logits = model(prompt, input_pos=torch.arange(T, device=prompt.device), only_last=True)[:, -1]
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
             yield token

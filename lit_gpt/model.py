@@ -89,11 +89,14 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        only_last: bool = False,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache (and only then).
         mask: an extra attention mask, boolean (True = attend) or additive, broadcastable to (B, nh, T, keys).
         targets: (B, T) next-token ids (-100 where no loss is taken); then the mean cross-entropy is returned
-        instead of the logits, computed without materialising them."""
+        instead of the logits, computed without materialising them.
+        only_last: return the logits of the last position only, (B, 1, vocab): a prompt's prefill needs no more, and
+        the output layer over every position would cost a (B, T, vocab) tensor."""
         B, T = idx.shape
         if T == 0:
             raise ValueError(f"Expected at least one token per sequence, got input of shape {tuple(idx.shape)}.")
@@ -121,7 +124,19 @@ class GPT(nn.Module):
             wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias, targets.flatten(),
                                             -100, wants_grad)
-        return self.lm_head(x)  # (B, T, vocab)
+        return self.lm_head(x[:, -1:] if only_last else x)  # (B, T or 1, vocab)
+
+    def use_onednn_linear(self) -> "GPT":
+        """Run the linear layers' inference-time products (no gradient, CPU, float32) in oneDNN (`OneDNNLinear`).
+        Decoding is a chain of matrix-vector products bound by how fast the weights stream from memory: on two cores
+        PyTorch's own product reads a (50304 x 512) weight at about 16 GB/s and oneDNN's at about 48, so pythia-70m
+        decodes about twice as fast. Same parameters, same state_dict, same results to float32 rounding; training
+        (gradients on) takes PyTorch's path as before. Does nothing where PyTorch was built without oneDNN."""
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            for module in self.modules():
+                if type(module) is nn.Linear:
+                    module.__class__ = OneDNNLinear
+        return self
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None):
         """Allocate a KV cache of `max_seq_length` positions (default: the model's max_seq_length)."""
@@ -198,6 +213,17 @@ class GPT(nn.Module):
                 module.reset_parameters()
                 module.to(dtype)
         self.reset_rope_cache(torch.device(device))
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose product runs in oneDNN when no gradient is wanted, on the CPU, in float32 (see
+    `GPT.use_onednn_linear`); otherwise exactly nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], source: str) -> None:

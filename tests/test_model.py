@@ -318,3 +318,30 @@ def test_recording_is_switched_off_after_the_block():
         model(torch.randint(0, 97, (1, 8)))
     model(torch.randint(0, 97, (1, 8)))
     assert len(records) == model.config.n_layer and all(b.attn.records is None for b in model.transformer.h)
+
+
+@pytest.mark.parametrize("name", ["pythia-14m", "debug"])
+def test_onednn_inference_matches_pytorchs_linear(name):
+    """use_onednn_linear runs inference products in oneDNN: the same logits to float32 rounding, the same greedy
+    tokens, the same parameters; with gradients on, exactly PyTorch's path."""
+    from lit_gpt.generation import generate
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("PyTorch was built without oneDNN: use_onednn_linear does nothing")
+    torch.manual_seed(0)
+    plain = GPT(Config.from_name(name, attention_temperature="ssa")).eval()
+    fast = GPT(Config.from_name(name, attention_temperature="ssa")).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.use_onednn_linear()
+    assert any(type(m).__name__ == "OneDNNLinear" for m in fast.modules())
+    x = torch.randint(0, plain.config.vocab_size, (2, 24))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x, only_last=True), plain(x)[:, -1:], rtol=1e-5, atol=1e-5)
+        tokens = [torch.cat(list(generate(m, x[:1], 16)), 1) for m in (plain, fast)]
+    assert torch.equal(tokens[0], tokens[1])
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in plain.state_dict().items())
+    fast(x, targets=x).backward()
+    plain(x, targets=x).backward()
+    for (name_, p), q in zip(fast.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name_
