@@ -13,6 +13,7 @@ validation loss is the checkpoint's own. The position slopes train at `--train.s
 weights at `--train.ssa_token_lr`, each with the backbone's warmup and decay.
 """
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -67,6 +68,7 @@ def setup(
     seed: int = 1337,
     logger_name: Literal["csv", "tensorboard"] = "csv",
     resume: bool | Literal["auto"] | Path = False,
+    compile: bool = False,
 ) -> None:
     """Fine-tune a checkpoint.
 
@@ -86,11 +88,15 @@ def setup(
         devices: processes per node; more than one runs DDP or FSDP.
         num_nodes: machines.
         strategy: auto (DDP when distributed), ddp or fsdp.
-        precision: Fabric precision; default bf16-mixed on GPUs, 32-true on CPU.
+        precision: Fabric precision (32-true, bf16-mixed, ...) or auto (bf16-mixed on a CPU with fast bf16, found by a
+            quick probe); default bf16-mixed on GPUs, 32-true on CPU.
         seed: seeds the data order and the split.
         logger_name: csv or tensorboard.
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
+        compile: torch.compile the transformer blocks (the same as --train.compile).
     """
+    if compile:
+        train = dataclasses.replace(train, compile=True)
     train.check()
     eval.check()
     check_apart(Path(out_dir), "--out_dir", Path(checkpoint_dir), "--checkpoint_dir")

@@ -30,6 +30,7 @@ def main(
     truncate: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """Generate a completion of `prompt`.
 
@@ -46,10 +47,13 @@ def main(
         truncate: drop the beginning of a prompt too long for the context instead of refusing it.
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16 or bfloat16; default the checkpoint's own.
+        compile: torch.compile the transformer blocks (slower here, see benchmarks/compile.py).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_positive(num_samples=num_samples)
     model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
+    if compile:
+        model.compile_blocks()
     device = model.lm_head.weight.device
     ids = prepare_prompt(tokenizer, prompt, max_new_tokens, model.max_seq_length, truncate).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -138,6 +138,14 @@ class GPT(nn.Module):
                     module.__class__ = OneDNNLinear
         return self
 
+    def compile_blocks(self, **kwargs) -> "GPT":
+        """torch.compile each transformer block in place (`nn.Module.compile`): parameter names, state_dict and
+        checkpoints stay as they are. The first steps pay the compilation; see benchmarks/compile.py for what it
+        gains on each path."""
+        for block in self.transformer.h:
+            block.compile(**kwargs)
+        return self
+
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None):
         """Allocate a KV cache of `max_seq_length` positions (default: the model's max_seq_length)."""
         length = max_seq_length or self.max_seq_length
@@ -428,14 +436,17 @@ class SSATemperature(nn.Module):
     def tau(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C); features: (B, T, heads, hs) this side's projection before RoPE; log_n: (T,) in float32 or
         float64. Returns tau, (B or 1, T, heads)."""
-        token_features = self.token_features(features, x)
-        return ssa_temperature(token_features, self.token_weight, self.position_param, log_n.view(1, -1, 1),
-                               self.config.ssa_slope_form)[0]
+        with torch.autocast(x.device.type, enabled=False):  # float32 under mixed precision too
+            token_features = self.token_features(features, x)
+            return ssa_temperature(token_features, self.token_weight, self.position_param, log_n.view(1, -1, 1),
+                                   self.config.ssa_slope_form)[0]
 
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
-        """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to."""
-        return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
-                                        self.position_param, log_n, self.config.ssa_slope_form)
+        """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to.
+        Under mixed precision (autocast) the temperature is still computed in float32; only the product is cast."""
+        with torch.autocast(target.device.type, enabled=False):
+            return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
+                                            self.position_param, log_n, self.config.ssa_slope_form)
 
 
 class BaselineTemperature(nn.Module):
@@ -462,7 +473,8 @@ class BaselineTemperature(nn.Module):
         return self.FORMULAS[self.kind](log_n.view(1, -1, 1), scale, self.config)
 
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
-        return (target * self.tau(x, target, log_n).unsqueeze(-1)).to(target.dtype)
+        with torch.autocast(target.device.type, enabled=False):  # float32 under mixed precision too
+            return (target * self.tau(x, target, log_n).unsqueeze(-1)).to(target.dtype)
 
 
 TEMPERATURES = (SSATemperature, BaselineTemperature)

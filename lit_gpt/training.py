@@ -42,6 +42,8 @@ class TrainArgs:
         save_interval: steps between checkpoints (null: only final/).
         keep_last: keep only this many of the latest step checkpoints (null: keep all); final/ is always kept.
         log_interval: steps between logged metrics.
+        compile: torch.compile the transformer blocks (also --compile); off by default, where it does not pay (see
+            benchmarks/compile.py).
     """
 
     global_batch_size: int = 512
@@ -61,6 +63,7 @@ class TrainArgs:
     save_interval: int | None = 1000
     keep_last: int | None = None  # step checkpoints to keep, the latest ones (null: all)
     log_interval: int = 1
+    compile: bool = False
 
     def check(self) -> None:
         """Refuse impossible values before any work starts, naming the flag."""
@@ -341,6 +344,8 @@ def read_history(path: Path, until_step: int) -> list[dict]:
 def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None, out_dir: Path):
     """The model and optimizer set up by Fabric, and the state that checkpoints hold, restored when resuming."""
     optimizer = build_optimizer(model, args)
+    if args.compile:
+        model.compile_blocks()
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(optimizer)
     state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0}

@@ -7,6 +7,7 @@
 With no arguments it trains GPT-2 124M on OpenWebText prepared by scripts/prepare_openwebtext.py.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,7 @@ def setup(
     seed: int = 1337,
     logger_name: Literal["csv", "tensorboard"] = "csv",
     resume: bool | Literal["auto"] | Path = False,
+    compile: bool = False,
 ) -> None:
     """Pretrain a model from scratch.
 
@@ -85,11 +87,15 @@ def setup(
         devices: processes per node (GPUs, or CPU processes); more than one runs DDP or FSDP.
         num_nodes: machines.
         strategy: auto (DDP when distributed), ddp or fsdp.
-        precision: Fabric precision; default bf16-mixed on GPUs, 32-true on CPU.
+        precision: Fabric precision (32-true, bf16-mixed, ...) or auto (bf16-mixed on a CPU with fast bf16, found by a
+            quick probe); default bf16-mixed on GPUs, 32-true on CPU.
         seed: seeds the initialisation and the choice of training windows.
         logger_name: csv or tensorboard.
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
+        compile: torch.compile the transformer blocks (the same as --train.compile).
     """
+    if compile:
+        train = dataclasses.replace(train, compile=True)
     train.check()
     eval.check()
     config = load_config(model_name, model, model_config)

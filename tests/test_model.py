@@ -345,3 +345,37 @@ def test_onednn_inference_matches_pytorchs_linear(name):
     plain(x, targets=x).backward()
     for (name_, p), q in zip(fast.named_parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad), name_
+
+
+def test_compiled_blocks_train_like_eager_ones():
+    """--compile (torch.compile of each block, on the CPU with its C compiler): the same loss and gradients as eager,
+    and the same parameter names."""
+    torch.manual_seed(0)
+    eager = GPT(Config.from_name("debug", attention_temperature="ssa"))
+    randomize_temperatures(eager)
+    compiled = GPT(Config.from_name("debug", attention_temperature="ssa"))
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.randint(0, 1000, (2, 32))
+    losses = [m(x, targets=x) for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_temperatures_stay_float32_under_bf16_autocast():
+    """--precision bf16-mixed on the CPU: matrix products in bf16, SSA's temperatures in float32."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", attention_temperature="ssa"))
+    randomize_temperatures(model)
+    x = torch.randint(0, 1000, (1, 16))
+    with recording_attention(model) as plain:
+        model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), recording_attention(model) as mixed:
+        model(x)
+    for a, b in zip(plain, mixed):
+        assert b["query_temperature"].dtype == torch.float32
+        torch.testing.assert_close(b["query_temperature"], a["query_temperature"], rtol=2e-2, atol=2e-2)

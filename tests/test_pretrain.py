@@ -328,3 +328,17 @@ def test_a_finished_run_is_not_replaced_by_resuming_it(data_dir, tmp_path, capsy
     setup(**tiny(data_dir, run, max_steps=6, save_interval=None), resume="auto")  # continuing forward is fine
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("speedup, chosen", [(2.0, "bf16-mixed"), (1.0, "32-true")])
+def test_precision_auto_follows_the_bf16_probe(monkeypatch, capsys, speedup, chosen):
+    import lit_gpt.fabric as fabric
+
+    monkeypatch.setattr(fabric.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fabric, "bf16_speedup", lambda: speedup)
+    assert fabric.choose_precision("auto") == chosen
+    assert f"--precision auto: {chosen} (bf16 matrix products run {speedup:.1f}x" in capsys.readouterr().out
+    assert fabric.choose_precision(None) == "32-true"  # the default stays float32 on every CPU
+    hint = capsys.readouterr().out
+    assert ("--precision auto (bf16-mixed) would use it" in hint) == (speedup >= fabric.FAST_BF16)
+    assert fabric.choose_precision("16-true") == "16-true"
