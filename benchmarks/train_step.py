@@ -134,13 +134,30 @@ def benchmark(name: str, batch: int, length: int, repeats: int, peak: float, onl
         ratios = [r["seconds"] / v["seconds"] for r, v in zip(runs, reference)]
         spread = f" ({min(ratios):.3f}-{max(ratios):.3f})" if rounds > 1 else ""
         rows.append([label, f"{batch * length / seconds:,.0f}", f"{seconds:.2f}", f"{flops / seconds / 1e9 / peak:.0%}",
-                     f"{statistics.median(ratios):.3f}{spread}", f"{runs[0]['peak_mb']:,.0f}",
-                     f"{runs[0]['peak_mb'] / reference[0]['peak_mb']:.3f}"])
+                     f"{statistics.median(ratios):.3f}{spread}", resolution(ratios) if label != labels[0] else "-",
+                     f"{runs[0]['peak_mb']:,.0f}", f"{runs[0]['peak_mb'] / reference[0]['peak_mb']:.3f}"])
     title = (f"{name}, batch {batch} x {length} tokens, float32, median of {repeats} steps"
              + (f", {rounds} interleaved rounds" if rounds > 1 else ""))
     ratio_head = "time / vanilla" + (" (median of rounds, range)" if rounds > 1 else "")
     return f"**{title}**\n\n" + table(["implementation", "tokens/s", "step (s)", "MFU vs matmul peak", ratio_head,
+                                        f"against {TOLERANCE:.2f}x (middle half of rounds)",
                                         "peak memory of a step (MiB)", "memory / vanilla"], rows)
+
+
+TOLERANCE = 1.03  # the step-time ratio to vanilla that SSA should stay within
+
+
+def resolution(ratios: list[float]) -> str:
+    """Whether the rounds resolve the ratio against TOLERANCE: the middle half of the per-round ratios (quartiles)
+    lies below it, above it, or across it (then the spread is larger than the effect)."""
+    if len(ratios) < 4:
+        return "too few rounds (use --rounds 4 or more)"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    if q3 <= TOLERANCE:
+        return f"within ({q1:.3f}-{q3:.3f})"
+    if q1 > TOLERANCE:
+        return f"above ({q1:.3f}-{q3:.3f})"
+    return f"not resolved: {q1:.3f}-{q3:.3f} spans it"
 
 
 def main() -> None:

@@ -82,6 +82,10 @@ def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> Config:
     if not config_file.is_file():
         raise FileNotFoundError(f"Expected {str(config_file)!r} (the Hugging Face config), found nothing there.")
     hf_config = read_json(config_file)
+    if hf_config.get("model_type") == "lit_gpt_ssa":  # exported by this project: its own config, whole
+        if not isinstance(hf_config.get("lit_config"), dict):
+            raise ValueError(f"{str(config_file)!r} lacks the lit_config that an exported lit_gpt_ssa model holds.")
+        return Config.from_dict(hf_config["lit_config"])
     try:
         return config_from_hf(hf_config, name=model_name)
     except KeyError as error:
@@ -118,8 +122,10 @@ def convert_hf_checkpoint(
         writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec)
         items = (item for f in files for item in iter_weight_file(f))
         progress = progress_bar(total=count_tensors(files), desc="converting", unit="tensor")
+        exported = read_json(checkpoint_dir / "config.json").get("model_type") == "lit_gpt_ssa"
+        to_lit = remote_weights_to_lit if exported else lit_weights_from_hf
         try:
-            for name, tensor in lit_weights_from_hf(config, progress_of(items, progress), dtype=target_dtype):
+            for name, tensor in to_lit(config, progress_of(items, progress), dtype=target_dtype):
                 writer.write(name, tensor)
         finally:
             progress.close()
@@ -130,6 +136,17 @@ def convert_hf_checkpoint(
     tokenizer = ", ".join(copied) or "none"
     print(f"Wrote {output_dir} ({config.name}, {len(spec)} tensors, {target_dtype}; tokenizer: {tokenizer})")
     return output_dir
+
+
+def remote_weights_to_lit(config: Config, items, dtype: torch.dtype | None = None):
+    """An exported remote-code model's tensors are ours under `model.`; its copy of a tied output layer is dropped."""
+    for name, tensor in items:
+        if not name.startswith("model."):
+            raise ValueError(f"Unexpected tensor {name!r} in an exported lit_gpt_ssa model (expected model.*).")
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        yield name, tensor if dtype is None else tensor.to(dtype)
 
 
 def progress_of(items, progress):
@@ -164,6 +181,8 @@ def convert_lit_checkpoint(
             f"Expected a checkpoint folder with {WEIGHTS_FILENAME} and model_config.yaml at {str(checkpoint_dir)!r}."
         )
     config = Config.from_file(checkpoint_dir)
+    if config.attention_temperature != "none" and not drop_ssa:
+        return export_remote_model(checkpoint_dir, Path(output_dir), config, parse_dtype(dtype), overwrite)
     backbone = check_temperature(config, drop_ssa)
     with torch.device("meta"):
         model = GPT(config)
@@ -193,6 +212,19 @@ def convert_lit_checkpoint(
         copy_tokenizer_files(checkpoint_dir, tmp)
     print(f"Wrote {output_dir} ({hf_config['architectures'][0]}, {len(spec)} tensors, {out_dtype})")
     return Path(output_dir)
+
+
+def export_remote_model(checkpoint_dir: Path, output_dir: Path, config: Config, dtype: torch.dtype | None,
+                        overwrite: bool) -> Path:
+    """A model with an attention temperature: a remote-code folder that transformers loads with trust_remote_code."""
+    from lit_gpt.export import write_remote_model
+
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        count = write_remote_model(checkpoint_dir, config, tmp, dtype)
+    print(f"Wrote {output_dir} (LitGPTSSAForCausalLM, remote code, {count} tensors, attention_temperature="
+          f"{config.attention_temperature!r}): load it with AutoModelForCausalLM.from_pretrained(..., "
+          "trust_remote_code=True)")
+    return output_dir
 
 
 def check_temperature(config: Config, drop_ssa: bool) -> Config:

@@ -90,13 +90,17 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         only_last: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache (and only then).
         mask: an extra attention mask, boolean (True = attend) or additive, broadcastable to (B, nh, T, keys).
         targets: (B, T) next-token ids (-100 where no loss is taken); then the mean cross-entropy is returned
         instead of the logits, computed without materialising them.
         only_last: return the logits of the last position only, (B, 1, vocab): a prompt's prefill needs no more, and
-        the output layer over every position would cost a (B, T, vocab) tensor."""
+        the output layer over every position would cost a (B, T, vocab) tensor.
+        position_ids: (B, T) positions of each row's tokens where they differ from their slots (input_pos, or 0..T-1
+        without a cache): a left-padded batch numbers each row's real tokens from 0. They drive RoPE, learned
+        position embeddings and the temperatures' log(n); the slots drive the cache and the causal mask."""
         B, T = idx.shape
         if T == 0:
             raise ValueError(f"Expected at least one token per sequence, got input of shape {tuple(idx.shape)}.")
@@ -112,12 +116,20 @@ class GPT(nn.Module):
             if not has_cache:
                 raise RuntimeError("input_pos is for decoding with the KV cache: call `model.set_kv_cache(...)` first.")
             positions = input_pos
+        slots = positions
+        if position_ids is not None:
+            if position_ids.shape != idx.shape:
+                raise ValueError(f"position_ids must have the shape of idx {tuple(idx.shape)}, got"
+                                 f" {tuple(position_ids.shape)}.")
+            positions = position_ids
         cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 2:  # per row: (B, 1, T, d) against q and k of (B, heads, T, hs)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.position_embedding == "learned":
             x = x + self.transformer.wpe(positions)
         for block in self.transformer.h:
-            x = block(x, cos, sin, positions, mask)
+            x = block(x, cos, sin, positions, mask, slots)
         x = self.transformer.ln_f(x)
         if targets is not None:
             # autograd runs a Function's forward with grad mode off, so whether gradients are wanted is decided here
@@ -277,8 +289,8 @@ class Block(nn.Module):
         self.mlp = GptNeoxMLP(config) if config.mlp_class_name == "GptNeoxMLP" else LLaMAMLP(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x, cos, sin, positions, mask=None) -> torch.Tensor:
-        h = self.attn(self.norm_1(x), cos, sin, positions, mask)
+    def forward(self, x, cos, sin, positions, mask=None, slots=None) -> torch.Tensor:
+        h = self.attn(self.norm_1(x), cos, sin, positions, mask, slots)
         if self.parallel_residual:  # GPT-NeoX: x + attn(norm_1(x)) + mlp(norm_2(x))
             return x + h + self.mlp(self.norm_2(x))
         x = x + h
@@ -298,8 +310,10 @@ class CausalSelfAttention(nn.Module):
         self.records: list[dict] | None = None  # set by `recording_attention`: run the explicit path and record it
         self.config = config
 
-    def forward(self, x, cos, sin, positions, mask=None) -> torch.Tensor:
-        """x: (B, T, C); positions: (T,) absolute positions, which go through the KV cache when one is set."""
+    def forward(self, x, cos, sin, positions, mask=None, slots=None) -> torch.Tensor:
+        """x: (B, T, C); positions: (T,) absolute positions, or (B, T) per row; slots: (T,) where the tokens go in the
+        KV cache and what the causal mask compares (default: positions)."""
+        slots = positions if slots is None else slots
         B, T, _ = x.shape
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
@@ -319,8 +333,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is not None:
-            k, v = self.kv_cache(positions, k, v)  # (B, ng, S, hs), S = keys seen so far
-        attn_mask = build_attention_mask(T, k.size(2), positions, self.kv_cache is not None, mask)
+            k, v = self.kv_cache(slots, k, v)  # (B, ng, S, hs), S = keys seen so far
+        attn_mask = build_attention_mask(T, k.size(2), slots, self.kv_cache is not None, mask)
         if self.records is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=nh != ng
@@ -438,7 +452,7 @@ class SSATemperature(nn.Module):
         float64. Returns tau, (B or 1, T, heads)."""
         with torch.autocast(x.device.type, enabled=False):  # float32 under mixed precision too
             token_features = self.token_features(features, x)
-            return ssa_temperature(token_features, self.token_weight, self.position_param, log_n.view(1, -1, 1),
+            return ssa_temperature(token_features, self.token_weight, self.position_param, per_token(log_n),
                                    self.config.ssa_slope_form)[0]
 
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
@@ -470,7 +484,7 @@ class BaselineTemperature(nn.Module):
 
     def tau(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         scale = None if self.scale is None else self.scale.to(log_n.dtype)
-        return self.FORMULAS[self.kind](log_n.view(1, -1, 1), scale, self.config)
+        return self.FORMULAS[self.kind](per_token(log_n), scale, self.config)
 
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         with torch.autocast(target.device.type, enabled=False):  # float32 under mixed precision too
@@ -478,6 +492,11 @@ class BaselineTemperature(nn.Module):
 
 
 TEMPERATURES = (SSATemperature, BaselineTemperature)
+
+
+def per_token(log_n: torch.Tensor) -> torch.Tensor:
+    """log(n) of (T,) or (B, T) as (1 or B, T, 1), against temperatures of (B, T, heads)."""
+    return log_n.view(1, -1, 1) if log_n.dim() == 1 else log_n.unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -554,8 +573,8 @@ class ScaleByTemperature(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target, features, token_weight, position_param, log_n, form):
-        # target, features: (B, T, h, d); token_weight: (h, d); position_param: (h,) or (1,); log_n: (T,)
-        tau, token_term = ssa_temperature(features, token_weight, position_param, log_n[:, None], form)
+        # target, features: (B, T, h, d); token_weight: (h, d); position_param: (h,) or (1,); log_n: (T,) or (B, T)
+        tau, token_term = ssa_temperature(features, token_weight, position_param, log_n[..., None], form)
         ctx.save_for_backward(target, features, token_weight, position_param, log_n, token_term, tau)
         ctx.form = form
         return (target * tau.unsqueeze(-1)).to(target.dtype)
@@ -570,7 +589,7 @@ class ScaleByTemperature(torch.autograd.Function):
         d_tau = torch.einsum("bthd,bthd->bth", grad.to(acc), target.to(acc))
         if position_param is not None and ctx.needs_input_grad[3]:
             d_slope = slope_and_derivative(position_param.to(acc), ctx.form)[1]
-            grad_param = (d_tau * log_n[:, None]).sum((0, 1)).sum_to_size(position_param.shape) * d_slope
+            grad_param = (d_tau * log_n[..., None]).sum((0, 1)).sum_to_size(position_param.shape) * d_slope
             grad_param = grad_param.to(position_param.dtype)
         if token_weight is not None:
             d_pre = d_tau * (1 - token_term**2)  # through tanh

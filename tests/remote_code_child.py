@@ -1,0 +1,42 @@
+"""Run by tests/test_hf_export.py in a fresh Python process: loads exported folders with transformers alone (this
+project cannot be imported here) and saves what they compute, for the test to compare with lit_gpt's own results."""
+
+import json
+import sys
+
+sys.modules["lit_gpt"] = None  # any import of this project now fails: the folder must stand on its own
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+
+def main(request_file: str, result_file: str) -> None:
+    request = json.loads(open(request_file).read())
+    results = {}
+    for folder in request["folders"]:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = torch.tensor(tokenizer(request["texts"]).input_ids[0])[None, : request["length"]]
+        short = ids[:, : request["length"] - request["pad"]]
+        padded = torch.cat((torch.zeros(1, request["pad"], dtype=torch.long), short), 1)
+        batch = torch.cat((ids, padded))
+        mask = torch.stack((torch.ones(ids.size(1)), torch.arange(ids.size(1)) >= request["pad"])).long()
+        with torch.no_grad():
+            greedy = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+            batch_greedy = model.generate(batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                                          do_sample=False, pad_token_id=0)
+            short_greedy = model.generate(short, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+            results[folder] = dict(
+                ids=ids, logits=model(ids).logits, greedy=greedy[:, ids.size(1):],
+                padded_logits=model(batch, attention_mask=mask).logits[1, request["pad"]:],
+                short_logits=model(short).logits[0],
+                batch_greedy=batch_greedy[:, batch.size(1):], short_greedy=short_greedy[:, short.size(1):],
+                module=type(model).__module__, class_name=type(model).__name__,
+            )
+    results["imported lit_gpt"] = any(name.startswith("lit_gpt") and module is not None
+                                      for name, module in sys.modules.items())
+    torch.save(results, result_file)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

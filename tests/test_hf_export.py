@@ -1,0 +1,160 @@
+"""Models with SSA (or a baseline temperature) exported as Hugging Face remote code: what transformers computes from
+the exported folder, in a fresh process that cannot import lit_gpt, against this project's own results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_temperatures
+
+from lit_gpt import GPT, Config
+from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint
+from lit_gpt.data.prepare import GPT2_TOKENIZER
+from lit_gpt.generation import generate, load_for_inference
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(n_layer=2, n_embd=64, n_head=4, block_size=256, vocab_size=50257)
+CASES = {
+    "gpt2 ssa": dict(name="gpt2", **SMALL, attention_temperature="ssa"),
+    "pythia ssa": dict(name="pythia-14m", attention_temperature="ssa"),
+    "llama gqa rope-scaling ssa": dict(name="Llama-3.2-1B", **SMALL, n_query_groups=2, head_size=16,
+                                       intermediate_size=128, padded_vocab_size=50304, attention_temperature="ssa"),
+    "pythia ssa separate keys official": dict(name="pythia-14m", attention_temperature="ssa",
+                                              ssa_token_weights="separate", ssa_key="position+token",
+                                              ssa_slope_form="official"),
+    "pythia ssa query position only": dict(name="pythia-14m", attention_temperature="ssa", ssa_query="position",
+                                           ssa_value="none"),
+    "pythia ssa_position": dict(name="pythia-14m", attention_temperature="ssa_position"),
+    "pythia ssmax": dict(name="pythia-14m", attention_temperature="ssmax"),
+    "llama logn": dict(name="Llama-3.2-1B", **SMALL, n_query_groups=1, head_size=16, intermediate_size=128,
+                       padded_vocab_size=50304, attention_temperature="logn", logn_length=16),
+    "gpt2 constant": dict(name="gpt2", **SMALL, attention_temperature="constant"),
+}
+TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each case saved as our checkpoint, exported, and run by transformers in one fresh process."""
+    root = tmp_path_factory.mktemp("export")
+    folders = {}
+    for i, (case, values) in enumerate(CASES.items()):
+        values = dict(values)
+        torch.manual_seed(i)
+        model = GPT(Config.from_name(values.pop("name"), **values))
+        randomize_temperatures(model, seed=i)
+        save_model_dir(model, root / f"lit-{i}", tokenizer_dir=GPT2_TOKENIZER)
+        convert_lit_checkpoint(root / f"lit-{i}", root / f"hf-{i}")
+        folders[case] = (root / f"lit-{i}", root / f"hf-{i}")
+    request = dict(folders=[str(hf) for _, hf in folders.values()], texts=[TEXT], length=24, pad=7)
+    (root / "request.json").write_text(json.dumps(request))
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "remote_code_child.py"), str(root / "request.json"),
+                             str(root / "result.pt")], capture_output=True, text=True, cwd=root,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folders, torch.load(root / "result.pt", weights_only=False), request
+
+
+def test_the_export_loads_without_this_project(exported):
+    folders, results, _ = exported
+    assert results["imported lit_gpt"] is False
+    for case, (_, hf) in folders.items():
+        assert results[str(hf)]["class_name"] == "LitGPTSSAForCausalLM"
+        assert results[str(hf)]["module"].startswith("transformers_modules")
+        names = {p.name for p in hf.iterdir()}
+        assert {"config.json", "configuration_lit_gpt_ssa.py", "modeling_lit_gpt_ssa.py", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= names, case
+        card = (hf / "README.md").read_text()
+        assert "attention_temperature" in card and str(folders[case][0]) in card
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_transformers_computes_what_we_compute(exported, case):
+    folders, results, request = exported
+    lit, hf = folders[case]
+    got = results[str(hf)]
+    model = GPT.from_checkpoint(lit).eval()
+    ids = got["ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], model(ids), rtol=1e-5, atol=1e-5)
+        # generate/base.py's path: load_for_inference, greedy decoding with the KV cache
+        fast, _ = load_for_inference(lit)
+        ours = torch.cat(list(generate(fast, ids, 32)), 1)
+    assert torch.equal(got["greedy"], ours), case
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_left_padded_rows_equal_the_unpadded_ones(exported, case):
+    folders, results, request = exported
+    got = results[str(folders[case][1])]
+    torch.testing.assert_close(got["padded_logits"], got["short_logits"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["batch_greedy"][1:], got["short_greedy"])
+    assert torch.equal(got["batch_greedy"][:1], got["greedy"][:, :8])
+
+
+@pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa"])
+def test_round_trip_gives_identical_weights(exported, tmp_path, case):
+    from safetensors.torch import load_file
+
+    lit, hf = exported[0][case]
+    back = convert_hf_checkpoint(hf, tmp_path / "back")
+    a, b = load_file(lit / "model.safetensors"), load_file(back / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert Config.from_file(back).to_dict() == Config.from_file(lit).to_dict()
+
+
+def test_a_model_without_temperature_stays_a_plain_hugging_face_folder(tmp_path):
+    model = GPT(Config.from_name("pythia-14m", vocab_size=50257))
+    save_model_dir(model, tmp_path / "lit", tokenizer_dir=GPT2_TOKENIZER)
+    convert_lit_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and "auto_map" not in config
+    assert not (tmp_path / "hf" / "modeling_lit_gpt_ssa.py").exists()
+
+
+def test_the_modeling_file_is_generated_from_the_model_file(exported):
+    from lit_gpt.export import modeling_source
+
+    hf = exported[0]["pythia ssa"][1]
+    text = (hf / "modeling_lit_gpt_ssa.py").read_text()
+    assert text == modeling_source()
+    model_py = (ROOT / "lit_gpt" / "model.py").read_text()
+    assert "class ScaleByTemperature" in text and model_py.split("class GPT(")[1][:2000] in text
+
+
+def test_lm_eval_hf_model_agrees_with_our_adapter(exported, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    import importlib
+
+    from lm_eval.tasks import TaskManager
+
+    importlib.import_module("lm_eval.models")  # registers "hf" (lm-eval skips it once our adapter has registered)
+
+    from eval.lm_eval_harness import LitLM
+
+    lit, hf = exported[0]["pythia ssa"]
+    records = [{"question": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0}
+               for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_sums_hf.yaml").write_text(
+        "task: tiny_sums_hf\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+    )
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    runs = [lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_sums_hf"], task_manager=tasks,
+                                    log_samples=True, batch_size=1)
+            for model, args in (("hf", f"pretrained={hf},trust_remote_code=True,dtype=float32,device=cpu"),
+                                (LitLM(str(lit)), None))]
+    scores = [[[r[0] for r in s["filtered_resps"]] for s in run["samples"]["tiny_sums_hf"]] for run in runs]
+    assert len(scores[0]) == 4
+    for a, b in zip(*scores):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert runs[0]["results"]["tiny_sums_hf"]["acc,none"] == runs[1]["results"]["tiny_sums_hf"]["acc,none"]
