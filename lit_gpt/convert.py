@@ -170,7 +170,8 @@ def convert_lit_checkpoint(
     Args:
         checkpoint_dir: a folder with model.safetensors and model_config.yaml.
         output_dir: the Hugging Face folder to write.
-        drop_ssa: write a model with an attention temperature without it (its parameters go to a side file).
+        drop_ssa: write the backbone of a model with an attention temperature as a plain Hugging Face model (its
+            temperature parameters go to a side file) instead of exporting it with its own model code.
         dtype: float32, float16 or bfloat16; defaults to the checkpoint's own.
         overwrite: replace an output folder that already holds files.
     """
@@ -229,14 +230,8 @@ def export_remote_model(checkpoint_dir: Path, output_dir: Path, config: Config, 
 
 def check_temperature(config: Config, drop_ssa: bool) -> Config:
     """The config to write: the same one, or its backbone when the temperatures are dropped on request."""
-    if config.attention_temperature == "none":
+    if config.attention_temperature == "none" or not drop_ssa:
         return config
-    if not drop_ssa:
-        raise ValueError(
-            f"This checkpoint has attention_temperature={config.attention_temperature!r}, which no Hugging Face model"
-            " class implements. Pass --drop_ssa to write the backbone alone (its temperature parameters go to"
-            f" {SSA_SIDE_FILE}); that model will not behave like this one."
-        )
     warnings.warn(
         f"Dropping attention_temperature={config.attention_temperature!r}: the Hugging Face model computes vanilla"
         f" attention and will differ from this checkpoint. The temperature parameters are kept in {SSA_SIDE_FILE}.",

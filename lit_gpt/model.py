@@ -7,7 +7,7 @@ is compared with) are per-(token, head) scalars that multiply queries, keys or v
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -237,11 +237,11 @@ class GPT(nn.Module):
 
 class OneDNNLinear(nn.Linear):
     """nn.Linear whose product runs in oneDNN when no gradient is wanted, on the CPU, in float32 (see
-    `GPT.use_onednn_linear`); otherwise exactly nn.Linear."""
+    `GPT.use_onednn_linear`); otherwise (and inside torch.compile, which lowers it its own way) exactly nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32):
+                and self.weight.dtype == torch.float32 and not torch.compiler.is_compiling()):  # inductor: its own
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -450,7 +450,7 @@ class SSATemperature(nn.Module):
     def tau(self, x: torch.Tensor, features: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C); features: (B, T, heads, hs) this side's projection before RoPE; log_n: (T,) in float32 or
         float64. Returns tau, (B or 1, T, heads)."""
-        with torch.autocast(x.device.type, enabled=False):  # float32 under mixed precision too
+        with float32_region(x.device):  # float32 under mixed precision too
             token_features = self.token_features(features, x)
             return ssa_temperature(token_features, self.token_weight, self.position_param, per_token(log_n),
                                    self.config.ssa_slope_form)[0]
@@ -458,7 +458,7 @@ class SSATemperature(nn.Module):
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to.
         Under mixed precision (autocast) the temperature is still computed in float32; only the product is cast."""
-        with torch.autocast(target.device.type, enabled=False):
+        with float32_region(target.device):
             return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
                                             self.position_param, log_n, self.config.ssa_slope_form)
 
@@ -487,11 +487,17 @@ class BaselineTemperature(nn.Module):
         return self.FORMULAS[self.kind](per_token(log_n), scale, self.config)
 
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(target.device.type, enabled=False):  # float32 under mixed precision too
+        with float32_region(target.device):  # float32 under mixed precision too
             return (target * self.tau(x, target, log_n).unsqueeze(-1)).to(target.dtype)
 
 
 TEMPERATURES = (SSATemperature, BaselineTemperature)
+
+
+def float32_region(device: torch.device):
+    """Autocast off (mixed precision computes the temperatures in float32 too); nothing to switch off on other devices
+    (the meta device that counts FLOPs)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
 
 
 def per_token(log_n: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def test_dtype_option_and_default(tmp_path):
     assert load_file(tmp_path / "default" / "model.safetensors")["transformer.wte.weight"].dtype == torch.float32
 
 
-def test_ssa_checkpoint_is_refused_unless_dropped(tmp_path):
+def test_ssa_checkpoint_exports_remote_code_or_its_backbone_when_dropped(tmp_path):
     hf_dir, hf_model = save_hf(tmp_path)
     lit_dir = convert_hf_checkpoint(hf_dir, tmp_path / "lit")
     vanilla = GPT.from_checkpoint(lit_dir)
@@ -90,9 +90,8 @@ def test_ssa_checkpoint_is_refused_unless_dropped(tmp_path):
     from lit_gpt.checkpoint import save_model_dir
 
     save_model_dir(ssa, tmp_path / "ssa", tokenizer_dir=lit_dir)
-    with pytest.raises(ValueError, match="Pass --drop_ssa"):
-        convert_lit_checkpoint(tmp_path / "ssa", tmp_path / "back")
-    assert not (tmp_path / "back").exists()
+    convert_lit_checkpoint(tmp_path / "ssa", tmp_path / "remote")  # tests/test_hf_export.py runs such folders
+    assert json.loads((tmp_path / "remote" / "config.json").read_text())["model_type"] == "lit_gpt_ssa"
     with pytest.warns(UserWarning, match="Dropping attention_temperature='ssa'"):
         convert_lit_checkpoint(tmp_path / "ssa", tmp_path / "back", drop_ssa=True)
     side = load_file(tmp_path / "back" / "ssa_parameters.safetensors")
