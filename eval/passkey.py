@@ -14,7 +14,7 @@ from pathlib import Path
 from lit_gpt.evaluation import passkey_min_length, run_passkey_grid, summarize_passkey
 from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import plot_passkey_heatmap
-from lit_gpt.utils import check_positive, check_writable, run_cli
+from lit_gpt.utils import at_least, check_writable, run_cli
 
 
 def passkey_lengths(model, tokenizer, lengths: list[int] | None, max_new_tokens: int) -> list[int]:
@@ -64,7 +64,7 @@ def main(
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16 or bfloat16; default the checkpoint's own.
     """
-    check_positive(trials=trials, max_new_tokens=max_new_tokens)
+    at_least(1, trials=trials, max_new_tokens=max_new_tokens)
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"--depths must be a non-empty list of values in [0, 1], got {depths}.")
     output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "passkey"

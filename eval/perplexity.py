@@ -14,7 +14,7 @@ from pathlib import Path
 from lit_gpt.data.prepare import BUNDLED_WIKI, local_files, read_text
 from lit_gpt.evaluation import PerplexityResult, count_words, sliding_window_nll
 from lit_gpt.generation import load_for_inference
-from lit_gpt.utils import check_hub_reachable, check_positive, check_writable, run_cli
+from lit_gpt.utils import at_least, check_hub_reachable, check_writable, run_cli
 
 
 def load_text(data: Path | None, dataset: str | None, dataset_config: str | None, split: str, text_column: str,
@@ -75,7 +75,7 @@ def main(
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16 or bfloat16; default the checkpoint's own.
     """
-    check_positive(max_chars=max_chars, max_tokens=max_tokens, window=window, stride=stride)
+    at_least(1, max_chars=max_chars, max_tokens=max_tokens, window=window, stride=stride)
     if start_char < 0:
         raise ValueError(f"--start_char must be 0 or more, got {start_char}.")
     output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "perplexity.json"

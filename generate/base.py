@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lit_gpt.generation import check_sampling, load_for_inference, prepare_prompt, stream_text
-from lit_gpt.utils import check_positive, run_cli
+from lit_gpt.utils import at_least, run_cli
 
 
 def main(
@@ -50,7 +50,7 @@ def main(
         compile: torch.compile the transformer blocks (slower here, see benchmarks/compile.py).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    check_positive(num_samples=num_samples)
+    at_least(1, num_samples=num_samples)
     model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
     if compile:
         model.compile_blocks()

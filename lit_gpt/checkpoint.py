@@ -8,6 +8,7 @@ is the public entry for loading one.
 """
 
 import fcntl
+import glob
 import json
 import os
 import pickle
@@ -68,14 +69,10 @@ def remove_stale_temporaries(target: Path) -> None:
     """Delete the temporary folders that an interrupted write into `target` left beside it (`.NAME.tmp-PID`,
     `.NAME.old-PID`) when their process is gone."""
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)$")
-    for path in target.parent.glob(f".{glob_escape(target.name)}.*-*"):
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
         match = pattern.match(path.name)
         if match and path.is_dir() and not process_alive(int(match.group(2))):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def process_alive(pid: int) -> bool:

@@ -145,15 +145,7 @@ class Config:
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_FILENAME
-        if not path.is_file():
-            raise FileNotFoundError(f"Expected a model config file at {str(path)!r}, found nothing there.")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            first = str(error).strip().splitlines()[0]
-            raise ValueError(f"{str(path)!r} is not valid YAML ({first}); restore or recreate the file.") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{str(path)!r} should hold a mapping of config fields, found {type(values).__name__}.")
+        values = read_yaml(path, "a model config file")
         try:
             return cls.from_dict({**values, **overrides})
         except (ValueError, TypeError) as error:
@@ -167,6 +159,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML mapping from `path` (`what` names it in messages); a missing or malformed file is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected {what} at {str(path)!r}, found nothing there.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{str(path)!r} is not valid YAML ({first}); restore or fix the file.") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(path)!r} should hold a mapping of {what}'s fields, found {type(values).__name__}.")
+    return values
 
 
 def check_field_types(config: Config) -> None:

@@ -73,7 +73,8 @@ def source_dtype(files: list[Path]) -> torch.dtype:
     return torch.float32
 
 
-def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> Config:
+def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> tuple[Config, bool]:
+    """The model's Config, and whether the folder is one this project exported (remote code, our weight names)."""
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(
             f"Expected a Hugging Face model folder at {str(checkpoint_dir)!r}, found nothing there."
@@ -85,9 +86,9 @@ def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> Config:
     if hf_config.get("model_type") == "lit_gpt_ssa":  # exported by this project: its own config, whole
         if not isinstance(hf_config.get("lit_config"), dict):
             raise ValueError(f"{str(config_file)!r} lacks the lit_config that an exported lit_gpt_ssa model holds.")
-        return Config.from_dict(hf_config["lit_config"])
+        return Config.from_dict(hf_config["lit_config"]), True
     try:
-        return config_from_hf(hf_config, name=model_name)
+        return config_from_hf(hf_config, name=model_name), False
     except KeyError as error:
         raise ValueError(f"{str(config_file)!r} lacks the key {error.args[0]!r} that a {hf_config.get('model_type')}"
                          " config holds; download the complete config.json.") from None
@@ -112,7 +113,7 @@ def convert_hf_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + "-lit")
     check_apart(output_dir, "--output_dir", checkpoint_dir, "--checkpoint_dir")
-    config = load_hf_config(checkpoint_dir, model_name)
+    config, exported = load_hf_config(checkpoint_dir, model_name)
     files = find_weight_files(checkpoint_dir)
     target_dtype = parse_dtype(dtype) or source_dtype(files)
     with torch.device("meta"):
@@ -122,7 +123,6 @@ def convert_hf_checkpoint(
         writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec)
         items = (item for f in files for item in iter_weight_file(f))
         progress = progress_bar(total=count_tensors(files), desc="converting", unit="tensor")
-        exported = read_json(checkpoint_dir / "config.json").get("model_type") == "lit_gpt_ssa"
         to_lit = remote_weights_to_lit if exported else lit_weights_from_hf
         try:
             for name, tensor in to_lit(config, progress_of(items, progress), dtype=target_dtype):

@@ -83,10 +83,15 @@ def remote_weights(checkpoint_dir: Path, config: Config, dtype: torch.dtype | No
     return spec, tensors()
 
 
-def special_token_ids(folder: Path) -> dict:
+def load_tokenizer(folder: Path) -> Tokenizer | None:
     try:
-        tokenizer = Tokenizer(folder)
+        return Tokenizer(folder)
     except (FileNotFoundError, ValueError):
+        return None
+
+
+def special_token_ids(tokenizer: Tokenizer | None) -> dict:
+    if tokenizer is None:
         return {}
     return {k: v for k, v in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)) if v is not None}
 
@@ -105,7 +110,8 @@ def write_remote_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     (folder / CONFIGURATION_FILE).write_text((PACKAGE / "remote" / "configuration.py").read_text())
     (folder / MODELING_FILE).write_text(modeling_source())
     copied = copy_tokenizer_files(checkpoint_dir, folder)
-    special = special_token_ids(folder)
+    tokenizer = load_tokenizer(folder)
+    special = special_token_ids(tokenizer)
     out_dtype = dtype or next(iter(spec.values()))[1]
     hf_config = dict(
         architectures=["LitGPTSSAForCausalLM"], model_type="lit_gpt_ssa",
@@ -116,12 +122,12 @@ def write_remote_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     if "generation_config.json" not in copied:
         (folder / "generation_config.json").write_text(json.dumps(dict(special, _from_model_config=True), indent=2))
-    write_tokenizer_config(folder, copied, special)
+    write_tokenizer_config(folder, copied, special, tokenizer)
     (folder / "README.md").write_text(model_card(checkpoint_dir, config, out_dtype))
     return len(spec)
 
 
-def write_tokenizer_config(folder: Path, copied: list[str], special: dict) -> None:
+def write_tokenizer_config(folder: Path, copied: list[str], special: dict, tokenizer: Tokenizer | None) -> None:
     """Name the tokenizer class in tokenizer_config.json (AutoTokenizer otherwise asks config.json, whose model type
     only the remote code knows) and its special tokens where the file lacks them."""
     path = folder / "tokenizer_config.json"
@@ -130,9 +136,8 @@ def write_tokenizer_config(folder: Path, copied: list[str], special: dict) -> No
         return
     if "tokenizer.json" in copied:
         settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-        processor = Tokenizer(folder).processor
         for key, token_id in special.items():
-            settings.setdefault(key.removesuffix("_id"), processor.id_to_token(token_id))
+            settings.setdefault(key.removesuffix("_id"), tokenizer.processor.id_to_token(token_id))
     elif "tokenizer.model" in copied:
         settings["tokenizer_class"] = "LlamaTokenizer"
     else:

@@ -8,7 +8,7 @@ import torch
 
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import parse_dtype, resolve_device
+from lit_gpt.utils import at_least, parse_dtype, resolve_device
 
 
 def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: str | None = None
@@ -28,8 +28,7 @@ def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: s
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float) -> None:
     """Refuse sampling settings that mean nothing, naming the flag."""
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}.")
+    at_least(1, max_new_tokens=max_new_tokens)
     if not temperature >= 0:
         raise ValueError(f"--temperature must be 0 (greedy) or above, got {temperature}.")
     if top_k is not None and top_k < 1:

@@ -17,7 +17,7 @@ from lit_gpt.checkpoint import check_resume_point, load_training_state
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
-from lit_gpt.utils import UserFacingError, progress_bar, set_interrupt_note
+from lit_gpt.utils import UserFacingError, at_least, progress_bar, set_interrupt_note
 
 
 @dataclass
@@ -67,9 +67,9 @@ class TrainArgs:
 
     def check(self) -> None:
         """Refuse impossible values before any work starts, naming the flag."""
-        at_least("train", self, 1, "global_batch_size", "micro_batch_size", "max_tokens", "max_steps",
+        fields_at_least("train", self, 1, "global_batch_size", "micro_batch_size", "max_tokens", "max_steps",
                  "max_seq_length", "save_interval", "keep_last", "log_interval")
-        at_least("train", self, 0, "learning_rate", "min_lr", "warmup_steps", "weight_decay", "ssa_position_lr",
+        fields_at_least("train", self, 0, "learning_rate", "min_lr", "warmup_steps", "weight_decay", "ssa_position_lr",
                  "ssa_token_lr")
         if not self.max_norm > 0:
             raise ValueError(f"--train.max_norm must be above 0 (the gradient norm it clips to), got {self.max_norm}.")
@@ -95,14 +95,11 @@ class EvalArgs:
     final_validation: bool = True
 
     def check(self) -> None:
-        at_least("eval", self, 1, "interval", "max_iters")
+        fields_at_least("eval", self, 1, "interval", "max_iters")
 
 
-def at_least(prefix: str, args, low: float, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{prefix}.{name} must be at least {low}, got {value}.")
+def fields_at_least(prefix: str, args, low: float, *names: str) -> None:
+    at_least(low, **{f"{prefix}.{name}": getattr(args, name) for name in names})
 
 
 HISTORY_FILENAME = "history.jsonl"

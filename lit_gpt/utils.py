@@ -176,28 +176,11 @@ def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
     return value
 
 
-def read_yaml(path: Path, flag: str) -> dict:
-    """A YAML mapping from `path` (given by `flag`); a missing or malformed file is one line naming it."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: expected a YAML file there, found nothing.")
-    try:
-        value = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise ValueError(f"{str(path)!r} is not valid YAML ({first}); fix the file.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} should hold a mapping, found {type(value).__name__}.")
-    return value
-
-
-def check_positive(**values: float | None) -> None:
-    """Each named value (a flag) must be at least 1 where given."""
+def at_least(low: float, **values: float | None) -> None:
+    """Each named value (a flag, `--NAME`) must be at least `low` where given."""
     for name, value in values.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}.")
+        if value is not None and value < low:
+            raise ValueError(f"--{name} must be at least {low}, got {value}.")
 
 
 def resolve_device(device: str | None) -> str:

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.config import Config
+from lit_gpt.config import Config, read_yaml
 from lit_gpt.data.prepare import BUNDLED_CORPUS, prepare, read_text, split_documents
 from lit_gpt.data.tokens import TokenData
 from lit_gpt.model import GPT, learned_slopes
 from lit_gpt.retrieval import evaluation_cells, loss_by_position, score_answers, training_documents
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.toys import DILUTION_ARMS, dilution_errors, oracle_errors, train_dilution, value_errors
-from lit_gpt.utils import read_yaml, run_cli
+from lit_gpt.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "pretrain" / "openwebtext.py"
@@ -46,7 +46,7 @@ EVALUATION_KEYS = ("lengths", "depths", "keys", "learned_at", "lm_windows", "ban
 
 def load_grid(path: Path, quick: bool) -> dict:
     """The grid, with the `quick` section's values over it (a list of arms keeps only those arms)."""
-    grid = read_yaml(path, "--grid")
+    grid = read_yaml(path, "the grid (--grid)")
     missing = [key for key in ("seeds", "workers", "data", *SECTIONS) if key not in grid]
     if missing:
         raise ValueError(f"--grid {path} lacks the section(s) {missing}: start from configs/reproduce.yaml.")

@@ -19,6 +19,23 @@ def deterministic():
     yield
 
 
+def write_sums_task(folder, name: str):
+    """A local lm-evaluation-harness task (four multiple-choice sums) in folder/tasks; returns that folder."""
+    import json
+
+    records = [{"question": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0}
+               for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+    )
+    return folder / "tasks"
+
+
 TEMPERATURE_MODES = ["none", "ssa", "ssa_position", "logn", "ssmax", "constant"]
 
 

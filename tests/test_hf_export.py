@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_temperatures
+from conftest import randomize_temperatures, write_sums_task
 
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
@@ -138,17 +138,7 @@ def test_lm_eval_hf_model_agrees_with_our_adapter(exported, tmp_path):
     from eval.lm_eval_harness import LitLM
 
     lit, hf = exported[0]["pythia ssa"]
-    records = [{"question": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0}
-               for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_sums_hf.yaml").write_text(
-        "task: tiny_sums_hf\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
-        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
-    )
-    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    tasks = TaskManager(include_path=str(write_sums_task(tmp_path, "tiny_sums_hf")))
     runs = [lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_sums_hf"], task_manager=tasks,
                                     log_samples=True, batch_size=1)
             for model, args in (("hf", f"pretrained={hf},trust_remote_code=True,dtype=float32,device=cpu"),

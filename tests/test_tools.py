@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_temperatures
+from conftest import randomize_temperatures, write_sums_task
 
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
@@ -222,18 +222,9 @@ def test_lm_eval_loglikelihood_matches_the_model(checkpoint):
 
 
 def test_lm_eval_runs_a_local_task(checkpoint, tmp_path):
-    records = [{"question": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0}
-               for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_sums.yaml").write_text(
-        "task: tiny_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
-        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
-    )
+    tasks = write_sums_task(tmp_path, "tiny_sums")
     result = run("eval/lm_eval_harness.py", "--checkpoint_dir", str(checkpoint), "--tasks", "[tiny_sums]",
-                 "--include_path", str(tmp_path / "tasks"), "--output_file", str(tmp_path / "results.json"))
+                 "--include_path", str(tasks), "--output_file", str(tmp_path / "results.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = json.loads((tmp_path / "results.json").read_text())["tiny_sums"]["acc,none"]
     assert accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)
