@@ -35,7 +35,7 @@ def measure(variant: str, batch: int, length: int, repeats: int) -> dict:
 
     def step():
         with materialised_attention() if materialised else contextlib.nullcontext():
-            attention(x, cos, sin, positions).sum().backward()
+            attention(x, cos, sin, positions, positions).sum().backward()
         attention.zero_grad(set_to_none=True)
         x.grad = None
 

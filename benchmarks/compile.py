@@ -14,6 +14,7 @@ from common import header, table
 
 from lit_gpt import GPT, Config
 from lit_gpt.generation import generate
+from lit_gpt.kernels import use_onednn_linear
 from lit_gpt.training import TrainArgs, build_optimizer
 
 
@@ -48,7 +49,7 @@ def training(name: str, length: int, batch: int, compiled: bool, steps: int) -> 
 
 def generation(name: str, new_tokens: int, compiled: bool, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = GPT(Config.from_name(name, attention_temperature="ssa")).eval().use_onednn_linear()
+    model = use_onednn_linear(GPT(Config.from_name(name, attention_temperature="ssa")).eval())
     if compiled:
         model.compile_blocks()
     prompt = torch.randint(0, model.config.vocab_size, (1, 128))

@@ -13,13 +13,14 @@ from common import header, median_seconds, table
 from lit_gpt import GPT, Config
 from lit_gpt.generation import generate
 from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
+from lit_gpt.kernels import use_onednn_linear
 
 
 def ours(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int, onednn: bool = True):
     model = GPT(config).eval()
     model.load_state_dict(state, strict=False)
     if onednn:  # what the tools do (load_for_inference)
-        model.use_onednn_linear()
+        use_onednn_linear(model)
     return lambda: torch.cat(list(generate(model, prompt, new_tokens)), dim=1)
 
 

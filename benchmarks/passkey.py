@@ -17,6 +17,7 @@ from lit_gpt.data.prepare import GPT2_TOKENIZER
 from lit_gpt.evaluation import passkey_prompt
 from lit_gpt.generation import generate
 from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
+from lit_gpt.kernels import use_onednn_linear
 from lit_gpt.tokenizer import Tokenizer
 
 
@@ -64,7 +65,7 @@ def main() -> None:
     state = plain.state_dict()
     fast = GPT(config).eval()
     fast.load_state_dict(state)
-    fast.use_onednn_linear()  # as eval/passkey.py loads it
+    use_onednn_linear(fast)  # as eval/passkey.py loads it
     hf = hf_model(config, state)
     rows = []
     for length in args.lengths:

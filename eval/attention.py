@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt.analysis import learned_slopes, recording_attention
 from lit_gpt.config import Config
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.generation import load_for_inference
-from lit_gpt.model import learned_slopes, recording_attention
 from lit_gpt.utils import check_writable, resolve_device, run_cli
 
 TEMPERATURES = ("query_temperature", "value_temperature")

@@ -16,6 +16,7 @@ weights at `--train.ssa_token_lr`, each with the backbone's warmup and decay.
 import dataclasses
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,11 +24,11 @@ import lightning as L
 import torch
 
 from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
-from lit_gpt.config import Config
+from lit_gpt.config import ATTENTION_FIELDS, Config, with_ssa_flag
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
-from lit_gpt.fabric import build_fabric, on_rank_zero
+from lit_gpt.fabric import RunArgs, build_fabric, on_rank_zero
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import (
@@ -74,9 +75,11 @@ def setup(
 
     Args:
         checkpoint_dir: a converted (or pretrained) checkpoint folder.
-        ssa: add Selective Self-Attention with the default settings (a checkpoint that has it keeps its own).
+        ssa: add Selective Self-Attention (short for --model.attention_temperature ssa); a checkpoint that has it
+            keeps its own parameters.
         ssa_only: freeze the backbone and train only the temperature parameters.
-        model: SSA fields to set with --ssa, e.g. --model.ssa_token_weights separate.
+        model: the attention fields to set, as in pretraining: --model.attention_temperature logn,
+            --model.ssa_token_weights separate, ...
         data: a prepared token folder (language modelling) or an Alpaca-format .json/.jsonl file (instructions).
         data_source: text to prepare into `data` with the checkpoint's tokenizer where `data` holds none.
         val_fraction: share held out for validation (of the documents when preparing, of the records otherwise).
@@ -100,17 +103,36 @@ def setup(
     train.check()
     eval.check()
     check_apart(Path(out_dir), "--out_dir", Path(checkpoint_dir), "--checkpoint_dir")
-    checkpoint_dir = Path(checkpoint_dir)
-    base = Config.from_file(checkpoint_dir)
-    Tokenizer(checkpoint_dir)  # fail now, in one line, where the folder has no tokenizer
+    base = Config.from_file(Path(checkpoint_dir))
+    Tokenizer(Path(checkpoint_dir))  # fail now, in one line, where the folder has no tokenizer
     check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
-    hparams = hyperparameters(checkpoint_dir=checkpoint_dir, ssa=ssa, ssa_only=ssa_only,
-                              model=config.to_dict(), data=data, data_source=data_source, val_fraction=val_fraction,
-                              truncate=truncate, out_dir=out_dir, train=train, eval=eval, devices=devices, seed=seed)
-    fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
-    fabric.launch(main, checkpoint_dir, base, config, ssa_only, Path(data), data_source, val_fraction,
-                  truncate, Path(out_dir), train, eval, seed, resume, hparams)
+    run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
+    job = FinetuneJob(Path(checkpoint_dir), base, config, ssa_only, Path(data), data_source, val_fraction, truncate,
+                      Path(out_dir), train, eval, seed, resume)
+    hparams = hyperparameters(**{f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "base"},
+                              ssa=ssa, run=run)
+    fabric = build_fabric(run, out_dir)
+    fabric.launch(main, job, hparams)
+
+
+@dataclass
+class FinetuneJob:
+    """Everything a fine-tuning process needs, checked by `setup`."""
+
+    checkpoint_dir: Path
+    base: Config  # the checkpoint's own config
+    config: Config  # with SSA or a baseline added where asked for
+    ssa_only: bool
+    data: Path
+    data_source: str | None
+    val_fraction: float
+    truncate: bool
+    out_dir: Path
+    train: TrainArgs
+    eval: EvalArgs
+    seed: int
+    resume: bool | str | Path
 
 
 def check_data_argument(data: Path, data_source: str | None) -> None:
@@ -125,26 +147,32 @@ def check_data_argument(data: Path, data_source: str | None) -> None:
 
 
 def finetune_config(base: Config, ssa: bool, overrides: dict) -> Config:
-    """The checkpoint's config, with SSA added at its fine-tuning start when asked for."""
-    values = base.to_dict()
-    if ssa and base.attention_temperature == "ssa":
-        print("The checkpoint already has SSA; fine-tuning continues with its own temperature parameters.")
-    elif ssa:
-        values.update(attention_temperature="ssa", ssa_position_init=FINETUNE_SSA_INIT)
-    elif overrides:
-        raise ValueError("--model.* sets SSA fields and goes with --ssa.")
-    unknown = [k for k in overrides if not (k.startswith("ssa_") or k == "attention_temperature")]
+    """The checkpoint's config with the attention fields of --model.* (--ssa: attention_temperature ssa); SSA added
+    to a checkpoint without it starts at its fine-tuning slope, so that the first loss is the checkpoint's own."""
+    unknown = [k for k in overrides if k not in ATTENTION_FIELDS]
     if unknown:
-        raise ValueError(f"--model.{unknown[0]} would change the architecture of the checkpoint; only"
-                         " attention_temperature and ssa_* fields may be set here.")
+        raise ValueError(f"--model.{unknown[0]} would change the architecture of the checkpoint; only the attention"
+                         f" fields ({', '.join(sorted(ATTENTION_FIELDS))}) may be set here.")
+    overrides = with_ssa_flag(ssa, overrides)
+    mode = overrides.get("attention_temperature", base.attention_temperature)
+    values = base.to_dict() | {"attention_temperature": mode}
+    if mode == base.attention_temperature and mode != "none" and ssa:
+        print(f"The checkpoint already has attention_temperature={mode!r}; fine-tuning continues with its own"
+              " parameters.")
+    elif mode in ("ssa", "ssa_position") and mode != base.attention_temperature:
+        values["ssa_position_init"] = FINETUNE_SSA_INIT
     return Config.from_dict({**values, **overrides})
 
 
 def load_model(checkpoint_dir: Path, base: Config, config: Config) -> GPT:
-    """Strict loading: only the temperature parameters that SSA adds may be missing from the checkpoint."""
-    with torch.device("meta"):
-        added = GPT(config).temperature_parameter_names() - GPT(base).temperature_parameter_names()
-    return GPT.from_checkpoint(checkpoint_dir, config=config, allow_missing=added)
+    """Strict loading: only the temperature parameters that the config adds to the checkpoint may be missing."""
+    return GPT.from_checkpoint(checkpoint_dir, config=config, allow_added=adds_attention(base, config))
+
+
+def adds_attention(base: Config, config: Config) -> bool:
+    """Whether `config` adds attention parameters to the checkpoint's architecture (SSA or a baseline on a
+    checkpoint that has another one or none): those start at their initialisation."""
+    return any(getattr(base, name) != getattr(config, name) for name in ATTENTION_FIELDS)
 
 
 def instruction_batches(path: Path, tokenizer: Tokenizer, block_size: int, truncate: bool, val_fraction: float,
@@ -173,47 +201,37 @@ def token_batches(folder: Path, checkpoint_dir: Path, config: Config, block_size
     return TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, data: Path,
-         data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs, eval: EvalArgs,
-         seed: int, resume, hparams: dict) -> None:
-    with run_lock(fabric, out_dir):  # one run at a time in out_dir
-        finetune(fabric, checkpoint_dir, base, config, ssa_only, data, data_source, val_fraction, truncate, out_dir,
-                 train, eval, seed, resume, hparams)
+def main(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
+    with run_lock(fabric, job.out_dir):  # one run at a time in out_dir
+        finetune(fabric, job, hparams)
 
 
-def finetune(fabric: L.Fabric, checkpoint_dir: Path, base: Config, config: Config, ssa_only: bool, data: Path,
-             data_source: str | None, val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs,
-             eval: EvalArgs, seed: int, resume, hparams: dict) -> None:
-    resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
-    block_size = check_window(train.max_seq_length, config)
-    if data.suffix in (".json", ".jsonl"):
-        batches = instruction_batches(data, Tokenizer(checkpoint_dir), block_size, truncate, val_fraction, seed,
-                                      train, eval)
+def finetune(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
+    resume_dir = on_rank_zero(fabric, find_resume_checkpoint, job.out_dir, job.resume)
+    block_size = check_window(job.train.max_seq_length, job.config)
+    if job.data.suffix in (".json", ".jsonl"):
+        batches = instruction_batches(job.data, Tokenizer(job.checkpoint_dir), block_size, job.truncate,
+                                      job.val_fraction, job.seed, job.train, job.eval)
     else:
-        if data_source is not None:
-            on_rank_zero(fabric, ensure_prepared, data, data_source, checkpoint_dir, val_fraction)
-        batches = token_batches(data, checkpoint_dir, config, block_size, seed, train, eval)
+        if job.data_source is not None:
+            on_rank_zero(fabric, ensure_prepared, job.data, job.data_source, job.checkpoint_dir, job.val_fraction)
+        batches = token_batches(job.data, job.checkpoint_dir, job.config, block_size, job.seed, job.train, job.eval)
 
-    fabric.seed_everything(seed)
-    model = load_model(checkpoint_dir, base, config)
-    if ssa_only:
+    fabric.seed_everything(job.seed)
+    model = load_model(job.checkpoint_dir, job.base, job.config)
+    if job.ssa_only:
         freeze_backbone(model)
-    added = num_parameters(model) - num_parameters_of(base)
-    fabric.print(f"{config.name}: {num_parameters(model):,} parameters, {added:,} added by SSA"
-                 f" ({added / max(1, num_parameters(model) - added):.3%}); {num_parameters(model, True):,} trainable")
-    model, optimizer, state = setup_training(fabric, model, train, resume_dir, out_dir)
-
+    added = sum(p.numel() for p in model.temperature_parameters()) if adds_attention(job.base, job.config) else 0
+    total = num_parameters(model)
+    fabric.print(f"{job.config.name}: {total:,} parameters, {added:,} added by {job.config.attention_temperature}"
+                 f" ({added / max(1, total - added):.3%}); {num_parameters(model, True):,} trainable")
+    model, optimizer, state = setup_training(fabric, model, job.train, resume_dir, job.out_dir)
 
     def save(name: str) -> None:
-        save_checkpoint(fabric, state, out_dir / name, checkpoint_dir, hparams, keep_last=train.keep_last)
+        save_checkpoint(fabric, state, job.out_dir / name, job.checkpoint_dir, hparams, keep_last=job.train.keep_last)
 
-    fit(fabric, model, optimizer, state, batches, train, eval, block_size, save)
-    report(fabric, state, out_dir, config)
-
-
-def num_parameters_of(config: Config) -> int:
-    with torch.device("meta"):
-        return num_parameters(GPT(config))
+    fit(fabric, model, optimizer, state, batches, job.train, job.eval, block_size, save)
+    report(fabric, state, job.out_dir, job.config)
 
 
 def report(fabric: L.Fabric, state: dict, out_dir: Path, config: Config) -> None:

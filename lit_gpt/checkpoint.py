@@ -3,8 +3,8 @@ time, and the training checkpoints that resume exactly.
 
 A checkpoint folder holds `model.safetensors`, `model_config.yaml` and the tokenizer files (a training checkpoint adds
 `training_state.pth` and `hyperparameters.yaml`). It is written under a temporary name and moved into place when
-complete (`move_into_place`), so an interrupted write never leaves a folder that later loads. `GPT.from_checkpoint`
-is the public entry for loading one.
+complete (`move_into_place`), so an interrupted write never leaves a folder that later loads. `load_checkpoint` reads
+one strictly (`GPT.from_checkpoint` is the same, as a method).
 """
 
 import fcntl
@@ -24,10 +24,11 @@ from typing import Literal
 import lightning as L
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lit_gpt.config import CONFIG_FILENAME, Config
-from lit_gpt.model import GPT, WEIGHTS_FILENAME
+from lit_gpt.model import GPT, TEMPERATURES, WEIGHTS_FILENAME, slope_parameter
 from lit_gpt.tokenizer import TOKENIZER_FILES
 from lit_gpt.utils import set_interrupt_note
 
@@ -42,6 +43,83 @@ STATE_FILENAME = "training_state.pth"
 OUTPUT_NAMES = {WEIGHTS_FILENAME, CONFIG_FILENAME, STATE_FILENAME, "hyperparameters.yaml", "meta.json", "train.bin",
                 "val.bin", "config.json", "README.md", "ssa_parameters.safetensors", "configuration_ssa.py",
                 "modeling_ssa.py", *TOKENIZER_FILES}
+
+
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    config: Config | None = None,
+    allow_added: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> GPT:
+    """Build the model a checkpoint folder describes and load its weights strictly.
+
+    `config` replaces the folder's config (to add SSA to a vanilla checkpoint, for instance); with `allow_added` the
+    parameters that the temperatures add to the backbone may be missing from the weights, and they keep their
+    initialisation (the start that reproduces the checkpoint). Nothing else may be missing or left over."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = config or Config.from_file(checkpoint_dir / CONFIG_FILENAME)
+    weights = checkpoint_dir / WEIGHTS_FILENAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
+    try:
+        state_dict = load_file(weights, device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{str(weights)!r} is truncated or not a .safetensors file ({error}): convert or download"
+                         " it again.") from None
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    allow_missing = model.temperature_parameter_names() if allow_added else set()
+    load_state_dict(model, state_dict, allow_missing, source=str(weights))
+    materialize_added(model, device, dtype)
+    return model
+
+
+def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], source: str) -> None:
+    """Strict loading with an explicit allow-list of keys that may be missing. A tied lm_head is the embedding."""
+    upgrade_position_parameters(state_dict, model.config)
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        state_dict.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state_dict) - allow_missing)
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match the model config {model.config.name!r}: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
+            " Is this checkpoint from another model?"
+        )
+    for name, tensor in state_dict.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects"
+                f" {tuple(expected[name].shape)}. Is this checkpoint from another model?"
+            )
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+
+
+def materialize_added(model: GPT, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
+    """Materialise what is still on the meta device after loading: newly added temperatures and the buffers."""
+    dtype = dtype or model.transformer.wte.weight.dtype
+    for module in model.modules():
+        if isinstance(module, TEMPERATURES) and any(p.is_meta for p in module.parameters()):
+            module.to_empty(device=device)
+            module.reset_parameters()
+            module.to(dtype)
+    model.reset_rope_cache(torch.device(device))
+
+
+def upgrade_position_parameters(state_dict: dict, config: Config) -> None:
+    """Checkpoints written before the slope forms stored SSA's slope as sigmoid(`position_logit`); convert each to
+    the `position_param` of config.ssa_slope_form, which gives the same slope."""
+    for key in [k for k in state_dict if k.endswith(".position_logit")]:
+        logit = state_dict.pop(key)
+        slope = torch.sigmoid(logit.double())
+        state_dict[key.removesuffix("logit") + "param"] = slope_parameter(slope, config.ssa_slope_form).to(logit.dtype)
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -13,19 +13,9 @@ import yaml
 
 CONFIG_FILENAME = "model_config.yaml"
 
-TEMPERATURE_MODES = ("none", "ssa", "ssa_position", "logn", "ssmax", "constant")
-SSA_TERMS = ("none", "position", "token", "position+token")  # what SSA adds to one side's temperature
 SSA_SIDES = ("ssa_query", "ssa_key", "ssa_value")
-CHOICES = {
-    "position_embedding": ("rope", "learned", "none"),
-    "norm_class_name": ("LayerNorm", "RMSNorm"),
-    "mlp_class_name": ("GptNeoxMLP", "LLaMAMLP"),
-    "gelu_approximate": ("none", "tanh"),
-    "attention_temperature": TEMPERATURE_MODES,
-    "ssa_token_weights": ("shared", "separate"),
-    "ssa_slope_form": ("log", "sigmoid", "official"),
-    **{side: SSA_TERMS for side in SSA_SIDES},
-}
+# what SSA adds to one side's temperature: nothing, slope * log(n), tanh(u . gelu(f)) or both
+SSATerms = Literal["none", "position", "token", "position+token"]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -67,10 +57,10 @@ class Config:
     tie_embeddings: bool = False
     # attention temperature: Selective Self-Attention and the baselines it is compared with
     attention_temperature: Literal["none", "ssa", "ssa_position", "logn", "ssmax", "constant"] = "none"
-    # the terms of each side's temperature: none, position (slope * log n), token (tanh(u . gelu(f))) or both
-    ssa_query: Literal["none", "position", "token", "position+token"] = "position+token"  # inverse softmax temp.
-    ssa_value: Literal["none", "position", "token", "position+token"] = "position+token"  # scales each value token
-    ssa_key: Literal["none", "position", "token", "position+token"] = "none"  # ablation
+    # the terms of each side's temperature
+    ssa_query: SSATerms = "position+token"  # the inverse softmax temperature of each query
+    ssa_value: SSATerms = "position+token"  # scales each value token
+    ssa_key: SSATerms = "none"  # ablation
     ssa_token_weights: Literal["shared", "separate"] = "shared"
     ssa_slope_form: Literal["log", "sigmoid", "official"] = "log"  # slope = exp(p), sigmoid(p) or exp(-exp(p))
     ssa_position_init: float = 1e-2  # the position slope at initialisation
@@ -159,6 +149,25 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# the choices of every Literal field, from its annotation (the one place they are written)
+CHOICES = {name: typing.get_args(hint) for name, hint in typing.get_type_hints(Config).items()
+           if typing.get_origin(hint) is Literal}
+TEMPERATURE_MODES = CHOICES["attention_temperature"]
+SSA_TERMS = typing.get_args(SSATerms)
+# the fields that set the attention's temperature: what fine-tuning may change in a checkpoint's config
+ATTENTION_FIELDS = tuple(f.name for f in fields(Config) if f.name == "attention_temperature"
+                         or f.name.startswith(("ssa_", "logn_", "ssmax_", "constant_")))
+
+
+def with_ssa_flag(ssa: bool, overrides: dict) -> dict:
+    """The --model.* overrides with `--ssa`, the training scripts' shorthand for --model.attention_temperature ssa."""
+    mode = overrides.get("attention_temperature", "ssa")
+    if ssa and mode != "ssa":
+        raise ValueError(f"--ssa means --model.attention_temperature ssa, but --model.attention_temperature {mode} was"
+                         " given: pass one of the two.")
+    return {**overrides, "attention_temperature": "ssa"} if ssa else dict(overrides)
 
 
 def read_yaml(path: Path, what: str) -> dict:

@@ -56,32 +56,38 @@ def count_words(text: str) -> int:
     return len(re.findall(r"\S+", text))
 
 
-# The standard passkey prompt (Mohtashami & Jaggi 2023)
+# The standard passkey prompt (Mohtashami & Jaggi 2023), built here for every tool and the study
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                  "I will quiz you about the important information there.")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                            "There and back again.")
+PASSKEY_FILLER = " ".join(PASSKEY_FILLER_SENTENCES)
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
-def passkey_needle(key: int) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+def passkey_needle(key: int, repeated: bool = True) -> str:
+    """The sentence that hides the key; the standard one says it twice."""
+    return f"The pass key is {key}. Remember it." + (f" {key} is the pass key." if repeated else "")
+
+
+def passkey_text(needle: str, before: list[str], after: list[str], intro: bool = True) -> str:
+    """[intro] <filler before> needle <filler after> question, joined by spaces."""
+    return " ".join([*([PASSKEY_INTRO] if intro else []), *before, needle, *after, PASSKEY_QUESTION])
 
 
 def passkey_min_length(tokenizer) -> int:
     """The fewest tokens a passkey prompt can have: the fixed text with the longest key, and one filler."""
-    fixed = tokenizer.encode(" ".join([PASSKEY_INTRO, passkey_needle(99999), PASSKEY_QUESTION])).numel()
+    fixed = tokenizer.encode(passkey_text(passkey_needle(99999), [], [])).numel()
     return fixed + tokenizer.encode(" " + PASSKEY_FILLER, bos=False).numel()
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> str:
     """A prompt of about `length` tokens with the needle at relative `depth` (0 = start, 1 = end of the filler)."""
-    fixed = tokenizer.encode(" ".join([PASSKEY_INTRO, passkey_needle(key), PASSKEY_QUESTION])).numel()
+    fixed = tokenizer.encode(passkey_text(passkey_needle(key), [], [])).numel()
     per_filler = tokenizer.encode(" " + PASSKEY_FILLER, bos=False).numel()
     n_fillers = max(0, (length - fixed) // per_filler)
     before = round(n_fillers * depth)
-    parts = [PASSKEY_INTRO, *[PASSKEY_FILLER] * before, passkey_needle(key), *[PASSKEY_FILLER] * (n_fillers - before),
-             PASSKEY_QUESTION]
-    return " ".join(parts)
+    return passkey_text(passkey_needle(key), [PASSKEY_FILLER] * before, [PASSKEY_FILLER] * (n_fillers - before))
 
 
 def first_integer(text: str) -> int | None:

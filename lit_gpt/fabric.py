@@ -1,6 +1,8 @@
 """Fabric set-up for the training scripts: precision, strategy (DDP, FSDP), loggers, and rank-zero helpers."""
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -46,24 +48,36 @@ def choose_precision(precision: str | None) -> str:
     return "32-true"
 
 
-def build_fabric(devices: int, num_nodes: int, strategy: str, precision: str | None, out_dir: Path,
-                 logger_name: str) -> L.Fabric:
+@dataclass
+class RunArgs:
+    """The machinery of a run, the same in pretraining and fine-tuning (the top-level flags of both scripts)."""
+
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    precision: str | None = None
+    logger_name: Literal["csv", "tensorboard"] = "csv"
+    compile: bool = False
+
+
+def build_fabric(run: RunArgs, out_dir: Path) -> L.Fabric:
     """One process or many: DDP, or FSDP sharding whole transformer blocks, when devices * num_nodes > 1."""
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
     from lightning.fabric.strategies import FSDPStrategy
 
     from lit_gpt.model import Block
 
+    devices, num_nodes, strategy = run.devices, run.num_nodes, run.strategy
     if strategy == "fsdp":
         strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
     elif strategy == "auto" and devices * num_nodes > 1:
         strategy = "ddp"
-    if logger_name == "csv":  # each start of a run (a resumed one too) writes its own logs/csv-N/metrics.csv
+    if run.logger_name == "csv":  # each start of a run (a resumed one too) writes its own logs/csv-N/metrics.csv
         runs = len(list((Path(out_dir) / "logs").glob("csv-*")))
         logger = CSVLogger(out_dir, name="logs", version=f"csv-{runs + 1}", flush_logs_every_n_steps=1)
     else:
         logger = TensorBoardLogger(out_dir, name="logs")
-    return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=choose_precision(precision),
+    return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=choose_precision(run.precision),
                     loggers=[logger])
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt.kernels import use_onednn_linear
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import at_least, parse_dtype, resolve_device
@@ -16,7 +17,7 @@ def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: s
     """The model (in eval mode, on --device, in --dtype) and tokenizer of a checkpoint folder, checked to belong
     together: a tokenizer with more tokens than the model's vocabulary would index past its embedding."""
     device = resolve_device(device)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval().use_onednn_linear()
+    model = use_onednn_linear(GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval())
     tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise ValueError(

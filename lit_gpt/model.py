@@ -1,22 +1,25 @@
-"""One model file for GPT-2, Pythia (GPT-NeoX) and Llama-family models, with Selective Self-Attention (SSA).
+"""One model file for GPT-2, Pythia (GPT-NeoX), Llama-family and SmolLM2 models, with Selective Self-Attention (SSA).
 
 Every difference between the families is a field of `Config`. The attention temperatures (SSA and the baselines it
 is compared with) are per-(token, head) scalars that multiply queries, keys or values before
-`scaled_dot_product_attention`, so no T x T matrix is ever built; the README gives the method and our choices.
+`scaled_dot_product_attention`, so no T x T matrix is ever built; docs/method.md gives the method and our choices.
+
+Reading order: GPT, Block, CausalSelfAttention (with the explicit attention path the fused one must equal), the
+temperatures with their autograd function, the KV cache, the MLPs, norms and RoPE. Loading lives in
+lit_gpt/checkpoint.py, the output layer's loss and the inference linear in lit_gpt/kernels.py, the analysis hooks in
+lit_gpt/analysis.py.
 """
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.config import Config
+from lit_gpt.kernels import LinearCrossEntropy
 
 WEIGHTS_FILENAME = "model.safetensors"
 
@@ -92,15 +95,16 @@ class GPT(nn.Module):
         only_last: bool = False,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) absolute positions, for decoding with the KV cache (and only then).
+        """idx: (B, T) token ids. input_pos: (T,) the tokens' slots in the KV cache, for decoding with it (and only
+        then); the causal mask compares slots. Without a cache the slots are 0..T-1.
         mask: an extra attention mask, boolean (True = attend) or additive, broadcastable to (B, nh, T, keys).
         targets: (B, T) next-token ids (-100 where no loss is taken); then the mean cross-entropy is returned
         instead of the logits, computed without materialising them.
         only_last: return the logits of the last position only, (B, 1, vocab): a prompt's prefill needs no more, and
         the output layer over every position would cost a (B, T, vocab) tensor.
-        position_ids: (B, T) positions of each row's tokens where they differ from their slots (input_pos, or 0..T-1
-        without a cache): a left-padded batch numbers each row's real tokens from 0. They drive RoPE, learned
-        position embeddings and the temperatures' log(n); the slots drive the cache and the causal mask."""
+        position_ids: (B, T) positions of each row's tokens where they differ from their slots: a left-padded batch
+        numbers each row's real tokens from 0. Positions drive RoPE, learned position embeddings and the
+        temperatures' log(n); by default they are the slots."""
         B, T = idx.shape
         if T == 0:
             raise ValueError(f"Expected at least one token per sequence, got input of shape {tuple(idx.shape)}.")
@@ -111,25 +115,22 @@ class GPT(nn.Module):
                                    " `model.clear_kv_cache()` first.")
             if T > self.max_seq_length:
                 raise ValueError(f"Sequence length {T} exceeds the model's max_seq_length {self.max_seq_length}.")
-            positions = torch.arange(T, device=idx.device)
-        else:
-            if not has_cache:
-                raise RuntimeError("input_pos is for decoding with the KV cache: call `model.set_kv_cache(...)` first.")
-            positions = input_pos
-        slots = positions
-        if position_ids is not None:
-            if position_ids.shape != idx.shape:
-                raise ValueError(f"position_ids must have the shape of idx {tuple(idx.shape)}, got"
-                                 f" {tuple(position_ids.shape)}.")
-            positions = position_ids
-        cos, sin = self.cos[positions], self.sin[positions]
-        if positions.dim() == 2:  # per row: (B, 1, T, d) against q and k of (B, heads, T, hs)
+            input_pos = torch.arange(T, device=idx.device)
+        elif not has_cache:
+            raise RuntimeError("input_pos is for decoding with the KV cache: call `model.set_kv_cache(...)` first.")
+        if position_ids is None:
+            position_ids = input_pos
+        elif position_ids.shape != idx.shape:
+            raise ValueError(f"position_ids must have the shape of idx {tuple(idx.shape)}, got"
+                             f" {tuple(position_ids.shape)}.")
+        cos, sin = self.cos[position_ids], self.sin[position_ids]
+        if position_ids.dim() == 2:  # per row: (B, 1, T, d) against q and k of (B, heads, T, hs)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.position_embedding == "learned":
-            x = x + self.transformer.wpe(positions)
+            x = x + self.transformer.wpe(position_ids)
         for block in self.transformer.h:
-            x = block(x, cos, sin, positions, mask, slots)
+            x = block(x, cos, sin, position_ids, input_pos, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
             # autograd runs a Function's forward with grad mode off, so whether gradients are wanted is decided here
@@ -137,18 +138,6 @@ class GPT(nn.Module):
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias, targets.flatten(),
                                             -100, wants_grad)
         return self.lm_head(x[:, -1:] if only_last else x)  # (B, T or 1, vocab)
-
-    def use_onednn_linear(self) -> "GPT":
-        """Run the linear layers' inference-time products (no gradient, CPU, float32) in oneDNN (`OneDNNLinear`).
-        Decoding is a chain of matrix-vector products bound by how fast the weights stream from memory: on two cores
-        PyTorch's own product reads a (50304 x 512) weight at about 16 GB/s and oneDNN's at about 48, so pythia-70m
-        decodes about twice as fast. Same parameters, same state_dict, same results to float32 rounding; training
-        (gradients on) takes PyTorch's path as before. Does nothing where PyTorch was built without oneDNN."""
-        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            for module in self.modules():
-                if type(module) is nn.Linear:
-                    module.__class__ = OneDNNLinear
-        return self
 
     def compile_blocks(self, **kwargs) -> "GPT":
         """torch.compile each transformer block in place (`nn.Module.compile`): parameter names, state_dict and
@@ -193,91 +182,11 @@ class GPT(nn.Module):
         return {name for name, p in self.named_parameters() if id(p) in ids}
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        checkpoint_dir: str | Path,
-        config: Config | None = None,
-        allow_missing: set[str] | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-    ) -> "GPT":
-        """Build the model a checkpoint folder describes and load its weights strictly.
+    def from_checkpoint(cls, checkpoint_dir: str | Path, config: Config | None = None, **kwargs) -> "GPT":
+        """Build the model a checkpoint folder describes and load its weights strictly (lit_gpt.checkpoint)."""
+        from lit_gpt.checkpoint import load_checkpoint
 
-        `config` replaces the folder's config (to add SSA to a vanilla checkpoint, for instance); the only keys that
-        may then be missing from the weights are those named in `allow_missing`, and they keep their initialisation.
-        """
-        checkpoint_dir = Path(checkpoint_dir)
-        config = config or Config.from_file(checkpoint_dir / CONFIG_FILENAME)
-        weights = checkpoint_dir / WEIGHTS_FILENAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
-        try:
-            state_dict = load_file(weights, device=str(device))
-        except SafetensorError as error:
-            raise ValueError(f"{str(weights)!r} is truncated or not a .safetensors file ({error}): convert or download"
-                             " it again.") from None
-        if dtype is not None:
-            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        with torch.device("meta"):
-            model = cls(config)
-        load_state_dict(model, state_dict, allow_missing or set(), source=str(weights))
-        model.to_empty_and_reset(device, dtype)
-        return model
-
-    def to_empty_and_reset(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-        """Materialise what is still on the meta device after loading: newly added temperatures and buffers."""
-        dtype = dtype or self.transformer.wte.weight.dtype
-        for module in self.modules():
-            if isinstance(module, TEMPERATURES) and any(p.is_meta for p in module.parameters()):
-                module.to_empty(device=device)
-                module.reset_parameters()
-                module.to(dtype)
-        self.reset_rope_cache(torch.device(device))
-
-
-class OneDNNLinear(nn.Linear):
-    """nn.Linear whose product runs in oneDNN when no gradient is wanted, on the CPU, in float32 (see
-    `GPT.use_onednn_linear`); otherwise (and inside torch.compile, which lowers it its own way) exactly nn.Linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and not torch.compiler.is_compiling()):  # inductor: its own
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], source: str) -> None:
-    """Strict loading with an explicit allow-list of keys that may be missing. A tied lm_head is the embedding."""
-    upgrade_position_parameters(state_dict, model.config)
-    expected = model.state_dict()
-    if model.config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        state_dict.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state_dict) - allow_missing)
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the model config {model.config.name!r}: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
-            " Is this checkpoint from another model?"
-        )
-    for name, tensor in state_dict.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects"
-                f" {tuple(expected[name].shape)}. Is this checkpoint from another model?"
-            )
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    model.tie_weights()
-
-
-def upgrade_position_parameters(state_dict: dict, config: Config) -> None:
-    """Checkpoints written before the slope forms stored SSA's slope as sigmoid(`position_logit`); convert each to
-    the `position_param` of config.ssa_slope_form, which gives the same slope."""
-    for key in [k for k in state_dict if k.endswith(".position_logit")]:
-        logit = state_dict.pop(key)
-        slope = torch.sigmoid(logit.double())
-        state_dict[key.removesuffix("logit") + "param"] = slope_parameter(slope, config.ssa_slope_form).to(logit.dtype)
+        return load_checkpoint(checkpoint_dir, config, **kwargs)
 
 
 class Block(nn.Module):
@@ -289,8 +198,8 @@ class Block(nn.Module):
         self.mlp = GptNeoxMLP(config) if config.mlp_class_name == "GptNeoxMLP" else LLaMAMLP(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x, cos, sin, positions, mask=None, slots=None) -> torch.Tensor:
-        h = self.attn(self.norm_1(x), cos, sin, positions, mask, slots)
+    def forward(self, x, cos, sin, position_ids, input_pos, mask=None) -> torch.Tensor:
+        h = self.attn(self.norm_1(x), cos, sin, position_ids, input_pos, mask)
         if self.parallel_residual:  # GPT-NeoX: x + attn(norm_1(x)) + mlp(norm_2(x))
             return x + h + self.mlp(self.norm_2(x))
         x = x + h
@@ -307,13 +216,12 @@ class CausalSelfAttention(nn.Module):
         self.key_temperature = build_temperature(config, "key")
         self.value_temperature = build_temperature(config, "value")
         self.kv_cache: KVCache | None = None
-        self.records: list[dict] | None = None  # set by `recording_attention`: run the explicit path and record it
+        self.records: list[dict] | None = None  # set by lit_gpt.analysis.recording_attention: explicit path, recorded
         self.config = config
 
-    def forward(self, x, cos, sin, positions, mask=None, slots=None) -> torch.Tensor:
-        """x: (B, T, C); positions: (T,) absolute positions, or (B, T) per row; slots: (T,) where the tokens go in the
-        KV cache and what the causal mask compares (default: positions)."""
-        slots = positions if slots is None else slots
+    def forward(self, x, cos, sin, position_ids, input_pos, mask=None) -> torch.Tensor:
+        """x: (B, T, C); position_ids: (T,) absolute positions, or (B, T) per row; input_pos: (T,) where the tokens go
+        in the KV cache, and what the causal mask compares."""
         B, T, _ = x.shape
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
@@ -323,9 +231,10 @@ class CausalSelfAttention(nn.Module):
         taus = [None, None, None]
         if any(t is not None for t in temperatures):
             # log(n), n = absolute position + 1; temperatures are computed in float32 at least, whatever x's dtype
-            log_n = torch.log1p(positions.to(torch.promote_types(x.dtype, torch.float32)))
-            if self.records is not None:  # the temperatures themselves, for analysis
-                taus = [None if t is None else t.tau(x, f, log_n) for t, f in zip(temperatures, (q, k, v))]
+            log_n = torch.log1p(position_ids.to(torch.promote_types(x.dtype, torch.float32)))
+            if self.records is not None:  # the temperatures themselves, for analysis: (B or 1, heads, T)
+                taus = [None if t is None else t.tau(x, f, log_n).expand(-1, T, -1).transpose(1, 2)
+                        for t, f in zip(temperatures, (q, k, v))]
             # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
             q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or ng, T, hs)
@@ -333,24 +242,27 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is not None:
-            k, v = self.kv_cache(slots, k, v)  # (B, ng, S, hs), S = keys seen so far
-        attn_mask = build_attention_mask(T, k.size(2), slots, self.kv_cache is not None, mask)
+            k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = keys seen so far
+        attn_mask = build_attention_mask(T, k.size(2), input_pos, self.kv_cache is not None, mask)
         if self.records is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=nh != ng
             )
         else:
             y, probs = explicit_attention(q, k, v, attn_mask)
-            self.records.append(temperature_details(probs, taus, T))
+            self.records.append(dict(attention=probs, **dict(zip(TAU_NAMES, taus))))
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
         return self.proj(y)
 
 
-def build_attention_mask(T: int, S: int, positions, cached: bool, mask) -> torch.Tensor | None:
+TAU_NAMES = ("query_temperature", "key_temperature", "value_temperature")
+
+
+def build_attention_mask(T: int, S: int, input_pos, cached: bool, mask) -> torch.Tensor | None:
     """Causal mask (T, S) combined with an optional extra mask; None where plain causal attention suffices."""
     if mask is None and (not cached or T == 1):
         return None  # causal without a cache: `is_causal`; a single new token sees every cached key
-    causal = torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)  # (T, S)
+    causal = torch.arange(S, device=input_pos.device) <= input_pos.unsqueeze(-1)  # (T, S)
     if mask is None:
         return causal
     if mask.shape[-2:] != (T, S):
@@ -358,21 +270,6 @@ def build_attention_mask(T: int, S: int, positions, cached: bool, mask) -> torch
     if mask.dtype == torch.bool:
         return causal & mask
     return mask.masked_fill(~causal, float("-inf"))
-
-
-@contextmanager
-def recording_attention(model: "GPT") -> Iterator[list[dict]]:
-    """Within the block every attention layer runs the explicit path (it equals the fused one) and appends a dict
-    with its attention probabilities and temperatures to the yielded list, one per layer and forward pass."""
-    records: list[dict] = []
-    layers = [block.attn for block in model.transformer.h]
-    for attn in layers:
-        attn.records = records
-    try:
-        yield records
-    finally:
-        for attn in layers:
-            attn.records = None
 
 
 def explicit_attention(q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,13 +287,6 @@ def explicit_attention(q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
         scores = scores + attn_mask
     probs = scores.softmax(dim=-1)
     return probs @ v, probs
-
-
-def temperature_details(probs, taus, T: int) -> dict:
-    out = {"attention": probs}
-    for name, tau in zip(("query_temperature", "key_temperature", "value_temperature"), taus):
-        out[name] = None if tau is None else tau.expand(-1, T, -1).transpose(1, 2)  # (B or 1, heads, T)
-    return out
 
 
 class UninitializedLinear(nn.Linear):
@@ -503,21 +393,6 @@ def float32_region(device: torch.device):
 def per_token(log_n: torch.Tensor) -> torch.Tensor:
     """log(n) of (T,) or (B, T) as (1 or B, T, 1), against temperatures of (B, T, heads)."""
     return log_n.view(1, -1, 1) if log_n.dim() == 1 else log_n.unsqueeze(-1)
-
-
-@torch.no_grad()
-def learned_slopes(model: "GPT") -> list[dict[str, torch.Tensor]]:
-    """SSA's position slope per head, for each layer: {side: (heads,)} for the sides that have a position term."""
-    layers = []
-    for block in model.transformer.h:
-        sides = {}
-        for side in ("query", "key", "value"):
-            temperature = getattr(block.attn, f"{side}_temperature")
-            if isinstance(temperature, SSATemperature) and temperature.position_param is not None:
-                param = temperature.position_param.float()
-                sides[side] = slope_and_derivative(param, temperature.config.ssa_slope_form)[0].cpu()
-        layers.append(sides)
-    return layers
 
 
 def build_temperature(config: Config, side: str) -> nn.Module | None:
@@ -688,58 +563,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return roped if x_pass.size(-1) == 0 else torch.cat((roped, x_pass), dim=-1)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T + bias` against `targets`, computed a chunk of rows at a time.
-
-    The (tokens x vocabulary) logits are never materialised: each chunk's softmax gradient is turned into the
-    gradients of hidden, weight and bias during the forward pass (the matrix products a plain linear + cross-entropy
-    would do in its backward), so memory traffic drops from a few passes over N x V floats to one over a chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index: int = -100, wants_grad: bool = True):
-        valid = targets != ignore_index
-        count = valid.sum().clamp(min=1)
-        chunk = max(1, 2**22 // weight.size(0))  # about 16 MB of float32 logits at a time
-        # under no_grad / inference_mode (validation) needs_input_grad still says True for weights that require grad
-        needs_grad = wants_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
-        total = hidden.new_zeros((), dtype=acc)
-        for start in range(0, hidden.size(0), chunk):
-            h, t, keep = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-            logits = F.linear(h, weight, bias).to(acc)  # (chunk, V)
-            safe_t = t.masked_fill(~keep, 0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            peak = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(peak).exp_()  # in place: one exp per logit serves the loss and the gradient
-            norm = exp.sum(dim=-1, keepdim=True)
-            lse = (peak + norm.log()).squeeze(1)
-            total += ((lse - target_logit) * keep).sum()
-            if not needs_grad:
-                continue
-            grad = exp.div_(norm)  # softmax
-            grad[torch.arange(grad.size(0)), safe_t] -= 1.0
-            grad *= (keep.to(acc) / count)[:, None]
-            grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(grad.t(), h.to(acc))
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.dtypes
-        scale = grad_output
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype),
-            (grad_weight * scale).to(weight_dtype),
-            None if grad_bias is None else (grad_bias * scale).to(bias_dtype),
-            None,
-            None,
-            None,
-        )

@@ -52,6 +52,9 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, dynamic_ncols=width > 0, ncols=None if width > 0 else 100, **kwargs)
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 def readable_type(text: str) -> str:
     """A type as a person reads it in --help: `path`, `int | null`, `bool | auto | path`, `csv | tensorboard`."""
     text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
@@ -70,6 +73,9 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
         def _get_type_str(self, action) -> str | None:
             text = super()._get_type_str(action)
             return None if text is None else readable_type(text)
+
+        def _expand_help(self, action) -> str:  # defaults inside the repository as a user types them
+            return super()._expand_help(action).replace(f"{REPOSITORY}{os.sep}", "")
 
     from argparse import ArgumentError
 

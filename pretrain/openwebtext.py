@@ -1,7 +1,7 @@
 """Pretrain a GPT-2 / Pythia / Llama-style model from scratch, with or without SSA, with Lightning Fabric.
 
     python pretrain/openwebtext.py --config configs/demo.yaml                      # bundled corpus, CPU, ~10 min
-    python pretrain/openwebtext.py --config configs/demo.yaml --model.attention_temperature ssa --out_dir out/demo-ssa
+    python pretrain/openwebtext.py --config configs/demo.yaml --ssa --out_dir out/demo-ssa  # SSA on
     python pretrain/openwebtext.py --config configs/gpt2-owt-ssa.yaml --devices 8  # the paper's setting
 
 With no arguments it trains GPT-2 124M on OpenWebText prepared by scripts/prepare_openwebtext.py.
@@ -16,10 +16,10 @@ import lightning as L
 import torch
 
 from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
-from lit_gpt.config import Config
+from lit_gpt.config import Config, with_ssa_flag
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
-from lit_gpt.fabric import build_fabric, on_rank_zero
+from lit_gpt.fabric import RunArgs, build_fabric, on_rank_zero
 from lit_gpt.model import GPT
 from lit_gpt.training import (
     EvalArgs,
@@ -59,6 +59,7 @@ class DataArgs:
 
 def setup(
     model_name: str = "gpt2",
+    ssa: bool = False,
     model: dict[str, Any] | None = None,
     model_config: Path | None = None,
     data: DataArgs = DataArgs(),
@@ -78,6 +79,7 @@ def setup(
 
     Args:
         model_name: a preset, e.g. gpt2, pythia-160m, demo; `python -m lit_gpt` lists them all.
+        ssa: add Selective Self-Attention (short for --model.attention_temperature ssa).
         model: overrides of the preset's fields, SSA included: --model.attention_temperature ssa.
         model_config: a model_config.yaml to use instead of a preset (the overrides still apply).
         data: the prepared token folder, and how to prepare it when it is missing.
@@ -98,12 +100,26 @@ def setup(
         train = dataclasses.replace(train, compile=True)
     train.check()
     eval.check()
-    config = load_config(model_name, model, model_config)
-    hparams = hyperparameters(model_name=model_name, model=config.to_dict(), data=data, out_dir=out_dir, train=train,
-                              eval=eval, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
-                              seed=seed, resume=resume)
-    fabric = build_fabric(devices, num_nodes, strategy, precision, out_dir, logger_name)
-    fabric.launch(main, config, data, out_dir, train, eval, seed, resume, hparams)
+    config = load_config(model_name, with_ssa_flag(ssa, model or {}), model_config)
+    run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
+    job = PretrainJob(config, data, Path(out_dir), train, eval, seed, resume)
+    hparams = hyperparameters(model_name=model_name, **{f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
+                              run=run)
+    fabric = build_fabric(run, out_dir)
+    fabric.launch(main, job, hparams)
+
+
+@dataclass
+class PretrainJob:
+    """Everything a pretraining process needs, checked by `setup`."""
+
+    config: Config
+    data: DataArgs
+    out_dir: Path
+    train: TrainArgs
+    eval: EvalArgs
+    seed: int
+    resume: bool | str | Path
 
 
 def load_config(model_name: str, overrides: dict | None, model_config: Path | None) -> Config:
@@ -124,15 +140,14 @@ def ensure_prepared(data: DataArgs) -> Path:
                    val_fraction=data.val_fraction)
 
 
-def main(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, train: TrainArgs, eval: EvalArgs,
-         seed: int, resume, hparams: dict) -> None:
-    with run_lock(fabric, out_dir):  # one run at a time in out_dir
-        pretrain(fabric, config, data_args, out_dir, train, eval, seed, resume, hparams)
+def main(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
+    with run_lock(fabric, job.out_dir):  # one run at a time in out_dir
+        pretrain(fabric, job, hparams)
 
 
-def pretrain(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Path, train: TrainArgs, eval: EvalArgs,
-             seed: int, resume, hparams: dict) -> None:
-    resume_dir = on_rank_zero(fabric, find_resume_checkpoint, out_dir, resume)
+def pretrain(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
+    config, data_args, train = job.config, job.data, job.train
+    resume_dir = on_rank_zero(fabric, find_resume_checkpoint, job.out_dir, job.resume)
     on_rank_zero(fabric, ensure_prepared, data_args)
     data = TokenData(data_args.dir)
     data.check_own_tokenizer()
@@ -141,24 +156,24 @@ def pretrain(fabric: L.Fabric, config: Config, data_args: DataArgs, out_dir: Pat
     block_size = check_window(train.max_seq_length, config)
     data.check(config.padded_vocab_size, block_size)
 
-    fabric.seed_everything(seed)
+    fabric.seed_everything(job.seed)
     with fabric.init_module(empty_init=False):
         model = GPT(config)
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters ({num_parameters(model, True):,} trainable),"
                  f" attention_temperature={config.attention_temperature!r}")
-    model, optimizer, state = setup_training(fabric, model, train, resume_dir, out_dir)
+    model, optimizer, state = setup_training(fabric, model, train, resume_dir, job.out_dir)
     fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
                  f" {data.meta['unigram_loss']:.3f} on validation")
 
-    batches = TokenBatches(data, block_size, seed, train.global_batch_size, train.micro_batch_size, eval.max_iters,
-                           data_args.window_start)
+    batches = TokenBatches(data, block_size, job.seed, train.global_batch_size, train.micro_batch_size,
+                           job.eval.max_iters, data_args.window_start)
 
     def save(name: str) -> None:
-        save_checkpoint(fabric, state, out_dir / name, data_args.dir, hparams, keep_last=train.keep_last)
+        save_checkpoint(fabric, state, job.out_dir / name, data_args.dir, hparams, keep_last=train.keep_last)
 
-    fit(fabric, model, optimizer, state, batches, train, eval, block_size, save,
+    fit(fabric, model, optimizer, state, batches, train, job.eval, block_size, save,
         flops_per_micro_batch=micro_batch_flops(config, train.micro_batch_size, block_size))
-    write_history(fabric, state, out_dir, f"{config.name} ({config.attention_temperature})")
+    write_history(fabric, state, job.out_dir, f"{config.name} ({config.attention_temperature})")
 
 
 if __name__ == "__main__":

@@ -142,9 +142,23 @@ def test_every_flag_has_a_description_and_a_readable_type(script):
             continue
         assert not text.startswith("(type:") and text, f"{flag} has no description"
     assert "<class" not in result.stdout and "Union[" not in result.stdout and "Literal[" not in result.stdout
+    assert str(root) not in result.stdout  # defaults as a user types them, relative to the repository
+    if "pretrain" in script:
+        assert "default: data/tokenizers/gpt2" in " ".join(result.stdout.split())
     if "pretrain" in script:
         assert "bundled" in described["--data.source"] and "python -m lit_gpt" in described["--model_name"]
         assert "max_steps wins" in described["--train.max_tokens"]
+
+
+def test_choice_lists_come_from_the_annotations():
+    import typing
+
+    from lit_gpt.config import CHOICES, SSA_TERMS, TEMPERATURE_MODES
+
+    hints = typing.get_type_hints(Config)
+    assert CHOICES["attention_temperature"] == TEMPERATURE_MODES == typing.get_args(hints["attention_temperature"])
+    assert CHOICES["ssa_query"] == CHOICES["ssa_key"] == CHOICES["ssa_value"] == SSA_TERMS
+    assert "position+token" in SSA_TERMS and "LLaMAMLP" in CHOICES["mlp_class_name"]
 
 
 def test_python_dash_m_lit_gpt_lists_every_preset():

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import randomize_temperatures
+from helpers import randomize_temperatures
 
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
@@ -48,7 +48,7 @@ CLIS = {
     "pretrain": ("pretrain/openwebtext.py", "setup"),
     "finetune": ("finetune/full.py", "setup"),
     "download": ("scripts/download.py", "download"),
-    "reproduce": ("scripts/reproduce.py", "main"),
+    "reproduce": ("study/reproduce.py", "main"),
 }
 _loaded: dict[str, Callable] = {}
 
@@ -437,7 +437,7 @@ CASES: dict[str, tuple[str, Callable, str]] = {
     # scripts/download.py (the Hub made unreachable whatever the machine's network)
     "download: hub unreachable": ("download", lambda fx, t: ["--repo_id", "org/model", "--checkpoint_root",
                                                              str(t / "ckpts")], "Cannot reach the Hugging Face Hub"),
-    # scripts/reproduce.py
+    # study/reproduce.py
     "reproduce: missing grid": ("reproduce", lambda fx, t: ["--grid", str(t / "grid.yaml")], "found nothing"),
     "reproduce: malformed grid": ("reproduce", lambda fx, t: ["--grid", str(jsonl(t, b"seeds: [1, 2\n"))],
                                   "is not valid YAML"),

@@ -79,6 +79,22 @@ def test_ssa_starts_from_the_checkpoints_own_validation_loss(base, text_file, tm
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0
 
 
+def test_the_attention_flags_are_those_of_pretraining(base, text_file, tmp_path, capsys):
+    """--model.attention_temperature alone adds a baseline (no --ssa needed); --ssa is its shorthand for ssa, and
+    the two may not disagree."""
+    setup(**arguments(base, tmp_path / "data", tmp_path / "logn", max_steps=1), data_source=str(text_file),
+          model={"attention_temperature": "ssmax", "ssmax_init": 0.2})
+    model = GPT.from_checkpoint(tmp_path / "logn" / "final")
+    assert model.config.attention_temperature == "ssmax" and model.transformer.h[0].attn.query_temperature.scale.numel()
+    setup(**arguments(base, tmp_path / "data", tmp_path / "ssa", max_steps=1),
+          model={"attention_temperature": "ssa", "ssa_token_weights": "separate"})
+    config = GPT.from_checkpoint(tmp_path / "ssa" / "final").config
+    assert config.ssa_token_weights == "separate" and config.ssa_position_init == 6e-4  # the fine-tuning start
+    with pytest.raises(ValueError, match="--ssa means --model.attention_temperature ssa"):
+        setup(**arguments(base, tmp_path / "data", tmp_path / "both"), ssa=True,
+              model={"attention_temperature": "logn"})
+
+
 def test_ssa_only_trains_only_the_temperatures(base, text_file, tmp_path):
     setup(**arguments(base, tmp_path / "data", tmp_path / "run"), data_source=str(text_file), ssa=True,
           ssa_only=True)
@@ -123,7 +139,7 @@ def test_ssa_on_an_ssa_checkpoint_keeps_its_parameters(base, text_file, tmp_path
     first = load_file(tmp_path / "first" / "final" / "model.safetensors")
     setup(**arguments(tmp_path / "first" / "final", tmp_path / "data", tmp_path / "second", max_steps=1,
                       learning_rate=1e-9, min_lr=0.0, ssa_position_lr=0.0, ssa_token_lr=0.0), ssa=True)
-    assert "already has SSA" in capsys.readouterr().out
+    assert "already has attention_temperature='ssa'" in capsys.readouterr().out
     second = load_file(tmp_path / "second" / "final" / "model.safetensors")
     temperatures = GPT.from_checkpoint(tmp_path / "first" / "final").temperature_parameter_names()
     assert temperatures and all(torch.equal(first[k], second[k]) for k in temperatures)  # loaded, not re-initialised

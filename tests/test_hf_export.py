@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_temperatures, write_sums_task
+from helpers import randomize_temperatures, write_sums_task
 
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
@@ -125,6 +125,29 @@ def test_the_modeling_file_is_generated_from_the_model_file(exported):
     assert text == modeling_source()
     model_py = (ROOT / "lit_gpt" / "model.py").read_text()
     assert "class ScaleByTemperature" in text and model_py.split("class GPT(")[1][:2000] in text
+
+
+def test_the_modeling_file_imports_only_what_a_transformers_user_has(exported):
+    """Project imports are removed by parsing (one over several lines and one inside a function included): what is
+    left is the standard library, torch, transformers, yaml and the exported configuration module."""
+    import ast
+    import sys
+
+    from lit_gpt.export import without_project_imports
+
+    tree = ast.parse((exported[0]["pythia ssa"][1] / "modeling_lit_gpt_ssa.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or "").split(".")[0])
+    allowed = {"torch", "transformers", "yaml", ".configuration_lit_gpt_ssa"}
+    assert imported - allowed <= set(sys.stdlib_module_names), imported
+    assert "torch" in imported and ".configuration_lit_gpt_ssa" in imported
+    source = ("import math\nfrom lit_gpt.config import (\n    Config,\n    read_yaml,\n)\n\n\ndef f():\n"
+              "    from lit_gpt.checkpoint import load_checkpoint\n\n    return math.pi\n")
+    assert without_project_imports(source, "x.py") == "import math\n\n\ndef f():\n\n    return math.pi\n"
 
 
 def test_lm_eval_hf_model_agrees_with_our_adapter(exported, tmp_path):

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from lit_gpt import GPT  # noqa: E402
+from lit_gpt.checkpoint import load_state_dict  # noqa: E402
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf  # noqa: E402
-from lit_gpt.model import load_state_dict  # noqa: E402
 
 
 def gpt2():

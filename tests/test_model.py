@@ -1,25 +1,15 @@
-"""The model and its attention temperatures: SSA as ../shared/SSA.md specifies it."""
+"""The model and its attention temperatures: SSA as docs/method.md specifies it."""
 
 import math
 
 import pytest
 import torch
-from conftest import TEMPERATURE_MODES, randomize_temperatures
+from helpers import FAMILIES, TEMPERATURE_MODES, randomize_temperatures
 
 from lit_gpt import GPT, Config
-from lit_gpt.model import recording_attention
+from lit_gpt.analysis import recording_attention
+from lit_gpt.kernels import use_onednn_linear
 
-FAMILIES = {
-    "gpt2": dict(name="gpt2-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4, n_embd=32,
-                 position_embedding="learned", parallel_residual=False, gelu_approximate="tanh", tie_embeddings=True),
-    "pythia": dict(name="pythia-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4,
-                   n_embd=32, rotary_percentage=0.25),
-    "llama": dict(name="llama-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4,
-                  n_embd=32, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
-                  norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48,
-                  rope_adjustments=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_seq_len=16)),
-}
 SSA_VARIANTS = {
     "ssa-shared": dict(attention_temperature="ssa"),
     "ssa-separate": dict(attention_temperature="ssa", ssa_token_weights="separate"),
@@ -332,7 +322,7 @@ def test_onednn_inference_matches_pytorchs_linear(name):
     plain = GPT(Config.from_name(name, attention_temperature="ssa")).eval()
     fast = GPT(Config.from_name(name, attention_temperature="ssa")).eval()
     fast.load_state_dict(plain.state_dict())
-    fast.use_onednn_linear()
+    use_onednn_linear(fast)
     assert any(type(m).__name__ == "OneDNNLinear" for m in fast.modules())
     x = torch.randint(0, plain.config.vocab_size, (2, 24))
     with torch.inference_mode():

@@ -6,7 +6,7 @@ import lzma
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_ASSETS
+from helpers import SHARED_ASSETS
 
 from lit_gpt.data import prepare as prepare_module
 from lit_gpt.data.prepare import BUNDLED_CORPUS, GPT2_TOKENIZER, prepare, split_documents, token_dtype, unigram_loss

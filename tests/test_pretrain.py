@@ -71,9 +71,13 @@ def test_pretraining_writes_checkpoints_that_the_other_tools_load(data_dir, tmp_
     assert any(row.get("val_ppl") for row in metrics)
 
 
-def test_ssa_switch_reaches_the_model(data_dir, tmp_path):
+@pytest.mark.parametrize("spelling", ["flag", "field"])
+def test_ssa_switch_reaches_the_model(data_dir, tmp_path, spelling):
     args = tiny(data_dir, tmp_path / "run", max_steps=2, save_interval=None)
-    args["model"]["attention_temperature"] = "ssa"
+    if spelling == "flag":  # --ssa, the shorthand of --model.attention_temperature ssa (as in fine-tuning)
+        args["ssa"] = True
+    else:
+        args["model"]["attention_temperature"] = "ssa"
     args["train"] = dataclasses.replace(args["train"], ssa_position_lr=0.1, ssa_token_lr=0.1)
     setup(**args)
     model = GPT.from_checkpoint(tmp_path / "run" / "final")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from lit_gpt import GPT, Config
-from lit_gpt.model import load_state_dict
+from lit_gpt.checkpoint import load_state_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ssa_reference.safetensors"
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED, SHARED_ASSETS
+from helpers import SHARED, SHARED_ASSETS
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")

@@ -1,4 +1,4 @@
-"""SSA against an independent reference written from the method (../shared/SSA.md), in float64 with the T x T matrix:
+"""SSA against an independent reference written from the method (docs/method.md), in float64 with the T x T matrix:
 
     logits_ij = tau_q(i) * tau_k(j) * q_i . k_j / sqrt(d),  causal softmax over j,  out_i = sum_j p_ij tau_v(j) v_j
     tau(n) = 1 + slope * log(n) + tanh(u . gelu(f)),  slope = exp(p) | sigmoid(p) | exp(-exp(p))
@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import FAMILIES
+from helpers import FAMILIES
 
 from lit_gpt import GPT, Config
-from lit_gpt.model import recording_attention
+from lit_gpt.analysis import recording_attention
 
 FAMILIES_WITH_MQA = {**FAMILIES, "llama-mqa": dict(FAMILIES["llama"], n_query_groups=1)}
 TERMS = ("none", "position", "token", "position+token")
@@ -130,7 +130,7 @@ def test_attention_equals_the_float64_reference_in_outputs_and_every_gradient(fa
 
     expected = reference_attention(attn, config, x, cos, sin)
     expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params.values()])
-    actual = attn(x, cos, sin, torch.arange(T))  # the whole forward of the attention: only what attention needs
+    actual = attn(x, cos, sin, torch.arange(T), torch.arange(T))  # the whole forward of the attention
     actual_grads = torch.autograd.grad((actual * weight).sum(), [x, *params.values()])
 
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)

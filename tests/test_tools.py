@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_temperatures, write_sums_task
+from helpers import randomize_temperatures, write_sums_task
 
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir

@@ -1,4 +1,4 @@
-"""Two toy problems that isolate one term of SSA each (scripts/reproduce.py runs them).
+"""Two toy problems that isolate one term of SSA each (study/reproduce.py runs them).
 
 Dilution: one attention head must read the values of its target keys among n. Trained at n in [8, 64] and tested up
 to n = 4,096, it shows whether a temperature that grows with log(n) helps, and when it hurts.

@@ -1,4 +1,4 @@
-"""Retrieval at lengths beyond training, for the study of scripts/reproduce.py: passkey documents with a short fixed
+"""Retrieval at lengths beyond training, for the study (study/reproduce.py): passkey documents with a short fixed
 part and single-sentence filler, scored teacher-forced (exact match and log-likelihood of the answer), and the loss
 of held-out text by position band.
 
@@ -14,16 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                    "There and back again.")
-NEEDLE = "The pass key is {key}. Remember it."
-QUESTION = "What is the pass key? The pass key is"
+from lit_gpt.evaluation import PASSKEY_FILLER_SENTENCES, passkey_needle, passkey_text
 
 
 def retrieval_prompt(key: int, before: int, after: int, rng: random.Random) -> tuple[str, str]:
     """(prompt, answer) with `before` filler sentences ahead of the needle and `after` behind it."""
-    filler = lambda n: [rng.choice(FILLER_SENTENCES) for _ in range(n)]  # noqa: E731
-    prompt = " ".join([*filler(before), NEEDLE.format(key=key), *filler(after), QUESTION])
+    filler = lambda n: [rng.choice(PASSKEY_FILLER_SENTENCES) for _ in range(n)]  # noqa: E731
+    prompt = passkey_text(passkey_needle(key, repeated=False), filler(before), filler(after), intro=False)
     return prompt, f" {key}."
 
 
@@ -31,7 +28,8 @@ def filler_tokens(tokenizer) -> tuple[int, float]:
     """Tokens of a document without filler, and the mean tokens of one filler sentence."""
     prompt, answer = retrieval_prompt(12345, 0, 0, random.Random(0))
     fixed = tokenizer.encode(prompt + answer, bos=False).numel()
-    per = sum(tokenizer.encode(" " + s, bos=False).numel() for s in FILLER_SENTENCES) / len(FILLER_SENTENCES)
+    sentences = PASSKEY_FILLER_SENTENCES
+    per = sum(tokenizer.encode(" " + s, bos=False).numel() for s in sentences) / len(sentences)
     return fixed, per
 
 

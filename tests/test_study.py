@@ -1,4 +1,4 @@
-"""scripts/reproduce.py: the reduced grid end to end, and its pieces."""
+"""study/reproduce.py: the reduced grid end to end, and its pieces."""
 
 import json
 import subprocess
@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gpt.toys import value_batch
-from scripts.reproduce import check_same_grid, flags, load_grid, paired, verdict
+from study.report import paired, verdict
+from study.reproduce import check_same_grid, flags, load_grid
+from study.toys import value_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = ROOT / "configs" / "reproduce.yaml"
+GRID = ROOT / "study" / "grid.yaml"
 
 
 def test_quick_grid_runs_every_experiment(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--out_dir", str(tmp_path / "out"),
+    command = [sys.executable, str(ROOT / "study" / "reproduce.py"), "--quick", "--out_dir", str(tmp_path / "out"),
                "--data_dir", str(tmp_path / "data")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,8 +89,8 @@ def test_paired_differences_and_the_decision_rule():
 
 def test_retrieval_answers_follow_their_prompts_token_for_token(tmp_path):
     from lit_gpt.data.prepare import GPT2_TOKENIZER
-    from lit_gpt.retrieval import evaluation_cells, training_documents
     from lit_gpt.tokenizer import Tokenizer
+    from study.tasks import evaluation_cells, training_documents
 
     tokenizer = Tokenizer(GPT2_TOKENIZER)
     for cell in evaluation_cells(tokenizer, [128, 512], [0.1, 0.9], keys=3, seed=0):
@@ -123,7 +124,7 @@ def test_an_output_folder_holds_one_grid(tmp_path):
 
 
 def test_dilution_batches_put_the_targets_where_the_variant_says():
-    from lit_gpt.toys import dilution_batch
+    from study.toys import dilution_batch
 
     settings = {"dim": 16, "targets": 4, "target_similarity": 2.5, "target_noise": 0.3}
     generator = torch.Generator().manual_seed(0)

@@ -1,0 +1,55 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): the real assets beside the repository, the tiny model
+families, a local lm-eval task and temperatures set to non-trivial values."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_gpt.config import TEMPERATURE_MODES  # noqa: F401 (re-exported for the tests)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_ASSETS = Path(os.environ.get("SSA_SHARED_ASSETS", SHARED / "assets"))
+
+# every tokenizer folder in ../shared/assets/tokenizers, for tests that need a real one
+needs_shared_assets = pytest.mark.skipif(
+    not SHARED_ASSETS.is_dir(), reason=f"real assets folder {SHARED_ASSETS} is absent"
+)
+
+# tiny configs of the three families, for tests of the architecture
+FAMILIES = {
+    "gpt2": dict(name="gpt2-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4, n_embd=32,
+                 position_embedding="learned", parallel_residual=False, gelu_approximate="tanh", tie_embeddings=True),
+    "pythia": dict(name="pythia-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4,
+                   n_embd=32, rotary_percentage=0.25),
+    "llama": dict(name="llama-tiny", block_size=64, vocab_size=97, padding_multiple=32, n_layer=2, n_head=4,
+                  n_embd=32, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                  norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=48,
+                  rope_adjustments=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_seq_len=16)),
+}
+
+
+def write_sums_task(folder, name: str):
+    """A local lm-evaluation-harness task (four multiple-choice sums) in folder/tasks; returns that folder."""
+    records = [{"question": f"{a} plus {b} is", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0}
+               for a, b in [(1, 2), (3, 4), (5, 6), (2, 2)]]
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (folder / "tasks").mkdir()
+    (folder / "tasks" / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+    )
+    return folder / "tasks"
+
+
+def randomize_temperatures(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give every temperature parameter a non-trivial value, so that tests see SSA at work."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.temperature_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5 + p)
