@@ -90,6 +90,10 @@ def main() -> None:
     rows = [("lit-gpt-ssa, vanilla", ours(config, state, prompt, args.new_tokens)),
             ("lit-gpt-ssa, SSA", ours(Config.from_name(args.model, attention_temperature="ssa"), state, prompt,
                                       args.new_tokens)),
+            ("lit-gpt-ssa, gate (headwise)", ours(Config.from_name(args.model, attention_gate="headwise"), state,
+                                                  prompt, args.new_tokens)),
+            ("lit-gpt-ssa, selective attention", ours(Config.from_name(args.model, selective_mask="leviathan"), state,
+                                                      prompt, args.new_tokens)),
             ("lit-gpt-ssa, vanilla, PyTorch's linear (no oneDNN)", ours(config, state, prompt, args.new_tokens, False))]
     try:
         rows.append(("LitGPT", litgpt_generate(config, state, prompt, args.new_tokens)))

@@ -84,6 +84,12 @@ def implementations(name: str):
         contextlib.nullcontext
     yield "lit-gpt-ssa, SSA (separate)", lambda s: ours(
         Config.from_name(name, attention_temperature="ssa", ssa_token_weights="separate"), s), contextlib.nullcontext
+    yield "lit-gpt-ssa, gate (headwise)", lambda s: ours(Config.from_name(name, attention_gate="headwise"), s), \
+        contextlib.nullcontext
+    yield "lit-gpt-ssa, gate (elementwise)", lambda s: ours(Config.from_name(name, attention_gate="elementwise"), s), \
+        contextlib.nullcontext
+    yield "lit-gpt-ssa, selective attention", lambda s: ours(Config.from_name(name, selective_mask="leviathan"), s), \
+        contextlib.nullcontext
     yield "reference: SSA on a materialised T x T", lambda s: ours(
         Config.from_name(name, attention_temperature="ssa"), s), materialised_attention
     try:

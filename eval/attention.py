@@ -1,9 +1,10 @@
 """Look inside the attention: per-layer and per-head entropy and spikiness, the query and value temperatures against
-position, and attention maps; for one checkpoint or two side by side (vanilla vs SSA).
+position, selective attention's mask F, and attention maps; for one checkpoint or two side by side (vanilla vs SSA).
 
     python eval/attention.py --checkpoint_dir out/demo/final --compare_dir out/demo-ssa/final --max_tokens 256
 
-Writes attention.json, attention_stats.png, temperatures.png and attention_maps.png to the output folder.
+Writes attention.json, attention_stats.png, temperatures.png, selective_mask.png and attention_maps.png (the
+temperatures and the mask where the model has them) to the output folder.
 """
 
 import json
@@ -44,9 +45,21 @@ def analyze(checkpoint_dir: Path, text: str, max_tokens: int, device: str) -> di
             tau = layer[name]
             stats[name] = None if tau is None else tau[0].float().mean(0).tolist()  # mean over heads, per position
         stats.update(what_temperatures_learned(layer, slopes[len(layers)], keys_seen))
+        if layer["selective_mask"] is not None:
+            stats["selective_mask"] = selective_summary(layer["selective_mask"][0].float())
         layers.append(stats)
+    masks = [d["selective_mask"][0].float().cpu() for d in details if d["selective_mask"] is not None]
     return dict(checkpoint=str(checkpoint_dir), attention_temperature=model.config.attention_temperature,
-                tokens=T, layers=layers, maps=[d["attention"][0].float().cpu() for d in details])
+                attention_gate=model.config.attention_gate, selective_mask=model.config.selective_mask,
+                tokens=T, layers=layers, maps=[d["attention"][0].float().cpu() for d in details], masks=masks)
+
+
+def selective_summary(f: torch.Tensor) -> dict:
+    """What selective attention's F (T, T) subtracts from the logits, over the (query, key) pairs a query sees:
+    its mean and largest value, and the share of pairs it lowers by more than 1 (a factor e in probability)."""
+    visible = torch.ones_like(f, dtype=torch.bool).tril()
+    values = f[visible]
+    return dict(mean=values.mean().item(), max=values.max().item(), share_above_1=(values > 1).float().mean().item())
 
 
 def what_temperatures_learned(layer: dict, slopes: dict, keys_seen: torch.Tensor) -> dict:
@@ -141,6 +154,29 @@ def plot_maps(results: list[dict], path: Path, head: int) -> None:
     plt.close(fig)
 
 
+def plot_selective(results: list[dict], path: Path) -> bool:
+    """F of selective attention for the first, middle and last layer of each checkpoint that has it."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["masks"]]
+    if not rows:
+        return False
+    chosen = sorted({0, len(rows[0]["masks"]) // 2, len(rows[0]["masks"]) - 1})
+    fig, axes = plt.subplots(len(rows), len(chosen), figsize=(3.6 * len(chosen), 3.4 * len(rows)), squeeze=False)
+    for row, result in enumerate(rows):
+        for col, layer in enumerate(chosen):
+            image = axes[row][col].imshow(result["masks"][layer], cmap="magma")
+            fig.colorbar(image, ax=axes[row][col], fraction=0.046)
+            axes[row][col].set_title(f"{Path(result['checkpoint']).parent.name}: F, layer {layer}", fontsize=8)
+            axes[row][col].set_xlabel("key")
+            axes[row][col].set_ylabel("query")
+    fig.suptitle("selective attention: what F subtracts from every head's logits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(
     checkpoint_dir: Path,
     compare_dir: Path | None = None,
@@ -185,7 +221,9 @@ def main(
     written = ["attention.json", "attention_stats.png", "attention_maps.png"]
     if plot_temperatures(results, output_dir / "temperatures.png"):
         written.append("temperatures.png")
-    summary = [{k: v for k, v in r.items() if k != "maps"} for r in results]
+    if plot_selective(results, output_dir / "selective_mask.png"):
+        written.append("selective_mask.png")
+    summary = [{k: v for k, v in r.items() if k not in ("maps", "masks")} for r in results]
     (output_dir / "attention.json").write_text(json.dumps(summary, indent=1))
     for r in summary:
         entropy = [sum(layer["normalized_entropy"]) / len(layer["normalized_entropy"]) for layer in r["layers"]]
@@ -193,6 +231,11 @@ def main(
               f" {', '.join(f'{e:.3f}' for e in entropy)}")
         if any(k.endswith(("_slopes", "_token_term_std")) for layer in r["layers"] for k in layer):
             print_learned(r)
+        for i, layer in enumerate(r["layers"]):
+            if "selective_mask" in layer:
+                f = layer["selective_mask"]
+                print(f"layer {i}: selective mask F mean {f['mean']:.3f}, max {f['max']:.3f},"
+                      f" {f['share_above_1']:.1%} of visible pairs lowered by more than 1")
     print(f"Wrote {', '.join(written)} to {output_dir}")
     return summary
 

@@ -9,8 +9,10 @@
     python finetune/full.py --checkpoint_dir ... --ssa --ssa_only
 
 `--ssa` starts the temperatures at the values that reproduce the checkpoint (u = 0, position slope 6e-4): the first
-validation loss is the checkpoint's own. The position slopes train at `--train.ssa_position_lr` and the token-term
-weights at `--train.ssa_token_lr`, each with the backbone's warmup and decay.
+validation loss is the checkpoint's own; so does a gate (`--model.attention_gate headwise`: 2 sigmoid(x W_g), W_g = 0).
+Selective attention (`--model.selective_mask leviathan`) has no parameters and changes the outputs from the start.
+The position slopes train at `--train.ssa_position_lr`, the token-term weights at `--train.ssa_token_lr` and a gate
+at `--train.gate_lr`, each with the backbone's warmup and decay.
 """
 
 import dataclasses
@@ -46,6 +48,7 @@ from lit_gpt.utils import check_apart, num_parameters, run_cli
 FINETUNE_SSA_INIT = 6e-4  # the position slope at the start of fine-tuning, as in the official fine-tuning scripts
 FINETUNE_POSITION_LR = 1e-2  # peak learning rate of the position slopes (the README says how it was chosen)
 FINETUNE_TOKEN_LR = 1e-4  # peak learning rate of the token-term weights
+FINETUNE_GATE_SCALE = 2.0  # a gate added to a checkpoint starts as the identity: 2 sigmoid(x W_g), W_g = 0
 
 
 def setup(
@@ -79,7 +82,8 @@ def setup(
             keeps its own parameters.
         ssa_only: freeze the backbone and train only the temperature parameters.
         model: the attention fields to set, as in pretraining: --model.attention_temperature logn,
-            --model.ssa_token_weights separate, ...
+            --model.ssa_token_weights separate, --model.attention_gate headwise, --model.selective_mask leviathan
+            (python -m lit_gpt lists the choices).
         data: a prepared token folder (language modelling) or an Alpaca-format .json/.jsonl file (instructions).
         data_source: text to prepare into `data` with the checkpoint's tokenizer where `data` holds none.
         val_fraction: share held out for validation (of the documents when preparing, of the records otherwise).
@@ -161,6 +165,11 @@ def finetune_config(base: Config, ssa: bool, overrides: dict) -> Config:
               " parameters.")
     elif mode in ("ssa", "ssa_position") and mode != base.attention_temperature:
         values["ssa_position_init"] = FINETUNE_SSA_INIT
+    if overrides.get("attention_gate", "none") != "none" and base.attention_gate == "none":
+        values["attention_gate_scale"] = FINETUNE_GATE_SCALE  # 2 sigmoid(x 0) = 1: the checkpoint's own outputs
+    if overrides.get("selective_mask", "none") != "none" and base.selective_mask == "none":
+        print("selective_mask has no parameters to start from zero: it changes the checkpoint's outputs from the first"
+              " step (the validation before training shows by how much).")
     return Config.from_dict({**values, **overrides})
 
 
@@ -221,9 +230,9 @@ def finetune(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
     model = load_model(job.checkpoint_dir, job.base, job.config)
     if job.ssa_only:
         freeze_backbone(model)
-    added = sum(p.numel() for p in model.temperature_parameters()) if adds_attention(job.base, job.config) else 0
+    added = sum(p.numel() for p in model.added_parameters()) if adds_attention(job.base, job.config) else 0
     total = num_parameters(model)
-    fabric.print(f"{job.config.name}: {total:,} parameters, {added:,} added by {job.config.attention_temperature}"
+    fabric.print(f"{job.config.name}: {total:,} parameters, {added:,} added to the attention"
                  f" ({added / max(1, total - added):.3%}); {num_parameters(model, True):,} trainable")
     model, optimizer, state = setup_training(fabric, model, job.train, resume_dir, job.out_dir)
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lit_gpt.config import CONFIG_FILENAME, Config
-from lit_gpt.model import GPT, TEMPERATURES, WEIGHTS_FILENAME, slope_parameter
+from lit_gpt.model import ADDED_MODULES, GPT, WEIGHTS_FILENAME, slope_parameter
 from lit_gpt.tokenizer import TOKENIZER_FILES
 from lit_gpt.utils import set_interrupt_note
 
@@ -55,7 +55,7 @@ def load_checkpoint(
     """Build the model a checkpoint folder describes and load its weights strictly.
 
     `config` replaces the folder's config (to add SSA to a vanilla checkpoint, for instance); with `allow_added` the
-    parameters that the temperatures add to the backbone may be missing from the weights, and they keep their
+    parameters that the temperatures and gates add to the backbone may be missing from the weights, and they keep their
     initialisation (the start that reproduces the checkpoint). Nothing else may be missing or left over."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_file(checkpoint_dir / CONFIG_FILENAME)
@@ -71,7 +71,7 @@ def load_checkpoint(
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     with torch.device("meta"):
         model = GPT(config)
-    allow_missing = model.temperature_parameter_names() if allow_added else set()
+    allow_missing = model.added_parameter_names() if allow_added else set()
     load_state_dict(model, state_dict, allow_missing, source=str(weights))
     materialize_added(model, device, dtype)
     return model
@@ -103,10 +103,10 @@ def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], sourc
 
 
 def materialize_added(model: GPT, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-    """Materialise what is still on the meta device after loading: newly added temperatures and the buffers."""
+    """Materialise what is still on the meta device after loading: newly added temperatures or gates, the buffers."""
     dtype = dtype or model.transformer.wte.weight.dtype
     for module in model.modules():
-        if isinstance(module, TEMPERATURES) and any(p.is_meta for p in module.parameters()):
+        if isinstance(module, ADDED_MODULES) and any(p.is_meta for p in module.parameters()):
             module.to_empty(device=device)
             module.reset_parameters()
             module.to(dtype)

@@ -67,6 +67,10 @@ class Config:
     logn_length: int | None = None  # L in max(1, log_L(n)); defaults to block_size
     ssmax_init: float | None = None  # s in s * log(n); defaults to 1 / log(block_size)
     constant_init: float = 1.0
+    # the neighbours SSA is measured against (docs/method.md), each its own field
+    attention_gate: Literal["none", "headwise", "elementwise"] = "none"  # gated attention: y * scale * sigmoid(x W_g)
+    attention_gate_scale: float = 1.0  # the gate starts at scale / 2 (W_g = 0); fine-tuning adds it with 2: identity
+    selective_mask: Literal["none", "leviathan"] = "none"  # selective attention: logits minus F, no parameters
 
     def __post_init__(self) -> None:
         for side in SSA_SIDES:  # YAML and the command line may spell "none" as null
@@ -100,10 +104,22 @@ class Config:
         if not 0.0 < self.ssa_position_init < 1.0:
             raise ValueError(f"ssa_position_init is the position slope at initialisation and must lie in (0, 1), got"
                              f" {self.ssa_position_init}.")
+        if not self.attention_gate_scale > 0:
+            raise ValueError(f"Config.attention_gate_scale is the gate's ceiling and must be above 0, got"
+                             f" {self.attention_gate_scale}.")
+        if self.selective_mask != "none" and self.attention_temperature != "none":
+            raise ValueError(f"selective_mask={self.selective_mask!r} with attention_temperature="
+                             f"{self.attention_temperature!r} is not defined (F is built from head 0's logits, which a"
+                             " temperature rescales): use one of the two; a gate combines with either.")
         if self.logn_length is None:
             self.logn_length = self.block_size
         if self.ssmax_init is None:
             self.ssmax_init = 1.0 / math.log(self.block_size)
+
+    @property
+    def vanilla_attention(self) -> bool:
+        """Plain attention: no temperature, gate or selective mask (what the Hugging Face families compute)."""
+        return (self.attention_temperature, self.attention_gate, self.selective_mask) == ("none", "none", "none")
 
     @property
     def rope_n_elem(self) -> int:
@@ -156,9 +172,9 @@ CHOICES = {name: typing.get_args(hint) for name, hint in typing.get_type_hints(C
            if typing.get_origin(hint) is Literal}
 TEMPERATURE_MODES = CHOICES["attention_temperature"]
 SSA_TERMS = typing.get_args(SSATerms)
-# the fields that set the attention's temperature: what fine-tuning may change in a checkpoint's config
+# the fields of the attention's additions (temperatures, gate, selective mask): what fine-tuning may change
 ATTENTION_FIELDS = tuple(f.name for f in fields(Config) if f.name == "attention_temperature"
-                         or f.name.startswith(("ssa_", "logn_", "ssmax_", "constant_")))
+                         or f.name.startswith(("ssa_", "logn_", "ssmax_", "constant_", "attention_gate", "selective_")))
 
 
 def with_ssa_flag(ssa: bool, overrides: dict) -> dict:

@@ -182,12 +182,12 @@ def convert_lit_checkpoint(
             f"Expected a checkpoint folder with {WEIGHTS_FILENAME} and model_config.yaml at {str(checkpoint_dir)!r}."
         )
     config = Config.from_file(checkpoint_dir)
-    if config.attention_temperature != "none" and not drop_ssa:
+    if not config.vanilla_attention and not drop_ssa:
         return export_remote_model(checkpoint_dir, Path(output_dir), config, parse_dtype(dtype), overwrite)
     backbone = check_temperature(config, drop_ssa)
     with torch.device("meta"):
         model = GPT(config)
-    temperature_names = model.temperature_parameter_names()
+    temperature_names = model.added_parameter_names()
     meta_state = {k: v for k, v in model_state_dict(model).items() if k not in temperature_names}
     weights = checkpoint_dir / WEIGHTS_FILENAME
     header, _ = read_safetensors_header(weights)
@@ -217,20 +217,29 @@ def convert_lit_checkpoint(
 
 def export_remote_model(checkpoint_dir: Path, output_dir: Path, config: Config, dtype: torch.dtype | None,
                         overwrite: bool) -> Path:
-    """A model with an attention temperature: a remote-code folder that transformers loads with trust_remote_code."""
+    """A model with a temperature, gate or selective mask: a remote-code folder that transformers loads with
+    trust_remote_code."""
     from lit_gpt.export import write_remote_model
 
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         count = write_remote_model(checkpoint_dir, config, tmp, dtype)
     print(f"Wrote {output_dir} (LitGPTSSAForCausalLM, remote code, {count} tensors, attention_temperature="
-          f"{config.attention_temperature!r}): load it with AutoModelForCausalLM.from_pretrained(..., "
+          f"{config.attention_temperature!r}, attention_gate={config.attention_gate!r}, selective_mask="
+          f"{config.selective_mask!r}): load it with AutoModelForCausalLM.from_pretrained(..., "
           "trust_remote_code=True)")
     return output_dir
 
 
 def check_temperature(config: Config, drop_ssa: bool) -> Config:
     """The config to write: the same one, or its backbone when the temperatures are dropped on request."""
-    if config.attention_temperature == "none" or not drop_ssa:
+    if not drop_ssa:
+        return config
+    others = [f"{name}={getattr(config, name)!r}" for name in ("attention_gate", "selective_mask")
+              if getattr(config, name) != "none"]
+    if others:
+        raise ValueError(f"--drop_ssa drops the temperatures, but this checkpoint also has {', '.join(others)}, which"
+                         " no Hugging Face family computes: export it without --drop_ssa (as remote code).")
+    if config.attention_temperature == "none":
         return config
     warnings.warn(
         f"Dropping attention_temperature={config.attention_temperature!r}: the Hugging Face model computes vanilla"

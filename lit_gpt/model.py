@@ -43,18 +43,18 @@ class GPT(nn.Module):
         self.max_seq_length = config.block_size
 
     def init_weights(self) -> None:
-        """GPT-2 initialisation of the backbone, then the temperatures: the backbone draws the same random numbers
-        whatever the attention temperature, so every variant of a model starts from the same weights."""
-        temperatures = [m for m in self.modules() if isinstance(m, TEMPERATURES)]
-        inside = {id(sub) for t in temperatures for sub in t.modules()}
+        """GPT-2 initialisation of the backbone, then what SSA, a baseline or a gate adds: the backbone draws the same
+        random numbers whatever the attention's additions, so every variant of a model starts from the same weights."""
+        added = [m for m in self.modules() if isinstance(m, ADDED_MODULES)]
+        inside = {id(sub) for t in added for sub in t.modules()}
         for module in self.modules():
             if id(module) not in inside:
                 self._init_weights(module)
         for block in self.transformer.h:  # scaled residual projections, as in GPT-2
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
-        for temperature in temperatures:
-            temperature.reset_parameters()
+        for module in added:
+            module.reset_parameters()
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -164,22 +164,28 @@ class GPT(nn.Module):
     def temperature_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules() if isinstance(m, TEMPERATURES) for p in m.parameters()]
 
-    def temperature_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The temperature parameters by what they set, for their own learning rates: "position" (SSA's slopes and
-        the baselines' scales) and "token" (SSA's token-term weights u, and its separate projections)."""
-        groups = {"position": [], "token": []}
+    def added_parameters(self) -> list[nn.Parameter]:
+        """What the attention's additions (temperatures, gates) add to the backbone."""
+        return [p for m in self.modules() if isinstance(m, ADDED_MODULES) for p in m.parameters()]
+
+    def added_parameter_names(self) -> set[str]:
+        ids = {id(p) for p in self.added_parameters()}
+        return {name for name, p in self.named_parameters() if id(p) in ids}
+
+    def added_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The added parameters by what they set, for their own learning rates: "position" (SSA's slopes and the
+        baselines' scales), "token" (SSA's token-term weights u, and its separate projections) and "gate"."""
+        groups = {"position": [], "token": [], "gate": []}
         for module in self.modules():
-            if isinstance(module, BaselineTemperature) and module.scale is not None:
+            if isinstance(module, AttentionGate):
+                groups["gate"] += list(module.parameters())
+            elif isinstance(module, BaselineTemperature) and module.scale is not None:
                 groups["position"].append(module.scale)
             elif isinstance(module, SSATemperature):
                 if module.position_param is not None:
                     groups["position"].append(module.position_param)
                 groups["token"] += [p for name, p in module.named_parameters() if name != "position_param"]
         return groups
-
-    def temperature_parameter_names(self) -> set[str]:
-        ids = {id(p) for p in self.temperature_parameters()}
-        return {name for name, p in self.named_parameters() if id(p) in ids}
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, config: Config | None = None, **kwargs) -> "GPT":
@@ -215,6 +221,7 @@ class CausalSelfAttention(nn.Module):
         self.query_temperature = build_temperature(config, "query")
         self.key_temperature = build_temperature(config, "key")
         self.value_temperature = build_temperature(config, "value")
+        self.gate = AttentionGate(config) if config.attention_gate != "none" else None
         self.kv_cache: KVCache | None = None
         self.records: list[dict] | None = None  # set by lit_gpt.analysis.recording_attention: explicit path, recorded
         self.config = config
@@ -244,15 +251,21 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = keys seen so far
         attn_mask = build_attention_mask(T, k.size(2), input_pos, self.kv_cache is not None, mask)
+        selective = None
+        if self.config.selective_mask != "none":  # every head's logits minus F (B, T, S)
+            selective = selective_mask(q, k, allowed_keys(T, k.size(2), input_pos, attn_mask), input_pos, self.kv_cache)
+            attn_mask = subtract_from_logits(attn_mask, selective, T, k.size(2), input_pos, q.dtype)
         if self.records is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1, enable_gqa=nh != ng
             )
         else:
             y, probs = explicit_attention(q, k, v, attn_mask)
-            self.records.append(dict(attention=probs, **dict(zip(TAU_NAMES, taus))))
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
-        return self.proj(y)
+            self.records.append(dict(attention=probs, selective_mask=selective, **dict(zip(TAU_NAMES, taus))))
+        y = y.transpose(1, 2)  # (B, T, nh, hs)
+        if self.gate is not None:
+            y = self.gate(y, x)
+        return self.proj(y.reshape(B, T, nh * hs))
 
 
 TAU_NAMES = ("query_temperature", "key_temperature", "value_temperature")
@@ -270,6 +283,42 @@ def build_attention_mask(T: int, S: int, input_pos, cached: bool, mask) -> torch
     if mask.dtype == torch.bool:
         return causal & mask
     return mask.masked_fill(~causal, float("-inf"))
+
+
+def allowed_keys(T: int, S: int, input_pos, attn_mask) -> torch.Tensor:
+    """Which keys each query may see, boolean (T, S) or (B, T, S)."""
+    if attn_mask is None:  # plain causal attention (a single cached token sees every key)
+        return torch.arange(S, device=input_pos.device) <= input_pos.unsqueeze(-1)
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+    return allowed[:, 0] if allowed.dim() == 4 else allowed
+
+
+def selective_mask(q, k, allowed, input_pos, cache) -> torch.Tensor:
+    """F of selective attention (Leviathan, Kalman & Matias 2024), (B, T, S): S = ReLU of head 0's logits, nothing
+    masks the first token (a left-padded row's first real one) or itself, and F sums S over the strictly earlier
+    queries, so a token's decision affects only later ones. With a KV cache the running per-key sum of the earlier
+    chunks is added. Float32 at least."""
+    with float32_region(q.device):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = q[:, 0].to(acc) @ k[:, 0].to(acc).transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, T, S)
+        keys = torch.arange(k.size(2), device=q.device)
+        first = allowed.int().argmax(dim=-1, keepdim=True)  # each row's first visible key: slot 0 unless padded
+        keep = allowed & (keys != first) & (keys != input_pos.unsqueeze(-1))
+        s = F.relu(scores).masked_fill(~keep, 0.0)
+        f = torch.cat((torch.zeros_like(s[:, :1]), s[:, :-1]), dim=1).cumsum(dim=1)  # earlier queries of this pass
+        if cache is not None:
+            f = f + cache.add_selective_sums(input_pos, s)
+    return f
+
+
+def subtract_from_logits(attn_mask, selective, T: int, S: int, input_pos, dtype) -> torch.Tensor:
+    """The additive mask (B, 1, T, S) that subtracts F where a key is visible and is -inf where it is not."""
+    bias = -selective.unsqueeze(1)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        return (attn_mask + bias).to(dtype)
+    allowed = allowed_keys(T, S, input_pos, attn_mask)
+    allowed = allowed.unsqueeze(1) if allowed.dim() == 3 else allowed
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
 def explicit_attention(q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,6 +433,29 @@ class BaselineTemperature(nn.Module):
 TEMPERATURES = (SSATemperature, BaselineTemperature)
 
 
+class AttentionGate(nn.Module):
+    """Gated attention (Qiu et al., NeurIPS 2025): the attention output y (B, T, nh, hs) times
+    scale * sigmoid(x W_g), x the block's normalised input; one scalar per (token, head) (headwise) or per channel
+    (elementwise). W_g starts at zero (no random draws, so the backbone's initialisation is unchanged): the gate
+    starts at scale / 2, the identity with scale 2 (what fine-tuning uses)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.per_channel = config.head_size if config.attention_gate == "elementwise" else 1
+        self.proj = UninitializedLinear(config.n_embd, config.n_head * self.per_channel, bias=False)
+        self.scale = config.attention_gate_scale
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.proj(x)).view(*x.shape[:2], -1, self.per_channel)  # (B, T, nh, 1 or hs)
+        return y * (self.scale * gate).to(y.dtype)
+
+
+ADDED_MODULES = (*TEMPERATURES, AttentionGate)  # what the attention adds to a backbone, initialised after it
+
+
 def float32_region(device: torch.device):
     """Autocast off (mixed precision computes the temperatures in float32 too); nothing to switch off on other devices
     (the meta device that counts FLOPs)."""
@@ -492,6 +564,27 @@ class KVCache(nn.Module):
         dtype = dtype or like.dtype
         self.register_buffer("k", torch.zeros(shape, device=like.device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=like.device, dtype=dtype), persistent=False)
+        sums = None  # selective attention: per key, the sum of S over the queries seen so far
+        if config.selective_mask != "none":
+            sums = torch.zeros(batch_size, max_seq_length, device=like.device,
+                               dtype=torch.promote_types(dtype, torch.float32))
+        self.register_buffer("selective_sums", sums, persistent=False)
+        self.queries_summed = 0
+
+    def add_selective_sums(self, input_pos: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The sums of the earlier chunks (B, 1, S), then this chunk's s (B, T, S) added to them. Chunks come in
+        order: a chunk at slot 0 starts a new sequence."""
+        B, S, start = s.size(0), s.size(-1), int(input_pos[0])
+        if start == 0:
+            self.selective_sums.zero_()
+            self.queries_summed = 0
+        if start != self.queries_summed:
+            raise ValueError(f"Selective attention's cache holds the sums of slots 0..{self.queries_summed - 1}: decode"
+                             f" slot {self.queries_summed} next (got {start}), or start again at slot 0.")
+        before = self.selective_sums[:B, :S].clone()
+        self.selective_sums[:B, :S] += s.detach().sum(dim=1).to(self.selective_sums.dtype)
+        self.queries_summed = int(input_pos[-1]) + 1
+        return before.unsqueeze(1).to(s.dtype)
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B, end = k.size(0), int(input_pos[-1]) + 1

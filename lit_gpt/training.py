@@ -39,6 +39,7 @@ class TrainArgs:
         max_norm: gradients are clipped to this global norm.
         ssa_position_lr: peak learning rate of SSA's position slopes and the baselines' scales; default the backbone's.
         ssa_token_lr: peak learning rate of SSA's token-term weights; default the backbone's.
+        gate_lr: peak learning rate of the attention gate's weights; default the backbone's.
         save_interval: steps between checkpoints (null: only final/).
         keep_last: keep only this many of the latest step checkpoints (null: keep all); final/ is always kept.
         log_interval: steps between logged metrics.
@@ -60,6 +61,7 @@ class TrainArgs:
     max_norm: float = 1.0
     ssa_position_lr: float | None = None  # peak learning rate of SSA's position slopes (and the baselines' scales)
     ssa_token_lr: float | None = None  # peak learning rate of SSA's token-term weights
+    gate_lr: float | None = None  # peak learning rate of the attention gate (gated attention)
     save_interval: int | None = 1000
     keep_last: int | None = None  # step checkpoints to keep, the latest ones (null: all)
     log_interval: int = 1
@@ -70,7 +72,7 @@ class TrainArgs:
         fields_at_least("train", self, 1, "global_batch_size", "micro_batch_size", "max_tokens", "max_steps",
                  "max_seq_length", "save_interval", "keep_last", "log_interval")
         fields_at_least("train", self, 0, "learning_rate", "min_lr", "warmup_steps", "weight_decay", "ssa_position_lr",
-                 "ssa_token_lr")
+                    "ssa_token_lr", "gate_lr")
         if not self.max_norm > 0:
             raise ValueError(f"--train.max_norm must be above 0 (the gradient norm it clips to), got {self.max_norm}.")
         for name in ("beta1", "beta2"):
@@ -151,30 +153,32 @@ def get_lr(step: int, max_steps: int, args: TrainArgs, peak: float | None = None
 
 
 def parameter_groups(model: GPT, args: TrainArgs) -> list[dict]:
-    """Weight decay on matrices only (none on norms, biases and temperatures); SSA's position slopes and token-term
-    weights train at their own peak learning rates (default: the backbone's)."""
-    temperature = model.temperature_parameter_groups()
-    own = {id(p) for params in temperature.values() for p in params}
+    """Weight decay on matrices only (none on norms, biases, temperatures and gates); SSA's position slopes, its
+    token-term weights and the gates train at their own peak learning rates (default: the backbone's)."""
+    added = model.added_parameter_groups()
+    own = {id(p) for params in added.values() for p in params}
     decay, no_decay = [], []
     for p in {id(p): p for p in model.parameters()}.values():
         if p.requires_grad and id(p) not in own:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    peaks = {"position": args.ssa_position_lr, "token": args.ssa_token_lr}
+    peaks = {"position": args.ssa_position_lr, "token": args.ssa_token_lr, "gate": args.gate_lr}
     groups = [dict(name="decay", params=decay, weight_decay=args.weight_decay, peak_lr=args.learning_rate),
               dict(name="no_decay", params=no_decay, weight_decay=0.0, peak_lr=args.learning_rate)]
-    for name, params in temperature.items():
+    for name, params in added.items():
         peak = peaks[name] if peaks[name] is not None else args.learning_rate
-        groups.append(dict(name=f"ssa_{name}", params=[p for p in params if p.requires_grad], weight_decay=0.0,
-                           peak_lr=peak))
+        group = name if name == "gate" else f"ssa_{name}"
+        groups.append(dict(name=group, params=[p for p in params if p.requires_grad], weight_decay=0.0, peak_lr=peak))
     return [g for g in groups if g["params"]]
 
 
 def freeze_backbone(model: GPT) -> None:
-    temperature = {id(p) for p in model.temperature_parameters()}
-    if not temperature:
-        raise ValueError("--ssa_only needs a model with temperature parameters (add --ssa).")
+    """Train only what the attention's additions add (temperatures, gates)."""
+    added = {id(p) for p in model.added_parameters()}
+    if not added:
+        raise ValueError("--ssa_only needs a model with temperature or gate parameters (add --ssa, or a gate with"
+                         " --model.attention_gate headwise).")
     for p in model.parameters():
-        p.requires_grad = id(p) in temperature
+        p.requires_grad = id(p) in added
 
 
 def build_optimizer(model: GPT, args: TrainArgs) -> torch.optim.Optimizer:

@@ -80,7 +80,8 @@ def setup(
     Args:
         model_name: a preset, e.g. gpt2, pythia-160m, demo; `python -m lit_gpt` lists them all.
         ssa: add Selective Self-Attention (short for --model.attention_temperature ssa).
-        model: overrides of the preset's fields, SSA included: --model.attention_temperature ssa.
+        model: overrides of the preset's fields, the attention's included: --model.attention_temperature ssa,
+            --model.attention_gate headwise, --model.selective_mask leviathan (python -m lit_gpt lists the choices).
         model_config: a model_config.yaml to use instead of a preset (the overrides still apply).
         data: the prepared token folder, and how to prepare it when it is missing.
         out_dir: checkpoints (step-XXXXXXXX/ and final/), logs and loss.png go here.

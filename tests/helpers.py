@@ -48,8 +48,19 @@ def write_sums_task(folder, name: str):
 
 
 def randomize_temperatures(model: torch.nn.Module, seed: int = 1) -> None:
-    """Give every temperature parameter a non-trivial value, so that tests see SSA at work."""
+    """Give every temperature (and gate) parameter a non-trivial value, so that tests see SSA at work."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.temperature_parameters():
+        for p in model.added_parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.5 + p)
+
+
+def rotate(x, cos, sin):
+    """RoPE on the first cos.size(-1) channels of x (B, T, h, d), rotate-half layout, written from its formula."""
+    n = cos.size(-1)
+    if n == 0:
+        return x
+    half = n // 2
+    x1, x2, rest = x[..., :half], x[..., half:n], x[..., n:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:], rest), -1)

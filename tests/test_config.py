@@ -168,5 +168,7 @@ def test_python_dash_m_lit_gpt_lists_every_preset():
     from lit_gpt.config import name_to_config
 
     result = subprocess.run([sys.executable, "-m", "lit_gpt"], capture_output=True, text=True, check=True)
-    assert [line.split()[0] for line in result.stdout.splitlines()] == list(name_to_config)
+    presets, choices = result.stdout.split("\n\n")
+    assert [line.split()[0] for line in presets.splitlines()] == list(name_to_config)
+    assert "--model.attention_gate" in choices and "headwise | elementwise" in choices and "leviathan" in choices
     assert not result.stderr

@@ -95,7 +95,7 @@ def test_ssa_checkpoint_exports_remote_code_or_its_backbone_when_dropped(tmp_pat
     with pytest.warns(UserWarning, match="Dropping attention_temperature='ssa'"):
         convert_lit_checkpoint(tmp_path / "ssa", tmp_path / "back", drop_ssa=True)
     side = load_file(tmp_path / "back" / "ssa_parameters.safetensors")
-    assert set(side) == ssa.temperature_parameter_names()
+    assert set(side) == ssa.added_parameter_names()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     idx = torch.randint(0, 128, (1, 9))
     torch.testing.assert_close(logits(back, idx), logits(hf_model, idx), rtol=1e-5, atol=1e-5)

@@ -95,13 +95,29 @@ def test_the_attention_flags_are_those_of_pretraining(base, text_file, tmp_path,
               model={"attention_temperature": "logn"})
 
 
+def test_a_gate_starts_at_the_checkpoints_validation_loss_and_selective_attention_does_not(base, text_file,
+                                                                                         tmp_path):
+    data = tmp_path / "data"
+    setup(**arguments(base, data, tmp_path / "vanilla", max_steps=1), data_source=str(text_file))
+    setup(**arguments(base, data, tmp_path / "gate", max_steps=2, gate_lr=1e-2),
+          model={"attention_gate": "headwise"})
+    setup(**arguments(base, data, tmp_path / "selective", max_steps=1), model={"selective_mask": "leviathan"})
+    vanilla = val_losses(tmp_path / "vanilla")[0]
+    assert vanilla < math.log(50257) - 3  # a trained checkpoint: a start that is not the identity would show
+    assert val_losses(tmp_path / "gate")[0] == pytest.approx(vanilla, rel=1e-6)
+    assert abs(val_losses(tmp_path / "selective")[0] - vanilla) > 1e-3 * vanilla
+    gated = GPT.from_checkpoint(tmp_path / "gate" / "final")
+    assert gated.config.attention_gate_scale == 2.0
+    assert gated.transformer.h[0].attn.gate.proj.weight.abs().sum() > 0  # it learned
+
+
 def test_ssa_only_trains_only_the_temperatures(base, text_file, tmp_path):
     setup(**arguments(base, tmp_path / "data", tmp_path / "run"), data_source=str(text_file), ssa=True,
           ssa_only=True)
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     added = set(after) - set(before)
-    assert added == GPT.from_checkpoint(tmp_path / "run" / "final").temperature_parameter_names()
+    assert added == GPT.from_checkpoint(tmp_path / "run" / "final").added_parameter_names()
     assert any(after[k].abs().sum() > 0 for k in added if k.endswith("token_weight"))
 
 
@@ -141,7 +157,7 @@ def test_ssa_on_an_ssa_checkpoint_keeps_its_parameters(base, text_file, tmp_path
                       learning_rate=1e-9, min_lr=0.0, ssa_position_lr=0.0, ssa_token_lr=0.0), ssa=True)
     assert "already has attention_temperature='ssa'" in capsys.readouterr().out
     second = load_file(tmp_path / "second" / "final" / "model.safetensors")
-    temperatures = GPT.from_checkpoint(tmp_path / "first" / "final").temperature_parameter_names()
+    temperatures = GPT.from_checkpoint(tmp_path / "first" / "final").added_parameter_names()
     assert temperatures and all(torch.equal(first[k], second[k]) for k in temperatures)  # loaded, not re-initialised
 
 

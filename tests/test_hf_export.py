@@ -34,6 +34,12 @@ CASES = {
     "llama logn": dict(name="Llama-3.2-1B", **SMALL, n_query_groups=1, head_size=16, intermediate_size=128,
                        padded_vocab_size=50304, attention_temperature="logn", logn_length=16),
     "gpt2 constant": dict(name="gpt2", **SMALL, attention_temperature="constant"),
+    "pythia gate headwise": dict(name="pythia-14m", attention_gate="headwise"),
+    "llama gqa selective elementwise gate": dict(name="Llama-3.2-1B", **SMALL, n_query_groups=2, head_size=16,
+                                                 intermediate_size=128, padded_vocab_size=50304,
+                                                 selective_mask="leviathan", attention_gate="elementwise"),
+    "gpt2 ssa with gate": dict(name="gpt2", **SMALL, attention_temperature="ssa", attention_gate="headwise"),
+    "pythia selective": dict(name="pythia-14m", selective_mask="leviathan"),
 }
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3
 

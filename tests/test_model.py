@@ -34,7 +34,7 @@ def with_weights_of(vanilla: GPT, **overrides) -> GPT:
     """The same backbone with another attention temperature; new parameters keep their initialisation."""
     model = GPT(Config(**{**vanilla.config.to_dict(), **overrides})).eval()
     missing, unexpected = model.load_state_dict(vanilla.state_dict(), strict=False)
-    assert not unexpected and set(missing) == model.temperature_parameter_names()
+    assert not unexpected and set(missing) == model.added_parameter_names()
     return model
 
 
@@ -266,7 +266,7 @@ def test_hand_written_temperature_backward_passes_gradcheck(case, form):
 @pytest.mark.parametrize("variant", SSA_VARIANTS)
 def test_every_variant_starts_from_the_same_backbone(variant):
     vanilla, other = build("llama", seed=3), build("llama", seed=3, **SSA_VARIANTS[variant])
-    temperature = other.temperature_parameter_names()
+    temperature = other.added_parameter_names()
     for name, tensor in other.state_dict().items():
         if name not in temperature:
             assert torch.equal(tensor, vanilla.state_dict()[name]), name

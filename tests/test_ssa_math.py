@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILIES
+from helpers import FAMILIES, rotate
 
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import recording_attention
@@ -59,17 +59,6 @@ def reference_tau(temperature, config: Config, x, features, n, heads: int):
             features = features.view(x.size(0), x.size(1), heads, -1)
         tau = tau + torch.tanh((F.gelu(features) * temperature.token_weight).sum(-1))
     return tau
-
-
-def rotate(x, cos, sin):
-    """RoPE on the first cos.size(-1) channels of x (B, T, h, d), rotate-half layout."""
-    n = cos.size(-1)
-    if n == 0:
-        return x
-    half = n // 2
-    x1, x2, rest = x[..., :half], x[..., half:n], x[..., n:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:], rest), -1)
 
 
 def reference_attention(attn, config: Config, x, cos, sin):
@@ -166,7 +155,7 @@ def test_bfloat16_temperatures_stay_in_float32(family):
     vanilla = GPT(Config(**FAMILIES[family])).eval()
     ssa = GPT(Config(**{**FAMILIES[family], "attention_temperature": "ssa", "ssa_position_init": 6e-4})).eval()
     missing, _ = ssa.load_state_dict(vanilla.state_dict(), strict=False)
-    assert set(missing) == ssa.temperature_parameter_names()
+    assert set(missing) == ssa.added_parameter_names()
     idx = torch.randint(0, 97, (2, 64))
     with torch.no_grad():
         assert not torch.equal(ssa(idx), vanilla(idx))

@@ -197,6 +197,20 @@ def test_attention_cli_compares_two_checkpoints(checkpoint, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+def test_attention_cli_shows_selective_attentions_mask(checkpoint, tmp_path):
+    selective = tmp_path / "selective"
+    config = Config.from_file(checkpoint, attention_temperature="none", selective_mask="leviathan")
+    torch.manual_seed(0)
+    save_model_dir(GPT(config), selective, tokenizer_dir=checkpoint)
+    result = run("eval/attention.py", "--checkpoint_dir", str(selective), "--max_tokens", "48", "--output_dir",
+                 str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    layer = json.loads((tmp_path / "out" / "attention.json").read_text())[0]["layers"][0]
+    assert layer["selective_mask"]["max"] > 0 and 0 <= layer["selective_mask"]["share_above_1"] <= 1
+    assert "selective mask F mean" in result.stdout
+    assert (tmp_path / "out" / "selective_mask.png").stat().st_size > 0
+
+
 lm_eval = pytest.importorskip("lm_eval")
 
 
