@@ -70,7 +70,7 @@ def setup(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     precision: str | None = None,
     seed: int = 1337,
-    logger_name: Literal["csv", "tensorboard"] = "csv",
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
     resume: bool | Literal["auto"] | Path = False,
     compile: bool = False,
 ) -> None:
@@ -98,7 +98,8 @@ def setup(
         precision: Fabric precision (32-true, bf16-mixed, ...) or auto (bf16-mixed on a CPU with fast bf16, found by a
             quick probe); default bf16-mixed on GPUs, 32-true on CPU.
         seed: seeds the data order and the split.
-        logger_name: csv or tensorboard.
+        logger_name: csv, tensorboard or wandb (Weights & Biases: pip install -e '.[wandb]'; WANDB_PROJECT and
+            WANDB_MODE=offline as W&B reads them).
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
         compile: torch.compile the transformer blocks (the same as --train.compile).
     """

@@ -49,6 +49,9 @@ class Config:
     rope_adjustments: dict | None = None  # Llama-3.1 frequency scaling
     parallel_residual: bool = True
     bias: bool = True
+    attn_bias: bool = False  # a bias on the q, k, v projections even where `bias` is off (Qwen2 / Qwen2.5)
+    norm_qk: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # each query sees its last `sliding_window` keys, itself included (Mistral)
     lm_head_bias: bool = False
     norm_class_name: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_eps: float = 1e-5
@@ -101,6 +104,9 @@ class Config:
         if self.attention_temperature == "ssa" and all(getattr(self, side) == "none" for side in SSA_SIDES):
             raise ValueError("attention_temperature='ssa' needs a term on at least one side: set ssa_query, ssa_key"
                              f" or ssa_value to one of {SSA_TERMS[1:]}.")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"Config.sliding_window is the number of keys a query sees and must be at least 1 (or"
+                             f" null: no window), got {self.sliding_window}.")
         if not 0.0 < self.ssa_position_init < 1.0:
             raise ValueError(f"ssa_position_init is the position slope at initialisation and must lie in (0, 1), got"
                              f" {self.ssa_position_init}.")
@@ -323,6 +329,42 @@ configs += [
     dict(name="tiny-llama-1.1b", hf_repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", **tiny_llama),
     dict(name="tiny-llama-1.1b-chat", hf_repo="TinyLlama/TinyLlama-1.1B-Chat-v1.0", **tiny_llama),
 ]
+
+# Qwen2.5 (a bias on q, k, v only), Qwen3 (RMSNorm of q and k per head) and Mistral (v0.1: a 4,096-key window)
+qwen = dict(llama, vocab_size=151643, padded_vocab_size=151936, rope_base=1000000.0, norm_eps=1e-6)
+qwen25 = dict(qwen, attn_bias=True, block_size=32768)
+qwen3 = dict(qwen, norm_qk=True, block_size=40960, head_size=128)
+for suffix in ("", "-Instruct"):
+    configs += [
+        dict(name=f"Qwen2.5-0.5B{suffix}", hf_repo=f"Qwen/Qwen2.5-0.5B{suffix}", n_layer=24, n_head=14, n_embd=896,
+             n_query_groups=2, intermediate_size=4864, tie_embeddings=True, **qwen25),
+        dict(name=f"Qwen2.5-1.5B{suffix}", hf_repo=f"Qwen/Qwen2.5-1.5B{suffix}", n_layer=28, n_head=12, n_embd=1536,
+             n_query_groups=2, intermediate_size=8960, tie_embeddings=True, **qwen25),
+        dict(name=f"Qwen2.5-3B{suffix}", hf_repo=f"Qwen/Qwen2.5-3B{suffix}", n_layer=36, n_head=16, n_embd=2048,
+             n_query_groups=2, intermediate_size=11008, tie_embeddings=True, **qwen25),
+        dict(name=f"Qwen2.5-7B{suffix}", hf_repo=f"Qwen/Qwen2.5-7B{suffix}", n_layer=28, n_head=28, n_embd=3584,
+             n_query_groups=4, intermediate_size=18944, **{**qwen25, "block_size": 131072 if not suffix else 32768}),
+    ]
+for suffix in ("", "-Base"):
+    configs += [
+        dict(name=f"Qwen3-0.6B{suffix}", hf_repo=f"Qwen/Qwen3-0.6B{suffix}", n_layer=28, n_head=16, n_embd=1024,
+             n_query_groups=8, intermediate_size=3072, tie_embeddings=True, **qwen3),
+        dict(name=f"Qwen3-1.7B{suffix}", hf_repo=f"Qwen/Qwen3-1.7B{suffix}", n_layer=28, n_head=16, n_embd=2048,
+             n_query_groups=8, intermediate_size=6144, tie_embeddings=True, **qwen3),
+        dict(name=f"Qwen3-4B{suffix}", hf_repo=f"Qwen/Qwen3-4B{suffix}", n_layer=36, n_head=32, n_embd=2560,
+             n_query_groups=8, intermediate_size=9728, tie_embeddings=True, **qwen3),
+        dict(name=f"Qwen3-8B{suffix}", hf_repo=f"Qwen/Qwen3-8B{suffix}", n_layer=36, n_head=32, n_embd=4096,
+             n_query_groups=8, intermediate_size=12288, **qwen3),
+    ]
+mistral = dict(llama, block_size=32768, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336,
+               padding_multiple=256)
+for suffix in ("", "-Instruct"):
+    configs += [
+        dict(name=f"Mistral-7B{suffix}-v0.1", hf_repo=f"mistralai/Mistral-7B{suffix}-v0.1", vocab_size=32000,
+             sliding_window=4096, **mistral),
+        dict(name=f"Mistral-7B{suffix}-v0.3", hf_repo=f"mistralai/Mistral-7B{suffix}-v0.3", vocab_size=32768,
+             rope_base=1000000.0, **mistral),
+    ]
 
 name_to_config: dict[str, dict] = {row["name"]: deepcopy(row) for row in configs}
 

@@ -56,7 +56,7 @@ class RunArgs:
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     precision: str | None = None
-    logger_name: Literal["csv", "tensorboard"] = "csv"
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
     compile: bool = False
 
 
@@ -75,10 +75,33 @@ def build_fabric(run: RunArgs, out_dir: Path) -> L.Fabric:
     if run.logger_name == "csv":  # each start of a run (a resumed one too) writes its own logs/csv-N/metrics.csv
         runs = len(list((Path(out_dir) / "logs").glob("csv-*")))
         logger = CSVLogger(out_dir, name="logs", version=f"csv-{runs + 1}", flush_logs_every_n_steps=1)
+    elif run.logger_name == "wandb":
+        logger = wandb_logger(Path(out_dir))
     else:
         logger = TensorBoardLogger(out_dir, name="logs")
     return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=choose_precision(run.precision),
                     loggers=[logger])
+
+
+def wandb_logger(out_dir: Path):
+    """Lightning's Weights & Biases logger, the run named after its folder; project, entity and mode come from W&B's
+    own settings (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE=offline, ...), its files go to out_dir/logs."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("--logger_name wandb needs the wandb package, which is not installed: pip install -e"
+                         " '.[wandb]' (or pip install wandb), or choose --logger_name csv.") from None
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(name=out_dir.resolve().name, save_dir=str(out_dir / "logs"))
+
+
+def finish_logging(fabric: L.Fabric) -> None:
+    """Flush every logger at the end of a run; a W&B run is also finished (its summary and files written)."""
+    for logger in fabric.loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger" and fabric.global_rank == 0:
+            logger.experiment.finish()
 
 
 def on_rank_zero(fabric: L.Fabric, function, *args):

@@ -1,4 +1,5 @@
-"""The bridge to Hugging Face: configs and weight names of GPT-2, GPT-NeoX (Pythia) and Llama-family models.
+"""The bridge to Hugging Face: configs and weight names of GPT-2, GPT-NeoX (Pythia) and Llama-family models (Llama,
+Mistral, Qwen2 / Qwen2.5 and Qwen3 share the Llama layout of weights).
 
 Weights are mapped one tensor at a time (a generator in, a generator out) so that conversion streams; only the
 three Llama q/k/v projections of one layer are held until they can be fused into our `qkv`.
@@ -11,7 +12,7 @@ import torch
 
 from lit_gpt.config import Config, configs, name_to_config
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
 LAYER = re.compile(r"\.(\d+)\.")
 
 # Hugging Face key (after its family prefix, layers as {}) -> our key. "T": a GPT-2 Conv1D weight, transposed.
@@ -65,6 +66,8 @@ WEIGHT_MAPS = {
         "layers.{}.self_attn.v_proj.bias": ("transformer.h.{}.attn.qkv.bias", "v"),
         "layers.{}.self_attn.o_proj.weight": "transformer.h.{}.attn.proj.weight",
         "layers.{}.self_attn.o_proj.bias": "transformer.h.{}.attn.proj.bias",
+        "layers.{}.self_attn.q_norm.weight": "transformer.h.{}.attn.norm_q.weight",  # Qwen3
+        "layers.{}.self_attn.k_norm.weight": "transformer.h.{}.attn.norm_k.weight",
         "layers.{}.post_attention_layernorm.weight": "transformer.h.{}.norm_2.weight",
         "layers.{}.mlp.gate_proj.weight": "transformer.h.{}.mlp.fc_1.weight",
         "layers.{}.mlp.up_proj.weight": "transformer.h.{}.mlp.fc_2.weight",
@@ -88,7 +91,18 @@ def hf_family(config: Config) -> str:
         return "gpt_neox"
     if config.norm_class_name == "RMSNorm" and config.mlp_class_name == "LLaMAMLP" and config.rotary_percentage == 1.0:
         return "llama"
-    raise ValueError(f"Config {config.name!r} matches none of the Hugging Face families {SUPPORTED_MODEL_TYPES[:3]}.")
+    raise ValueError(f"Config {config.name!r} matches none of the Hugging Face layouts gpt2, gpt_neox and llama.")
+
+
+def hf_model_type(config: Config) -> str:
+    """The Hugging Face model type of a config of the Llama layout: what its extra fields say."""
+    if config.norm_qk:
+        return "qwen3"
+    if config.attn_bias and not config.bias:
+        return "qwen2"
+    if config.sliding_window is not None:
+        return "mistral"
+    return "llama"
 
 
 def split_layer(key: str) -> tuple[str, int | None]:
@@ -194,6 +208,19 @@ def _rope(hf: dict) -> tuple[float, dict | None, float]:
     return float(base), adjustments, float(fraction)
 
 
+def sliding_window(hf: dict, model_type: str) -> int | None:
+    """Mistral's window, where it is shorter than the context; Qwen's windows (per layer) are refused when on."""
+    window = hf.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise ValueError(f"config.json: sliding_window must be a whole number or null, got {window!r}.")
+    if model_type in ("qwen2", "qwen3"):
+        if hf.get("use_sliding_window", False):
+            raise ValueError("config.json: use_sliding_window is true (a window on the layers from"
+                             " max_window_layers on), which is not supported: set it to false for full attention.")
+        return None
+    return window if window is not None and window < hf["max_position_embeddings"] else None
+
+
 def config_from_hf(hf: dict, name: str | None = None) -> Config:
     """A Config from a Hugging Face `config.json`. `name` picks a preset, which must agree with the file."""
     model_type = hf.get("model_type")
@@ -219,8 +246,7 @@ def config_from_hf(hf: dict, name: str | None = None) -> Config:
             tie_embeddings=hf.get("tie_word_embeddings", False),
         )
     else:
-        if hf.get("sliding_window") and hf["sliding_window"] < hf["max_position_embeddings"]:
-            raise ValueError(f"Sliding-window attention (window {hf['sliding_window']}) is not supported.")
+        window = sliding_window(hf, model_type)
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
             raise ValueError("Only Llama MLPs with SiLU gating and no bias are supported.")
         base, adjustments, _ = _rope(hf)
@@ -233,6 +259,7 @@ def config_from_hf(hf: dict, name: str | None = None) -> Config:
             rotary_percentage=1.0, rope_base=base, rope_adjustments=adjustments, parallel_residual=False,
             bias=hf.get("attention_bias", False), norm_class_name="RMSNorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
             mlp_class_name="LLaMAMLP", tie_embeddings=hf.get("tie_word_embeddings", False),
+            attn_bias=model_type == "qwen2", norm_qk=model_type == "qwen3", sliding_window=window,
         )
     values["vocab_size"] = values["padded_vocab_size"]
     preset = matching_preset(values, name, hf.get("_name_or_path", ""))
@@ -248,7 +275,7 @@ def config_from_hf(hf: dict, name: str | None = None) -> Config:
 ARCHITECTURE_FIELDS = (
     "padded_vocab_size", "n_layer", "n_head", "n_embd", "head_size", "n_query_groups", "intermediate_size",
     "position_embedding", "rotary_percentage", "rope_base", "rope_adjustments", "parallel_residual", "bias",
-    "norm_class_name", "mlp_class_name", "tie_embeddings",
+    "attn_bias", "norm_qk", "sliding_window", "norm_class_name", "mlp_class_name", "tie_embeddings",
 )
 
 
@@ -302,11 +329,21 @@ def hf_config_from_lit(config: Config) -> dict:
             use_parallel_residual=config.parallel_residual, layer_norm_eps=config.norm_eps,
             hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new", attention_bias=config.bias,
         )
-    return dict(
-        common, architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=config.n_embd,
+    model_type = hf_model_type(config)
+    llama = dict(
+        common, architectures=[ARCHITECTURES[model_type]], model_type=model_type, hidden_size=config.n_embd,
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, head_dim=config.head_size,
         num_key_value_heads=config.n_query_groups, intermediate_size=config.intermediate_size,
         max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_base,
         rope_scaling=rope if config.rope_adjustments else None, rope_parameters=rope, attention_bias=config.bias,
         mlp_bias=False, hidden_act="silu",
     )
+    if model_type == "mistral":
+        llama.update(sliding_window=config.sliding_window)
+    elif model_type in ("qwen2", "qwen3"):
+        llama.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+    return llama
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}

@@ -216,7 +216,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
-        self.qkv = nn.Linear(config.n_embd, (nh + 2 * ng) * hs, bias=config.bias)  # [q; k; v]
+        self.qkv = nn.Linear(config.n_embd, (nh + 2 * ng) * hs, bias=config.bias or config.attn_bias)  # [q; k; v]
+        if config.norm_qk:  # Qwen3: RMSNorm of each head's q and k
+            self.norm_q = nn.RMSNorm(hs, eps=config.norm_eps)
+            self.norm_k = nn.RMSNorm(hs, eps=config.norm_eps)
         self.proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.query_temperature = build_temperature(config, "query")
         self.key_temperature = build_temperature(config, "key")
@@ -233,6 +236,8 @@ class CausalSelfAttention(nn.Module):
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, ng, hs), v.view(B, T, ng, hs)
+        if self.config.norm_qk:  # before the temperatures, which the norm would otherwise undo
+            q, k = self.norm_q(q), self.norm_k(k)
 
         temperatures = (self.query_temperature, self.key_temperature, self.value_temperature)
         taus = [None, None, None]
@@ -250,7 +255,8 @@ class CausalSelfAttention(nn.Module):
 
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs), S = keys seen so far
-        attn_mask = build_attention_mask(T, k.size(2), input_pos, self.kv_cache is not None, mask)
+        attn_mask = build_attention_mask(T, k.size(2), input_pos, self.kv_cache is not None, mask,
+                                         self.config.sliding_window)
         selective = None
         if self.config.selective_mask != "none":  # every head's logits minus F (B, T, S)
             selective = selective_mask(q, k, allowed_keys(T, k.size(2), input_pos, attn_mask), input_pos, self.kv_cache)
@@ -271,11 +277,17 @@ class CausalSelfAttention(nn.Module):
 TAU_NAMES = ("query_temperature", "key_temperature", "value_temperature")
 
 
-def build_attention_mask(T: int, S: int, input_pos, cached: bool, mask) -> torch.Tensor | None:
-    """Causal mask (T, S) combined with an optional extra mask; None where plain causal attention suffices."""
-    if mask is None and (not cached or T == 1):
+def build_attention_mask(T: int, S: int, input_pos, cached: bool, mask, window: int | None = None
+                         ) -> torch.Tensor | None:
+    """Causal mask (T, S), within the sliding window where there is one, combined with an optional extra mask; None
+    where plain causal attention suffices."""
+    windowed = window is not None and S > window
+    if mask is None and (not cached or T == 1) and not windowed:
         return None  # causal without a cache: `is_causal`; a single new token sees every cached key
-    causal = torch.arange(S, device=input_pos.device) <= input_pos.unsqueeze(-1)  # (T, S)
+    keys = torch.arange(S, device=input_pos.device)
+    causal = keys <= input_pos.unsqueeze(-1)  # (T, S)
+    if windowed:
+        causal = causal & (keys > input_pos.unsqueeze(-1) - window)
     if mask is None:
         return causal
     if mask.shape[-2:] != (T, S):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from lit_gpt.checkpoint import check_resume_point, load_training_state
 from lit_gpt.config import Config
+from lit_gpt.fabric import finish_logging
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
 from lit_gpt.utils import UserFacingError, at_least, progress_bar, set_interrupt_note
@@ -262,6 +263,7 @@ def fit(
     if eval_args.final_validation:
         log_validation(fabric, model, batches, state)
     save("final")
+    finish_logging(fabric)
 
 
 def optimizer_step(fabric: L.Fabric, model, optimizer, batches: Batches, step: int, args: TrainArgs, max_steps: int,

@@ -13,6 +13,9 @@ REQUIRED_PRESETS = [
     "pythia-2.8b", "pythia-6.9b", "pythia-12b", "pythia-70m-deduped", "pythia-12b-deduped",
     "Llama-2-7b-hf", "Llama-2-13b-hf", "Llama-2-70b-hf", "Llama-3-8B", "Llama-3-70B", "Llama-3.1-8B",
     "Llama-3.2-1B", "Llama-3.2-3B", "tiny-llama-1.1b", "SmolLM2-135M", "SmolLM2-360M", "SmolLM2-1.7B", "debug",
+    *(f"Qwen2.5-{size}{suffix}" for size in ("0.5B", "1.5B", "3B", "7B") for suffix in ("", "-Instruct")),
+    *(f"Qwen3-{size}" for size in ("0.6B", "1.7B", "4B", "8B")),
+    "Mistral-7B-v0.1", "Mistral-7B-Instruct-v0.1", "Mistral-7B-v0.3", "Mistral-7B-Instruct-v0.3",
 ]
 
 
@@ -32,7 +35,9 @@ def test_every_preset_builds_on_the_meta_device(row):
 
 @pytest.mark.parametrize(
     "name, billions", [("gpt2", 0.124), ("pythia-160m", 0.162), ("Llama-2-7b-hf", 6.74), ("Llama-3-8B", 8.03),
-                       ("SmolLM2-135M", 0.135), ("tiny-llama-1.1b", 1.10), ("Llama-3.2-1B", 1.24)]
+                       ("SmolLM2-135M", 0.135), ("tiny-llama-1.1b", 1.10), ("Llama-3.2-1B", 1.24),
+                       ("Qwen2.5-0.5B", 0.494), ("Qwen2.5-7B", 7.62), ("Qwen3-0.6B", 0.596), ("Qwen3-8B", 8.19),
+                       ("Mistral-7B-v0.1", 7.24), ("Mistral-7B-v0.3", 7.25)]
 )
 def test_preset_sizes_match_the_published_parameter_counts(name, billions):
     with torch.device("meta"):

@@ -346,3 +346,54 @@ def test_precision_auto_follows_the_bf16_probe(monkeypatch, capsys, speedup, cho
     hint = capsys.readouterr().out
     assert ("--precision auto (bf16-mixed) would use it" in hint) == (speedup >= fabric.FAST_BF16)
     assert fabric.choose_precision("16-true") == "16-true"
+
+
+def wandb_history(run_dir: Path) -> dict[str, list[float]]:
+    """The metrics an offline W&B run recorded, read from its .wandb file (a LevelDB-style log of protobuf records:
+    a 7-byte header, then records of 7-byte headers in 32 KiB blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("logs/wandb/offline-run-*/run-*.wandb")
+    data, pos, pending, metrics = path.read_bytes(), 7, b"", {}
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):  # a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                for item in record.history.item:
+                    metrics.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
+    return metrics
+
+
+def test_wandb_logger_records_the_metrics_offline(data_dir, tmp_path):
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path), WANDB_DIR=str(tmp_path))
+    args = cli_args(data_dir, tmp_path / "run", "--train.max_steps", "4", "--logger_name", "wandb")
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = wandb_history(tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert metrics["train_loss"] == pytest.approx([h["train_loss"] for h in history if "train_loss" in h])
+    assert metrics["val_loss"] == pytest.approx([h["val_loss"] for h in history if "val_loss" in h])
+    assert {"lr", "tokens", "val_ppl"} <= set(metrics)
+
+
+def test_wandb_logger_without_wandb_installed_is_one_line(data_dir, tmp_path):
+    code = ("import sys; sys.modules['wandb'] = None; sys.argv[0] = 'openwebtext.py'; import runpy;"
+            f" runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, *cli_args(data_dir, tmp_path / "run", "--train.max_steps", "2",
+                                                                   "--logger_name", "wandb")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --logger_name wandb needs the wandb package")
+    assert not (tmp_path / "run" / "final").exists()

@@ -17,7 +17,10 @@ from helpers import FAMILIES, rotate
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import recording_attention
 
-FAMILIES_WITH_MQA = {**FAMILIES, "llama-mqa": dict(FAMILIES["llama"], n_query_groups=1)}
+FAMILIES_WITH_MQA = {**FAMILIES, "llama-mqa": dict(FAMILIES["llama"], n_query_groups=1),
+                     # Qwen3's per-head RMSNorm of q and k: the temperatures act after it, and the token term reads q
+                     # as normalised (the norm would undo a temperature applied before it)
+                     "qwen3-qk-norm": dict(FAMILIES["llama"], norm_qk=True, attn_bias=True)}
 TERMS = ("none", "position", "token", "position+token")
 SSA_COMBINATIONS = {
     f"q={q},v={v}": dict(attention_temperature="ssa", ssa_query=q, ssa_value=v)
@@ -67,6 +70,9 @@ def reference_attention(attn, config: Config, x, cos, sin):
     qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
     q, k, v = qkv[..., : nh * hs], qkv[..., nh * hs : (nh + ng) * hs], qkv[..., (nh + ng) * hs :]
     q, k, v = q.view(B, T, nh, hs), k.view(B, T, ng, hs), v.view(B, T, ng, hs)
+    if config.norm_qk:  # RMSNorm over each head's channels
+        rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + config.norm_eps) * w  # noqa: E731
+        q, k = rms(q, attn.norm_q.weight), rms(k, attn.norm_k.weight)
     n = torch.arange(1, T + 1)
     tau_q = reference_tau(attn.query_temperature, config, x, q, n, nh)
     tau_k = reference_tau(attn.key_temperature, config, x, k, n, ng)
@@ -92,10 +98,13 @@ def reference_attention(attn, config: Config, x, cos, sin):
 
 
 def randomize(model: GPT, seed: int = 3) -> None:
-    """Every temperature parameter far from its start: slopes of 0.1 to 0.9, token weights of size 0.5."""
+    """Every temperature parameter far from its start: slopes of 0.1 to 0.9, token weights of size 0.5 (and the q, k
+    norms' weights away from one)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
             if name.endswith("position_param"):
                 p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) * 1.5 - 2.0)
             elif "temperature" in name:
