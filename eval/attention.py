@@ -16,7 +16,8 @@ from lit_gpt.analysis import learned_slopes, recording_attention
 from lit_gpt.config import Config
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.generation import load_for_inference
-from lit_gpt.utils import check_writable, resolve_device, run_cli
+from lit_gpt.plots import save_figure
+from lit_gpt.utils import check_output_files, check_writable, resolve_device, run_cli, write_file
 
 TEMPERATURES = ("query_temperature", "value_temperature")
 
@@ -109,7 +110,7 @@ def plot_stats(results: list[dict], path: Path) -> None:
     axes[1].set_title("spikiness: mean peak probability")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -129,7 +130,7 @@ def plot_temperatures(results: list[dict], path: Path) -> bool:
         ax.set_title(f"{Path(result['checkpoint']).parent.name}: {name.split('_')[0]}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -150,7 +151,7 @@ def plot_maps(results: list[dict], path: Path, head: int) -> None:
             axes[row][col].set_ylabel("query")
     fig.suptitle("attention probabilities (log10)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -172,7 +173,7 @@ def plot_selective(results: list[dict], path: Path) -> bool:
             axes[row][col].set_ylabel("query")
     fig.suptitle("selective attention: what F subtracts from every head's logits")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -210,6 +211,9 @@ def main(
                              f" (0 to {n_head - 1}).")
     output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "attention"
     check_writable(output_dir, "--output_dir", is_dir=True)
+    outputs = ("attention.json", "attention_stats.png", "attention_maps.png", "temperatures.png", "selective_mask.png")
+    inputs = [checkpoint_dir, compare_dir, text_file]
+    check_output_files([output_dir / name for name in outputs], "--output_dir", inputs)
     if text_file is not None and not Path(text_file).is_file():
         raise FileNotFoundError(f"--text_file {text_file}: expected a text file there, found nothing.")
     device = resolve_device(device)
@@ -224,7 +228,7 @@ def main(
     if plot_selective(results, output_dir / "selective_mask.png"):
         written.append("selective_mask.png")
     summary = [{k: v for k, v in r.items() if k not in ("maps", "masks")} for r in results]
-    (output_dir / "attention.json").write_text(json.dumps(summary, indent=1))
+    write_file(output_dir / "attention.json", json.dumps(summary, indent=1))
     for r in summary:
         entropy = [sum(layer["normalized_entropy"]) / len(layer["normalized_entropy"]) for layer in r["layers"]]
         print(f"{r['checkpoint']} ({r['attention_temperature']}): normalized entropy per layer"

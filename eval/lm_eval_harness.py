@@ -20,7 +20,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lit_gpt.generation import generate_text, load_for_inference
-from lit_gpt.utils import check_writable, resolve_device, run_cli
+from lit_gpt.utils import check_output_files, check_writable, resolve_device, run_cli, write_file
 
 
 @register_model("lit_gpt_ssa")
@@ -127,6 +127,7 @@ def main(
                                 f" {'a file' if Path(include_path).exists() else 'nothing'} there.")
     output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "lm_eval.json"
     check_writable(output_file, "--output_file")
+    check_output_files([output_file], "--output_file", [checkpoint_dir, include_path])
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
@@ -135,7 +136,7 @@ def main(
     results = lm_eval.simple_evaluate(model=LitLM(str(checkpoint_dir), device=device, dtype=dtype), tasks=tasks,
                                       num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
-    output_file.write_text(json.dumps(results["results"], indent=2, default=str))
+    write_file(output_file, json.dumps(results["results"], indent=2, default=str))
     print(json.dumps(results["results"], indent=2, default=str))
     return results["results"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from lit_gpt.evaluation import passkey_min_length, run_passkey_grid, summarize_passkey
 from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import plot_passkey_heatmap
-from lit_gpt.utils import at_least, check_writable, run_cli
+from lit_gpt.utils import at_least, atomic_file, check_output_files, check_writable, run_cli, write_file
 
 
 def passkey_lengths(model, tokenizer, lengths: list[int] | None, max_new_tokens: int) -> list[int]:
@@ -69,12 +69,14 @@ def main(
         raise ValueError(f"--depths must be a non-empty list of values in [0, 1], got {depths}.")
     output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "passkey"
     check_writable(output_dir, "--output_dir", is_dir=True)
+    check_output_files([output_dir / name for name in ("passkey.json", "passkey.csv", "passkey.png")], "--output_dir",
+                       [checkpoint_dir])
     model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
     lengths = passkey_lengths(model, tokenizer, lengths, max_new_tokens)
     result = summarize_passkey(run_passkey_grid(model, tokenizer, lengths, depths, trials, seed, max_new_tokens))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "passkey.json").write_text(json.dumps(result, indent=2))
-    with open(output_dir / "passkey.csv", "w", newline="") as f:
+    write_file(output_dir / "passkey.json", json.dumps(result, indent=2))
+    with atomic_file(output_dir / "passkey.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["length", "depth", "accuracy", "trials"])
         writer.writerows([r["length"], r["depth"], r["accuracy"], r["trials"]] for r in result["cells"])

@@ -9,12 +9,13 @@ lm-evaluation-harness counts them) and bits per byte.
 """
 
 import json
+import math
 from pathlib import Path
 
 from lit_gpt.data.prepare import BUNDLED_WIKI, local_files, read_text
 from lit_gpt.evaluation import PerplexityResult, count_words, sliding_window_nll
 from lit_gpt.generation import load_for_inference
-from lit_gpt.utils import at_least, check_hub_reachable, check_writable, run_cli
+from lit_gpt.utils import at_least, check_hub_reachable, check_output_files, check_writable, run_cli, write_file
 
 
 def load_text(data: Path | None, dataset: str | None, dataset_config: str | None, split: str, text_column: str,
@@ -80,6 +81,7 @@ def main(
         raise ValueError(f"--start_char must be 0 or more, got {start_char}.")
     output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "perplexity.json"
     check_writable(output_file, "--output_file")
+    check_output_files([output_file], "--output_file", [checkpoint_dir, data])
     model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
     text = load_text(data, dataset, dataset_config, split, text_column, start_char, max_chars)
     ids = tokenizer.encode(text)[:max_tokens]
@@ -89,10 +91,13 @@ def main(
     if window > model.max_seq_length:
         raise ValueError(f"--window {window} exceeds the model's context of {model.max_seq_length} tokens.")
     nll, count = sliding_window_nll(model, ids, window, stride or max(1, window // 2))
+    if not math.isfinite(nll):
+        raise ValueError(f"The log-likelihood came out {nll}: the model's outputs are NaN or infinite (its weights, or"
+                         " an overflow in a low-precision --dtype); check the checkpoint or use --dtype float32.")
     result = PerplexityResult(nll, count, count_words(text), len(text.encode("utf-8"))).as_dict()
     result.update(checkpoint=str(checkpoint_dir), data=dataset or str(data or BUNDLED_WIKI), window=window,
                   stride=stride or max(1, window // 2))
-    output_file.write_text(json.dumps(result, indent=2))
+    write_file(output_file, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result
 

@@ -30,7 +30,7 @@ from lit_gpt.config import ATTENTION_FIELDS, Config, with_ssa_flag
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
-from lit_gpt.fabric import RunArgs, build_fabric, on_rank_zero
+from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import (
@@ -113,6 +113,7 @@ def setup(
     check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
     run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
+    check_launch(run, train)
     job = FinetuneJob(Path(checkpoint_dir), base, config, ssa_only, Path(data), data_source, val_fraction, truncate,
                       Path(out_dir), train, eval, seed, resume)
     hparams = hyperparameters(**{f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "base"},

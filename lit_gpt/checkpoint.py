@@ -10,11 +10,13 @@ one strictly (`GPT.from_checkpoint` is the same, as a method).
 import fcntl
 import glob
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import struct
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from typing import Literal
 import lightning as L
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lit_gpt.config import CONFIG_FILENAME, Config
@@ -35,14 +37,14 @@ from lit_gpt.utils import set_interrupt_note
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 STATE_FILENAME = "training_state.pth"
 # every file name this project writes into an output folder: --overwrite replaces a folder holding only these
 OUTPUT_NAMES = {WEIGHTS_FILENAME, CONFIG_FILENAME, STATE_FILENAME, "hyperparameters.yaml", "meta.json", "train.bin",
-                "val.bin", "config.json", "README.md", "ssa_parameters.safetensors", "configuration_ssa.py",
-                "modeling_ssa.py", *TOKENIZER_FILES}
+                "val.bin", "config.json", "README.md", "ssa_parameters.safetensors", "configuration_lit_gpt_ssa.py",
+                "modeling_lit_gpt_ssa.py", "generation_config.json", "tokenizer_config.json", *TOKENIZER_FILES}
 
 
 def load_checkpoint(
@@ -64,11 +66,19 @@ def load_checkpoint(
         raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
     try:
         state_dict = load_file(weights, device=str(device))
+        with safe_open(weights, framework="pt") as file:
+            check_slope_form(file.metadata() or {}, config, str(checkpoint_dir / CONFIG_FILENAME))
     except SafetensorError as error:
         raise ValueError(f"{str(weights)!r} is truncated or not a .safetensors file ({error}): convert or download"
                          " it again.") from None
+    for name, tensor in state_dict.items():
+        check_floating(weights, name, tensor)
+    damaged = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
+    if damaged:
+        raise ValueError(f"{str(weights)!r} holds NaN or infinite weights in {len(damaged)} tensor(s) (first:"
+                         f" {damaged[0]!r}): the checkpoint is damaged (a diverged run?); use an earlier one.")
     if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     with torch.device("meta"):
         model = GPT(config)
     allow_missing = model.added_parameter_names() if allow_added else set()
@@ -77,13 +87,40 @@ def load_checkpoint(
     return model
 
 
+def check_slope_form(metadata: dict, config: Config, source: str) -> None:
+    """SSA's slopes are stored as the parameter of one form (exp, sigmoid, ...): a config that names another form
+    would read other slopes from the same numbers, so it is refused. Files written before the form was recorded
+    carry none."""
+    stored = metadata.get("ssa_slope_form")
+    slopes = config.attention_temperature == "ssa_position" or config.attention_temperature == "ssa" and any(
+        config.ssa_terms(side)[0] for side in ("query", "key", "value"))
+    if stored is not None and stored != config.ssa_slope_form and slopes:
+        raise ValueError(f"{source} says ssa_slope_form {config.ssa_slope_form!r}, but the weights store the slopes"
+                         f" in the {stored!r} form: it would read other slopes from them; set it back to {stored!r}.")
+
+
+def check_tied(head: torch.Tensor | None, embedding: torch.Tensor | None, source: str, setting: str) -> None:
+    """A tied model uses its embedding as the output layer: an output layer in the file may only repeat it."""
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        raise ValueError(f"{source} holds its own trained output layer (lm_head.weight, unlike the embedding), but"
+                         f" {setting} says the two are one: set it to false to use the file's output layer.")
+
+
+def check_floating(path: Path, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"{str(path)!r}: tensor {name!r} is stored as {str(tensor.dtype).removeprefix('torch.')}, but"
+                         " a model's weights are floating point: the file's header mislabels it; download or convert"
+                         " it again.")
+
+
 def load_state_dict(model: GPT, state_dict: dict, allow_missing: set[str], source: str) -> None:
     """Strict loading with an explicit allow-list of keys that may be missing. A tied lm_head is the embedding."""
     upgrade_position_parameters(state_dict, model.config)
     expected = model.state_dict()
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight")
-        state_dict.pop("lm_head.weight", None)
+        check_tied(state_dict.pop("lm_head.weight", None), state_dict.get("transformer.wte.weight"), source,
+                   "tie_embeddings: true in its model_config.yaml")
     missing = sorted(set(expected) - set(state_dict) - allow_missing)
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -172,10 +209,38 @@ def readable_by_all(path: Path) -> None:
 
 @contextmanager
 def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder beside `target`; renames it to `target` only when the block completes."""
-    target = Path(target)
+    """Yields a temporary folder beside `target`; renames it to `target` only when the block completes. The output
+    is locked for the block (`.NAME.lock` beside it): a second writer into the same place is refused at once."""
+    if Path(target).is_symlink():
+        raise FileExistsError(f"{str(target)!r} is a symbolic link (to {os.readlink(target)!r}): outputs are written"
+                              " as new folders, never through links; choose a real path.")
+    target = Path(os.path.abspath(target))  # "." or "out/.." have no name to put a temporary one beside
     check_replaceable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(target):
+        check_replaceable(target, overwrite)  # again: an earlier writer may have finished meanwhile
+        with staged_output_dir(target) as tmp:
+            yield tmp
+
+
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    path = target.with_name(f".{target.name}.lock")
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{str(target)!r} is being written by another process: wait for it to finish, or"
+                                  " choose another output folder.") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+@contextmanager
+def staged_output_dir(target: Path) -> Iterator[Path]:
     remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -221,7 +286,7 @@ def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def write_model_files(model: GPT, folder: Path, tokenizer_dir: Path | None = None, state: dict | None = None) -> None:
     """Weights, config and tokenizer files into an existing (temporary) folder."""
     save_file(state if state is not None else model_state_dict(model), folder / WEIGHTS_FILENAME,
-              metadata={"format": "pt"})
+              metadata={"format": "pt", "ssa_slope_form": model.config.ssa_slope_form})
     readable_by_all(folder / WEIGHTS_FILENAME)
     model.config.save(folder / CONFIG_FILENAME)
     if tokenizer_dir is not None:
@@ -255,8 +320,9 @@ def safe_torch_load(path: Path, mmap: bool = True) -> dict:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The tensor index of a .safetensors file and where its data starts, checked against the file's size so that a
-    truncated file (a cut-off download) is refused before anything is read from it."""
+    """The tensor index of a .safetensors file and where its data starts, checked as the safetensors library checks
+    it and against the file's size: a truncated file (a cut-off download), an unknown dtype, a shape that does not
+    match its bytes, entries that overlap or leave gaps are refused before anything is read from it."""
     file_size = Path(path).stat().st_size
     truncated = ValueError(f"{str(path)!r} is truncated or not a .safetensors file ({file_size:,} bytes): download"
                            " or convert it again.")
@@ -271,12 +337,45 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise truncated from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r}: its header is a {type(header).__name__}, not a mapping of tensors; the file"
+                         " is damaged: download or convert it again.")
     header.pop("__metadata__", None)
-    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + size + data_end > file_size:
-        raise ValueError(f"{str(path)!r} is truncated: its header describes {8 + size + data_end:,} bytes but the file"
+    end = 0
+    for name, info in sorted(header.items(), key=lambda item: header_offsets(path, *item)[0]):
+        begin, stop = header_offsets(path, name, info)
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise ValueError(f"{str(path)!r}: tensor {name!r} {what} (bytes {begin}-{stop}); the file is damaged:"
+                             " download or convert it again.")
+        end = stop
+    if 8 + size + end > file_size:
+        raise ValueError(f"{str(path)!r} is truncated: its header describes {8 + size + end:,} bytes but the file"
                          f" has {file_size:,}; download or convert it again.")
     return header, 8 + size
+
+
+def header_offsets(path: Path, name: str, info) -> tuple[int, int]:
+    """An entry's byte range, checked: a known dtype, a shape of whole numbers, as many bytes as the shape needs."""
+    damaged = f"{str(path)!r}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{damaged} is described by {info!r}, not by its dtype, shape and data_offsets; the file is"
+                         " damaged: download or convert it again.")
+    if info["dtype"] not in TORCH_DTYPES:
+        raise ValueError(f"{damaged} has dtype {info['dtype']!r}, which this project does not read (it reads"
+                         f" {', '.join(TORCH_DTYPES)}); convert the file to one of those.")
+    shape, offsets = info["shape"], info["data_offsets"]
+    whole = lambda values, n=None: (isinstance(values, list) and (n is None or len(values) == n)  # noqa: E731
+                                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+    if not whole(shape) or not whole(offsets, 2) or offsets[1] < offsets[0]:
+        raise ValueError(f"{damaged} has shape {shape!r} and data_offsets {offsets!r}; the file is damaged: download"
+                         " or convert it again.")
+    expected = math.prod(shape) * TORCH_DTYPES[info["dtype"]].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise ValueError(f"{damaged} ({info['dtype']}, shape {shape}) needs {expected:,} bytes but its data_offsets"
+                         f" hold {offsets[1] - offsets[0]:,}: the header does not describe the data; download or"
+                         " convert it again.")
+    return offsets[0], offsets[1]
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -301,7 +400,8 @@ class SafetensorsStreamWriter:
     """Writes a .safetensors file one tensor at a time, in any order, into a layout fixed up front from the expected
     names, shapes and dtypes; memory holds the tensor being written, never the whole checkpoint."""
 
-    def __init__(self, path: Path, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    def __init__(self, path: Path, spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None) -> None:
         header, offset = {}, 0
         for name in sorted(spec):
             shape, dtype = spec[name]
@@ -309,7 +409,7 @@ class SafetensorsStreamWriter:
             header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
-        header["__metadata__"] = {"format": "pt"}
+        header["__metadata__"] = {"format": "pt", **(metadata or {})}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self.spec, self.header, self.pending = spec, header, set(spec)
@@ -357,6 +457,17 @@ def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
     return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
 
 
+@contextmanager
+def temporary_files_in(folder: Path) -> Iterator[None]:
+    """Within the block, Python's temporary files go to `folder` instead of the system's temporary folder."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
 def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict,
                     keep_last: int | None = None) -> None:
     """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done;
@@ -371,15 +482,22 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
     rng = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    # the per-step history is not in here: it grows with the run and lives in history.jsonl beside the logs
-    fabric.save(tmp / STATE_FILENAME, {**{k: v for k, v in state.items() if k != "history"}, **rng})
-    weights = full_state_dict(fabric, state["model"])
+    try:
+        # the per-step history is not in here: it grows with the run and lives in history.jsonl beside the logs
+        with temporary_files_in(tmp):  # Fabric stages the file in the temporary folder: on the output's own disk
+            fabric.save(tmp / STATE_FILENAME, {**{k: v for k, v in state.items() if k != "history"}, **rng})
+        weights = full_state_dict(fabric, state["model"])
+        if fabric.global_rank == 0:
+            module = state["model"].module if hasattr(state["model"], "module") else state["model"]
+            write_model_files(module, tmp, state=weights)
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, tmp)
+            (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
+    except OSError as error:  # name the checkpoint being written, not a temporary file
+        if fabric.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(error.errno, f"{error.strerror} while writing the checkpoint", str(folder)) from None
     if fabric.global_rank == 0:
-        module = state["model"].module if hasattr(state["model"], "module") else state["model"]
-        write_model_files(module, tmp, state=weights)
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-        (tmp / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
         move_into_place(tmp, folder)
         if keep_last is not None:
             prune_checkpoints(folder.parent, keep_last)

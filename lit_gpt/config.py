@@ -18,6 +18,22 @@ SSA_SIDES = ("ssa_query", "ssa_key", "ssa_value")
 SSATerms = Literal["none", "position", "token", "position+token"]
 
 
+MAX_BLOCK_SIZE = 2**22  # 4M positions: beyond, the rotary table alone would take gigabytes
+ROPE_ADJUSTMENTS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+
+
+def check_rope_adjustments(values: dict | None) -> None:
+    """Llama-3.1's RoPE scaling needs all four of its numbers, each above zero."""
+    if values is None:
+        return
+    if set(values) != set(ROPE_ADJUSTMENTS) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values.values()):
+        raise ValueError(f"Config.rope_adjustments needs the numbers {', '.join(ROPE_ADJUSTMENTS)}, each above 0; got"
+                         f" {values}.")
+    if values["low_freq_factor"] >= values["high_freq_factor"]:
+        raise ValueError(f"Config.rope_adjustments: low_freq_factor must be below high_freq_factor, got {values}.")
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -80,9 +96,19 @@ class Config:
             if getattr(self, side) is None:
                 setattr(self, side, "none")
         check_field_types(self)
-        for key in ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_embd"):
-            if getattr(self, key) < 1:
+        for key in ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_embd", "head_size",
+                    "n_query_groups", "intermediate_size", "padded_vocab_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"Config.{key} must be at least 1, got {getattr(self, key)}.")
+        if not 2 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"Config.block_size must lie in [2, {MAX_BLOCK_SIZE:,}] (the positions a model serves;"
+                             f" its rotary table is built for all of them), got {self.block_size:,}.")
+        if not 0.0 <= self.rotary_percentage <= 1.0:
+            raise ValueError(f"Config.rotary_percentage is the rotated share of each head and must lie in [0, 1], got"
+                             f" {self.rotary_percentage}.")
+        if not self.norm_eps > 0:
+            raise ValueError(f"Config.norm_eps must be above 0, got {self.norm_eps}.")
+        check_rope_adjustments(self.rope_adjustments)
         for key, choices in CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"Config.{key} must be one of {choices}, got {getattr(self, key)!r}.")
@@ -204,7 +230,24 @@ def read_yaml(path: Path, what: str) -> dict:
         raise ValueError(f"{str(path)!r} is not valid YAML ({first}); restore or fix the file.") from None
     if not isinstance(values, dict):
         raise ValueError(f"{str(path)!r} should hold a mapping of {what}'s fields, found {type(values).__name__}.")
+    check_expanded_size(values, path)
     return values
+
+
+def check_expanded_size(values, path: Path, limit: int = 100_000) -> None:
+    """Refuse YAML whose aliases expand into more than `limit` values (a "billion laughs" file would take forever
+    and all memory once copied out)."""
+    stack, seen = [values], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ValueError(f"{str(path)!r} expands into more than {limit:,} values through its aliases (&/*): not a"
+                             " model config; write the values out.")
+        if isinstance(node, dict):
+            stack += node.values()
+        elif isinstance(node, list):
+            stack += node
 
 
 def check_field_types(config: Config) -> None:

@@ -6,6 +6,7 @@ under their final name only when complete.
 """
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from lit_gpt.checkpoint import (
     TORCH_DTYPES,
     SafetensorsStreamWriter,
     atomic_output_dir,
+    check_floating,
     copy_tokenizer_files,
     is_checkpoint,
     iter_safetensors,
@@ -37,7 +39,15 @@ def find_weight_files(checkpoint_dir: Path) -> list[Path]:
                                 ("pytorch_model.bin.index.json", "*.bin")):
         index = checkpoint_dir / index_name
         if index.is_file():
-            names = sorted(set(read_json(index, required=("weight_map",))["weight_map"].values()))
+            weight_map = read_json(index, required=("weight_map",))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+                raise ValueError(f"{str(index)!r}: weight_map should map tensor names to file names; the file is"
+                                 " damaged: download it again.")
+            names = sorted(set(weight_map.values()))
+            outside = [n for n in names if Path(n).name != n or n in (".", "..")]
+            if outside:
+                raise ValueError(f"{str(index)!r} names the weight file {outside[0]!r}, which is not a file of this"
+                                 " folder: an index may name only files beside it; fix or download the index again.")
             missing = [n for n in names if not (checkpoint_dir / n).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index_name} lists {missing[0]!r}, which is not in {str(checkpoint_dir)!r}.")
@@ -51,12 +61,16 @@ def find_weight_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def iter_weight_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weight file; a model's weights are floating point, so any other dtype is refused (a header
+    that labels float32 bytes I32 would otherwise convert them into integers)."""
     if path.suffix == ".safetensors":
-        yield from iter_safetensors(path)
-        return
-    state = safe_torch_load(path, mmap=True)
-    for name in list(state):
-        yield name, state.pop(name)
+        items = iter_safetensors(path)
+    else:
+        state = safe_torch_load(path, mmap=True)
+        items = ((name, state.pop(name)) for name in list(state))
+    for name, tensor in items:
+        check_floating(path, name, tensor)
+        yield name, tensor
 
 
 def count_tensors(files: list[Path]) -> int | None:
@@ -110,7 +124,7 @@ def convert_hf_checkpoint(
         dtype: float32, float16 or bfloat16; defaults to the checkpoint's own.
         overwrite: replace an output folder that already holds files.
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = Path(os.path.abspath(checkpoint_dir))  # "." has no name to derive an output's from
     output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + "-lit")
     check_apart(output_dir, "--output_dir", checkpoint_dir, "--checkpoint_dir")
     config, exported = load_hf_config(checkpoint_dir, model_name)
@@ -175,7 +189,7 @@ def convert_lit_checkpoint(
         dtype: float32, float16 or bfloat16; defaults to the checkpoint's own.
         overwrite: replace an output folder that already holds files.
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = Path(os.path.abspath(checkpoint_dir))  # "." has no name to derive an output's from
     check_apart(Path(output_dir), "--output_dir", checkpoint_dir, "--checkpoint_dir")
     if not is_checkpoint(checkpoint_dir):
         raise FileNotFoundError(
@@ -199,6 +213,7 @@ def convert_lit_checkpoint(
         writer, side = SafetensorsStreamWriter(tmp / "model.safetensors", spec), {}
         for name, tensor in progress_bar(iter_safetensors(weights), total=len(header), desc="converting",
                                          unit="tensor"):
+            check_floating(weights, name, tensor)
             if name in temperature_names:
                 side[name] = tensor
                 continue

@@ -16,6 +16,7 @@ import torch
 from lit_gpt.checkpoint import (
     TORCH_DTYPES,
     SafetensorsStreamWriter,
+    check_floating,
     copy_tokenizer_files,
     iter_safetensors,
     model_state_dict,
@@ -90,6 +91,7 @@ def remote_weights(checkpoint_dir: Path, config: Config, dtype: torch.dtype | No
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in iter_safetensors(weights):
+            check_floating(weights, name, tensor)
             yield PREFIX + name, tensor
             if config.tie_embeddings and name == "transformer.wte.weight":
                 yield PREFIX + "lm_head.weight", tensor
@@ -98,9 +100,10 @@ def remote_weights(checkpoint_dir: Path, config: Config, dtype: torch.dtype | No
 
 
 def load_tokenizer(folder: Path) -> Tokenizer | None:
+    """The folder's tokenizer, None where it has none; a damaged one is an error (it would be shipped broken)."""
     try:
         return Tokenizer(folder)
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
         return None
 
 
@@ -114,7 +117,7 @@ def write_remote_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     """Everything but the progress: weights, config.json with its auto_map, the code, the tokenizer files, the
     generation config and a model card. Returns the number of tensors."""
     spec, tensors = remote_weights(checkpoint_dir, config, dtype)
-    writer = SafetensorsStreamWriter(folder / WEIGHTS_FILENAME, spec)
+    writer = SafetensorsStreamWriter(folder / WEIGHTS_FILENAME, spec, {"ssa_slope_form": config.ssa_slope_form})
     try:
         for name, tensor in tensors:
             writer.write(name, tensor)
@@ -169,7 +172,7 @@ tags: [lit-gpt-ssa, selective-self-attention]
 
 # {config.name or "model"} with attention_temperature = `{config.attention_temperature}`
 
-Exported by lit-gpt-ssa (revision {revision()}) from the checkpoint folder `{checkpoint_dir}`.
+Exported by lit-gpt-ssa (revision {revision()}) from the checkpoint folder `{Path(checkpoint_dir).resolve().name}`.
 
 Architecture: {config.n_layer} layers, {config.n_head} heads ({config.n_query_groups} key/value groups), width
 {config.n_embd}, context {config.block_size} tokens, vocabulary {config.padded_vocab_size}, positions

@@ -1,5 +1,6 @@
 """Fabric set-up for the training scripts: precision, strategy (DDP, FSDP), loggers, and rank-zero helpers."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -7,7 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from lit_gpt.utils import USER_ERRORS
+from lit_gpt.utils import USER_ERRORS, at_least
 
 FAST_BF16 = 1.5  # bf16 matmul at least this many times float32's counts as native bf16
 
@@ -58,6 +59,20 @@ class RunArgs:
     precision: str | None = None
     logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
     compile: bool = False
+
+
+def check_launch(run: RunArgs, train) -> None:
+    """Before any process starts: the batch fits the processes, and a multi-node run was started by a launcher (one
+    process on one machine would wait forever for the other nodes)."""
+    from lit_gpt.training import check_batch
+
+    at_least(1, devices=run.devices, num_nodes=run.num_nodes)
+    check_batch(train, run.devices * run.num_nodes)
+    launched = any(key in os.environ for key in ("NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "MASTER_ADDR"))
+    if run.num_nodes > 1 and not launched:
+        raise ValueError(f"--num_nodes {run.num_nodes}: this is a single process with no launcher around it, so it"
+                         " would wait forever for the other nodes; start it on every node with NODE_RANK,"
+                         " MASTER_ADDR and MASTER_PORT set (or under srun / torchrun), or pass --num_nodes 1.")
 
 
 def build_fabric(run: RunArgs, out_dir: Path) -> L.Fabric:

@@ -51,9 +51,16 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
     return logits.softmax(-1)
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        raise ValueError("The model's logits are NaN or infinite (its weights, or an overflow in a low-precision"
+                         " --dtype): nothing can be generated from them; check the checkpoint or use --dtype float32.")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token from the last position's logits (B, vocab); temperature 0 is greedy."""
+    check_finite_logits(logits)
     if temperature == 0.0:
         return logits.argmax(-1, keepdim=True)
     probs = logits_to_probs(logits, temperature, top_k, top_p)

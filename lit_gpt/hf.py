@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from lit_gpt.checkpoint import check_tied
 from lit_gpt.config import Config, configs, name_to_config
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
@@ -130,6 +131,7 @@ def lit_weights_from_hf(
     family = hf_family(config)
     table, prefix = WEIGHT_MAPS[family], PREFIXES[family]
     pending: dict[str, dict[str, torch.Tensor]] = {}  # Llama q/k/v parts waiting for their siblings
+    tied: dict[str, torch.Tensor] = {}  # a tied model's embedding and any output layer the file also holds
     for hf_key, tensor in items:
         if IGNORED.match(hf_key):
             continue
@@ -138,8 +140,13 @@ def lit_weights_from_hf(
             raise ValueError(f"Unexpected tensor {hf_key!r} for a {family} model: it has no counterpart in ours.")
         target, transform = table[template] if isinstance(table[template], tuple) else (table[template], None)
         target = target.format(layer)
-        if target == "lm_head.weight" and config.tie_embeddings:
-            continue
+        if config.tie_embeddings and target in ("lm_head.weight", "transformer.wte.weight"):
+            tied[target] = tensor
+            if len(tied) == 2:
+                check_tied(tied["lm_head.weight"], tied["transformer.wte.weight"], "the checkpoint",
+                           "tie_word_embeddings: true in its config.json")
+            if target == "lm_head.weight":
+                continue
         tensor = tensor if dtype is None else tensor.to(dtype)
         if transform == "T":
             tensor = tensor.T.contiguous()
@@ -222,7 +229,18 @@ def sliding_window(hf: dict, model_type: str) -> int | None:
 
 
 def config_from_hf(hf: dict, name: str | None = None) -> Config:
-    """A Config from a Hugging Face `config.json`. `name` picks a preset, which must agree with the file."""
+    """A Config from a Hugging Face `config.json`. `name` picks a preset, which must agree with the file. A field of
+    the wrong type (a string where a number or a mapping goes, zero heads) is one error naming it."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json should hold a mapping of the model's settings, found {type(hf).__name__}.")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"config.json: {key} should be a mapping (or null), got {hf[key]!r}.")
+    for key in ("num_attention_heads", "n_head", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+                "vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings", "n_positions"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config.json: {key} should be a whole number of at least 1, got {value!r}.")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"Unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")

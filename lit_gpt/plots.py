@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from lit_gpt.utils import atomic_file
+
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
     """Training and validation loss against tokens, as a PNG."""
@@ -21,7 +23,7 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -46,5 +48,11 @@ def plot_passkey_heatmap(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written as a new file (a temporary name, then renamed), never through a link standing at `path`."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

@@ -29,7 +29,13 @@ class Tokenizer:
         if (checkpoint_dir / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
 
-            self.backend, self.processor = "huggingface", HFTokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+            path = checkpoint_dir / "tokenizer.json"
+            try:
+                self.backend, self.processor = "huggingface", HFTokenizer.from_file(str(path))
+            except Exception as error:  # the tokenizers library raises a bare Exception for a damaged file
+                first = (str(error).strip().splitlines() or ["unreadable"])[0][:200]
+                raise ValueError(f"{str(path)!r} is not a tokenizer file the tokenizers library can read ({first});"
+                                 " copy the model's own tokenizer.json again.") from None
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
             token_to_id = self.processor.token_to_id
         elif (checkpoint_dir / "tokenizer.model").is_file():
@@ -47,6 +53,10 @@ class Tokenizer:
                 f"No tokenizer in {str(checkpoint_dir)!r}: expected tokenizer.json or tokenizer.model there."
             )
         lookup = lambda token: token_to_id(token) if token else None  # noqa: E731
+        for key in ("bos_token", "eos_token"):
+            if not isinstance(token_name(settings.get(key)), str | None):
+                raise ValueError(f"{str(checkpoint_dir / 'tokenizer_config.json')!r}: {key} should be a token (text),"
+                                 f" found {settings[key]!r}; fix the file or copy the model's own again.")
         self.bos_id = lookup(token_name(settings.get("bos_token")))
         # without a tokenizer_config.json (GPT-2's original files), the end-of-text token is the usual one
         self.eos_id = lookup(token_name(settings.get("eos_token"))) or lookup("<|endoftext|>")
@@ -55,6 +65,11 @@ class Tokenizer:
         self.use_bos = bool(settings.get("add_bos_token", self.backend == "sentencepiece")) and self.bos_id is not None
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> torch.Tensor:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # lone surrogates: bytes that were not UTF-8 where the text came from
+            raise ValueError(f"The text holds bytes that are not valid UTF-8 (at character {error.start}): pass UTF-8"
+                             " text.") from None
         if self.backend == "huggingface":
             ids = self.processor.encode(text, add_special_tokens=False).ids
         elif self.backend == "sentencepiece":
@@ -92,6 +107,29 @@ def token_name(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """tiktoken's text format (a base64 token and its rank per line), read from the file's own bytes: tiktoken's own
+    loader caches files by their path in a folder shared by every user of the machine, so a file replaced in place
+    would be read as the old one."""
+    import base64
+    import binascii
+
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{str(path)!r} is neither a SentencePiece model nor tiktoken's vocabulary (line {number}"
+                             " is not a token and its rank): copy the model's own tokenizer.model again.") from None
+    if not ranks:
+        raise ValueError(f"{str(path)!r} holds no vocabulary (an empty file?): copy the model's own tokenizer.model"
+                         " again.")
+    return ranks
+
+
 def load_model_file(path: Path):
     """A `tokenizer.model` is either SentencePiece (Llama 2, Mistral) or tiktoken's text format (Llama 3)."""
     import sentencepiece
@@ -103,9 +141,8 @@ def load_model_file(path: Path):
     except (RuntimeError, OSError):
         pass
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(str(path))
+    ranks = read_tiktoken_ranks(path)
     names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - len(LLAMA3_SPECIAL) + 5)]
     special = {name: len(ranks) + i for i, name in enumerate(names)}
     encoding = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)

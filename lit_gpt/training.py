@@ -1,9 +1,14 @@
 """The training loop and what it needs: arguments, schedule, optimizer groups, the step with gradient accumulation,
 validation and logging. Checkpoints live in lit_gpt/checkpoint.py, Fabric set-up in lit_gpt/fabric.py."""
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -120,18 +125,24 @@ class Batches(Protocol):
         """This rank's share of the fixed validation batches."""
 
 
-def schedule(args: TrainArgs, tokens_per_step: int, world_size: int) -> tuple[int, int]:
-    """(max_steps, gradient accumulation steps), with the batch sizes checked against each other."""
+def check_batch(args: TrainArgs, world_size: int) -> int:
+    """Micro-batches per process and step; the batch sizes checked against each other and the processes."""
     per_rank, remainder = divmod(args.global_batch_size, world_size)
     if remainder or per_rank % args.micro_batch_size:
         raise ValueError(
             f"--train.global_batch_size {args.global_batch_size} must be a multiple of --train.micro_batch_size"
             f" {args.micro_batch_size} times the number of processes {world_size}."
         )
+    return per_rank // args.micro_batch_size
+
+
+def schedule(args: TrainArgs, tokens_per_step: int, world_size: int) -> tuple[int, int]:
+    """(max_steps, gradient accumulation steps), with the batch sizes checked against each other."""
+    accumulation = check_batch(args, world_size)
     if args.max_steps is None and args.max_tokens is None:
         raise ValueError("Give the length of the run: --train.max_steps or --train.max_tokens.")
     max_steps = args.max_steps if args.max_steps is not None else math.ceil(args.max_tokens / tokens_per_step)
-    return max_steps, per_rank // args.micro_batch_size
+    return max_steps, accumulation
 
 
 def check_window(max_seq_length: int | None, config) -> int:
@@ -239,6 +250,12 @@ def fit(
     max_steps, accumulation = schedule(args, args.global_batch_size * tokens_per_sequence, fabric.world_size)
     if state["step"] > 0:  # resumed: refused before anything is written when the run already went that far
         check_resume_point(state["step"], max_steps)
+        per_step = args.global_batch_size * tokens_per_sequence
+        if state["tokens"] != state["step"] * per_step:
+            raise ValueError(f"The checkpoint trained {state['tokens']:,} tokens in {state['step']} steps, not"
+                             f" {per_step:,} per step as --train.global_batch_size {args.global_batch_size} and windows"
+                             f" of {tokens_per_sequence} tokens would: resume with the run's own batch size and"
+                             " window, or start a new run.")
     throughput = ThroughputMonitor(fabric, window_size=10)
     progress = progress_bar(total=max_steps, initial=state["step"], desc="training", unit="step",
                             disable=fabric.global_rank != 0)
@@ -246,7 +263,7 @@ def fit(
     if eval_args.initial_validation and state["step"] == 0:
         log_validation(fabric, model, batches, state)
     started = time.perf_counter()
-    try:
+    with stop_on_interrupt() as interrupted, contextlib.closing(progress):
         while state["step"] < max_steps:
             loss = optimizer_step(fabric, model, optimizer, batches, state["step"], args, max_steps, accumulation)
             state["step"] += 1
@@ -258,12 +275,33 @@ def fit(
                 log_validation(fabric, model, batches, state)
             if is_due(state["step"], args.save_interval, max_steps):
                 save(f"step-{state['step']:08d}")
-    finally:
-        progress.close()
+            if interrupted():  # Ctrl-C: stop here, between steps, with every checkpoint whole
+                raise KeyboardInterrupt
     if eval_args.final_validation:
         log_validation(fabric, model, batches, state)
     save("final")
     finish_logging(fabric)
+
+
+@contextmanager
+def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
+    """Within the block the first SIGINT (Ctrl-C) only asks the loop to stop at its next safe point (the end of a
+    step, after any checkpoint it writes); a second one stops at once. Yields the question "was it asked?"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked = []
+
+    def handler(signum, frame) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def optimizer_step(fabric: L.Fabric, model, optimizer, batches: Batches, step: int, args: TrainArgs, max_steps: int,
@@ -338,9 +376,24 @@ class History(list):
 
 
 def read_history(path: Path, until_step: int) -> list[dict]:
+    """The records of history.jsonl up to the resumed step. A torn last line (what a kill or a full disk during the
+    append leaves) is dropped, saying so; a damaged line before it is an error naming the file and the line."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError:
+            if number == len(lines):
+                print(f"{path}: its last line is incomplete (an interrupted write); dropped it and resumed.")
+                break
+            raise ValueError(f"{str(path)!r}: line {number} is not a history record; restore the file or remove the"
+                             " line.") from None
+        records.append(record)
     return [r for r in records if r["step"] <= until_step]
 
 

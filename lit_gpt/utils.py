@@ -8,7 +8,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
 
     from argparse import ArgumentError
 
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not an error
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = expand_bare_flags(sys.argv[1:] if args is None else args, bool_flags(function))
     try:
         return auto_cli(function, args=args, as_positional=False, formatter_class=ReadableHelpFormatter,
@@ -217,6 +221,50 @@ def check_writable(path: Path, flag: str, is_dir: bool = False) -> None:
         raise ValueError(f"{flag} {path} lies under {existing}, which is a file, not a folder: choose another {flag}.")
     if not os.access(existing, os.W_OK):
         raise ValueError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to.")
+
+
+def check_output_files(files: list[Path], flag: str, inputs: list[Path | None]) -> None:
+    """Refuse, before any work, outputs that would replace an input: a file the tool reads (the text, the weights),
+    or any file of an input folder but an earlier output of the tool's own, followed through symbolic links.
+    `files` are the outputs by the names the tool gives them (perplexity.json, ...): those may be replaced."""
+    for file in files:
+        target = Path(file).resolve()
+        for source in (Path(s).resolve() for s in inputs if s is not None):
+            inside = source.is_dir() and source in target.parents and target.exists() and not is_own_output(file)
+            if target == source or inside:
+                raise ValueError(f"{flag} {file} would replace {'a file of ' if inside else ''}the input {source}:"
+                                 f" outputs must be apart from their inputs; choose another {flag}.")
+
+
+EVALUATION_OUTPUTS = ("perplexity.json", "lm_eval.json", "passkey.json", "passkey.csv", "passkey.png",
+                      "attention.json", "attention_stats.png", "attention_maps.png", "temperatures.png",
+                      "selective_mask.png")
+
+
+def is_own_output(file: Path) -> bool:
+    return Path(file).name in EVALUATION_OUTPUTS
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to, renamed to `path` when the block completes: a new file, never a
+    write through a symbolic link standing at `path` (the link itself is replaced) and never a half-written file."""
+    path = Path(path)
+    if path.exists() and not path.is_symlink() and not path.is_file():  # a device or a pipe: written, not replaced
+        yield path
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_file(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

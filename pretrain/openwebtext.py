@@ -19,7 +19,7 @@ from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
 from lit_gpt.config import Config, with_ssa_flag
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
-from lit_gpt.fabric import RunArgs, build_fabric, on_rank_zero
+from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
 from lit_gpt.model import GPT
 from lit_gpt.training import (
     EvalArgs,
@@ -31,7 +31,7 @@ from lit_gpt.training import (
     setup_training,
     write_history,
 )
-from lit_gpt.utils import num_parameters, run_cli
+from lit_gpt.utils import check_apart, num_parameters, run_cli
 
 
 @dataclass
@@ -102,8 +102,10 @@ def setup(
         train = dataclasses.replace(train, compile=True)
     train.check()
     eval.check()
+    check_apart(Path(out_dir), "--out_dir", data.dir, "--data.dir")
     config = load_config(model_name, with_ssa_flag(ssa, model or {}), model_config)
     run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
+    check_launch(run, train)
     job = PretrainJob(config, data, Path(out_dir), train, eval, seed, resume)
     hparams = hyperparameters(model_name=model_name, **{f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
                               run=run)

@@ -57,6 +57,10 @@ def load_grid(path: Path, quick: bool) -> dict:
             for inner, inner_value in value.items():
                 section = grid[key]
                 if inner == "arms":
+                    unknown = [arm for arm in inner_value if arm not in section["arms"]]
+                    if unknown:
+                        raise ValueError(f"--grid {path}: the quick section names the arm {unknown[0]!r}, which the"
+                                         f" {key} section does not have (it has {', '.join(section['arms'])}).")
                     section["arms"] = {arm: section["arms"][arm] for arm in inner_value}
                 elif isinstance(inner_value, dict):
                     section[inner] = {**section[inner], **inner_value}

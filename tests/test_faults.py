@@ -579,3 +579,361 @@ def test_a_process_without_validation_windows_gets_no_empty_batch(fx):
     shares = [batches.val(rank, 4) for rank in range(4)]
     assert [len(share) for share in shares] == [1, 1, 0, 0]
     assert all(x.shape == (1, 32) for share in shares for x, _ in share)
+
+
+# ---------------------------------------------------------------- round two: hostile inputs
+
+
+def rewrite_header(folder: Path, tmp: Path, edit: Callable[[dict], object], name: str = "model.safetensors") -> Path:
+    """A copy of `folder` whose safetensors header is replaced by edit(header) (the data bytes stay as they are)."""
+    import struct
+
+    target = copy_of(folder, tmp)
+    data = (target / name).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    encoded = json.dumps(edit(header)).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    (target / name).write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size :])
+    return target
+
+
+def first_entry(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def relabel(header: dict, dtype: str) -> dict:
+    header[first_entry(header)]["dtype"] = dtype
+    return header
+
+
+def overlap(header: dict) -> dict:
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = names[0], names[1]
+    header[b] = dict(header[b], dtype=header[a]["dtype"], shape=header[a]["shape"],
+                     data_offsets=header[a]["data_offsets"])
+    return header
+
+
+def reshape(header: dict) -> dict:
+    entry = header[first_entry(header)]
+    entry["shape"] = [entry["shape"][0] + 1, *entry["shape"][1:]]
+    return header
+
+
+def hf_config_with(fx, tmp: Path, **values) -> Path:
+    target = copy_of(fx.hf, tmp)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **values}))
+    return target
+
+
+def outside_index(fx, tmp: Path) -> Path:
+    target = copy_of(fx.hf, tmp)
+    shutil.copy(target / "model.safetensors", tmp / "elsewhere.safetensors")
+    (target / "model.safetensors").rename(target / "model-00001.safetensors")
+    keys = json.loads((target / "model-00001.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}").keys()
+    index = {"weight_map": {k: "../elsewhere.safetensors" for k in keys if k != "__metadata__"}}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    return target
+
+
+def conv(source: Path, tmp: Path) -> list[str]:
+    """A converter's flags: `source` into tmp/out."""
+    return ["--checkpoint_dir", str(source), "--output_dir", str(tmp / "out")]
+
+
+def linked_folder(tmp: Path) -> Path:
+    (tmp / "real").mkdir()
+    (tmp / "link").symlink_to(tmp / "real")
+    return tmp / "link"
+
+
+def meta_with(fx, tmp: Path, **values) -> Path:
+    target = copy_of(fx.prepared, tmp)
+    meta = json.loads((target / "meta.json").read_text())
+    (target / "meta.json").write_text(json.dumps({**meta, **values}))
+    return target
+
+
+def config_with(folder: Path, tmp: Path, **values) -> Path:
+    import yaml
+
+    target = copy_of(folder, tmp)
+    config = yaml.safe_load((target / "model_config.yaml").read_text())
+    (target / "model_config.yaml").write_text(yaml.safe_dump({**config, **values}))
+    return target
+
+
+def nan_weights(folder: Path, tmp: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    target = copy_of(folder, tmp)
+    state = load_file(target / "model.safetensors")
+    state["transformer.ln_f.weight"][0] = float("nan")
+    save_file(state, target / "model.safetensors")
+    return target
+
+
+def sentencepiece_only(folder: Path, tmp: Path, content: bytes) -> Path:
+    target = copy_of(folder, tmp)
+    (target / "tokenizer.json").unlink()
+    (target / "tokenizer.model").write_bytes(content)
+    return target
+
+
+def alias_bomb(tmp: Path) -> Path:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp / "bomb.yaml").write_text("\n".join(lines) + "\nname: debug\n")
+    return tmp / "bomb.yaml"
+
+
+def grid_with_misspelt_arm(tmp: Path) -> Path:
+    import yaml
+
+    grid = yaml.safe_load((ROOT / "study" / "grid.yaml").read_text())
+    grid["quick"]["length"]["arms"] = ["vanilla", "vanila"]
+    (tmp / "grid.yaml").write_text(yaml.safe_dump(grid))
+    return tmp / "grid.yaml"
+
+
+CASES.update({
+    # outputs that would overwrite inputs
+    "perplexity: output is the weights": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_file",
+                                     str(fx.ssa / "model.safetensors")],
+        "would replace a file of the input"),
+    "perplexity: output is the text": (
+        "perplexity", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--data", str(fx.corpus), "--output_file",
+                                     str(fx.corpus)], "would replace the input"),
+    "lm_eval: output is the config": (
+        "lm_eval", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--tasks", "[x]", "--output_file",
+                                  str(fx.ssa / "model_config.yaml")], "would replace a file of the input"),
+    "convert_lit: output is a symbolic link": (
+        "convert_lit", lambda fx, t: ["--checkpoint_dir", str(fx.vanilla), "--output_dir", str(linked_folder(t))],
+        "is a symbolic link"),
+    # headers that lie
+    "convert_hf: float32 labelled I32": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, lambda h: relabel(h, "I32")), t),
+        "mislabels it"),
+    "convert_hf: an unknown dtype": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, lambda h: relabel(h, "F8_X")), t),
+        "which this project does not read"),
+    "convert_hf: dtype U32": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, lambda h: relabel(h, "U32")), t),
+        "mislabels it"),
+    "convert_hf: two entries share bytes": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, overlap), t),
+        "overlaps"),
+    "convert_hf: shape does not match the bytes": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, reshape), t), "needs"),
+    "convert_hf: header is a list": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, lambda h: [1, 2]), t),
+        "not a mapping of tensors"),
+    "convert_hf: an entry is a number": (
+        "convert_hf", lambda fx, t: conv(rewrite_header(fx.hf, t, lambda h: {**h, first_entry(h): 7}), t),
+        "is described by 7"),
+    "convert_hf: index names a file outside the folder": (
+        "convert_hf", lambda fx, t: conv(outside_index(fx, t), t), "not a file of this folder"),
+    "convert_lit: float32 labelled I32": (
+        "convert_lit", lambda fx, t: conv(rewrite_header(fx.vanilla, t, lambda h: relabel(h, "I32")), t),
+        "mislabels it"),
+    # weights the config would drop or misread
+    "convert_hf: tie_word_embeddings over an own output layer": (
+        "convert_hf", lambda fx, t: conv(hf_config_with(fx, t, tie_word_embeddings=True), t),
+        "holds its own trained output layer"),
+    "generate: tie_embeddings over an own output layer": (
+        "generate", lambda fx, t: gen(config_with(fx.vanilla, t, tie_embeddings=True)),
+        "holds its own trained output layer"),
+    "generate: ssa_slope_form edited": ("generate", lambda fx, t: gen(config_with(fx.ssa, t, ssa_slope_form="sigmoid")),
+                                        "the weights store the slopes in the 'log' form"),
+    "generate: NaN weights": ("generate", lambda fx, t: gen(nan_weights(fx.ssa, t)), "NaN or infinite weights"),
+    "perplexity: NaN weights": ("perplexity", lambda fx, t: ["--checkpoint_dir", str(nan_weights(fx.ssa, t)),
+                                                             "--output_file", str(t / "p.json")], "NaN or infinite"),
+    "finetune: NaN weights": ("finetune", lambda fx, t: ["--checkpoint_dir", str(nan_weights(fx.vanilla, t)),
+                                                         *tune_args(fx, t / "run")[2:]], "NaN or infinite weights"),
+    # damaged tokenizer files
+    "generate: damaged tokenizer.json": ("generate", lambda fx, t: gen(with_file(fx.ssa, t, "tokenizer.json", "{]")),
+                                         "not a tokenizer file"),
+    "generate: integer bos_token": ("generate", lambda fx, t: gen(with_file(fx.ssa, t, "tokenizer_config.json",
+                                                                            '{"bos_token": 5}')),
+                                    "bos_token should be a token"),
+    "generate: empty tokenizer.model": ("generate", lambda fx, t: gen(sentencepiece_only(fx.ssa, t, b"")),
+                                        "holds no vocabulary"),
+    "generate: binary tokenizer.model": ("generate",
+                                         lambda fx, t: gen(sentencepiece_only(fx.ssa, t, bytes(range(256)))),
+                                         "neither a SentencePiece model"),
+    "convert_lit: damaged tokenizer.json": (
+        "convert_lit", lambda fx, t: conv(with_file(fx.ssa, t, "tokenizer.json", "{]"), t),
+        "not a tokenizer file"),
+    # impossible sizes
+    "generate: no key/value groups": ("generate", lambda fx, t: gen(config_with(fx.ssa, t, n_query_groups=0)),
+                                      "n_query_groups must be at least 1"),
+    "generate: block_size 1": ("generate", lambda fx, t: gen(config_with(fx.ssa, t, block_size=1)),
+                               "block_size must lie in"),
+    "generate: block_size of a billion": ("generate", lambda fx, t: gen(config_with(fx.ssa, t, block_size=10**9)),
+                                          "block_size must lie in"),
+    "generate: negative head_size": ("generate", lambda fx, t: gen(config_with(fx.ssa, t, head_size=-16)),
+                                     "head_size must be at least 1"),
+    "generate: rotary_percentage 2": ("generate", lambda fx, t: gen(config_with(fx.ssa, t, rotary_percentage=2.0)),
+                                      "rotary_percentage"),
+    "generate: partial rope_adjustments": ("generate", lambda fx, t: gen(config_with(fx.ssa, t,
+                                                                                     rope_adjustments={"factor": 8})),
+                                           "rope_adjustments needs"),
+    "convert_hf: zero attention heads": (
+        "convert_hf", lambda fx, t: conv(hf_config_with(fx, t, num_attention_heads=0), t),
+        "num_attention_heads should be"),
+    "convert_hf: rope_scaling as text": (
+        "convert_hf", lambda fx, t: conv(hf_config_with(fx, t, rope_scaling="llama3"), t),
+        "rope_scaling should be a mapping"),
+    "convert_hf: sliding_window as text": (
+        "convert_hf", lambda fx, t: conv(hf_config_with(fx, t, sliding_window="4k"), t),
+        "sliding_window must be"),
+    # wrong types elsewhere
+    "pretrain: bogus dtype in meta.json": ("pretrain", lambda fx, t: train_args(fx, t / "run")[:5] + [
+        str(meta_with(fx, t, dtype="float99"))] + train_args(fx, t / "run")[6:], "dtype should be one of"),
+    "pretrain: max_token_id as text": ("pretrain", lambda fx, t: train_args(fx, t / "run")[:5] + [
+        str(meta_with(fx, t, max_token_id="511"))] + train_args(fx, t / "run")[6:], "max_token_id should be a whole"),
+    "pretrain: train_tokens as text": ("pretrain", lambda fx, t: train_args(fx, t / "run")[:5] + [
+        str(meta_with(fx, t, train_tokens="many"))] + train_args(fx, t / "run")[6:], "train_tokens should be a whole"),
+    "prepare: numbers in the text column": (
+        "prepare", lambda fx, t: ["--source", str(jsonl(t, b'{"text": "one"}\n{"text": 2}\n')), "--output_dir",
+                                  str(t / "p"), "--train_tokenizer", "300"], "not text"),
+    "generate: prompt that is not UTF-8": ("generate", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--prompt",
+                                                                      "caf\udce9", "--max_new_tokens", "2"],
+                                           "not valid UTF-8"),
+    "reproduce: misspelt arm": ("reproduce", lambda fx, t: ["--grid", str(grid_with_misspelt_arm(t)), "--quick",
+                                                            "--out_dir", str(t / "o")], "names the arm 'vanila'"),
+    # bounded: a YAML bomb, a multi-node start without its nodes
+    "pretrain: YAML alias bomb": ("pretrain", lambda fx, t: ["--model_config", str(alias_bomb(t)),
+                                                             *train_args(fx, t / "run")[2:]], "expands into more than"),
+    "pretrain: --num_nodes 2 on one machine": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--num_nodes", "2"),
+                                               "would wait forever"),
+    # misleading messages, now naming the right thing
+    "finetune: Latin-1 records": ("finetune", lambda fx, t: tune_args(fx, t / "run", data=jsonl(t, json.dumps(
+        [{"instruction": "Café?", "output": "Oui."}], ensure_ascii=False).encode("latin-1"))), "is not UTF-8 text"),
+    "finetune: bad line 4 of a jsonl": ("finetune", lambda fx, t: tune_args(fx, t / "run", data=jsonl(
+        t, b'{"instruction": "a", "output": "b"}\n' * 3 + b'{"instruction": \n')), "line 4"),
+    "pretrain: out_dir is the data folder": ("pretrain", lambda fx, t: train_args(fx, fx.prepared),
+                                             "must be apart from the input"),
+    "convert_hf: checkpoint_dir '.'": ("convert_hf", lambda fx, t: ["--checkpoint_dir", "."], "config.json"),
+    "pretrain: --devices 4 with a batch of 4 x 2": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--devices",
+        "4"),
+                                                    "must be a multiple of --train.micro_batch_size 2 times"),
+})
+
+
+def test_round_two_counts(fx):
+    assert len(CASES) >= 140
+
+
+def test_perplexity_never_writes_through_a_link(fx, tmp_path):
+    folder = copy_of(fx.ssa, tmp_path)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    (folder / "perplexity.json").symlink_to(outside)
+    run_cli(cli("perplexity"), ["--checkpoint_dir", str(folder), "--max_tokens", "40"])
+    assert outside.read_text() == "keep me"
+    assert not (folder / "perplexity.json").is_symlink() and "nll" in (folder / "perplexity.json").read_text()
+
+
+def test_checkpoints_are_staged_on_the_outputs_own_disk(fx, tmp_path, monkeypatch):
+    """A system temporary folder that cannot be written (a small TMPDIR, full) does not stop the checkpoints."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", "/dev/full/none")
+    pretrain(fx, tmp_path / "run")
+    assert (tmp_path / "run" / "final" / "training_state.pth").is_file()
+
+
+def test_a_full_disk_while_saving_names_the_checkpoint(fx, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import lit_gpt.checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lit_gpt.checkpoint, "write_model_files", full)
+    with pytest.raises(SystemExit):
+        pretrain(fx, tmp_path / "run")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device while writing the checkpoint" in err and str(tmp_path / "run" / "final") in err
+    assert not list((tmp_path / "run").glob(".*.tmp*"))
+
+
+def test_a_second_conversion_into_the_same_folder_is_refused(fx, tmp_path):
+    from lit_gpt.checkpoint import output_lock
+
+    with output_lock(tmp_path / "out"):  # another conversion is writing there
+        with pytest.raises(FileExistsError, match="is being written by another process"):
+            convert_lit_checkpoint(fx.vanilla, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    convert_lit_checkpoint(fx.vanilla, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file() and not list(tmp_path.glob(".out.*"))
+
+
+def test_resume_drops_a_torn_last_history_record(fx, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(fx, run, "--train.max_steps", "2", "--train.save_interval", "1")
+    shutil.rmtree(run / "final")
+    with open(run / "history.jsonl", "a") as f:
+        f.write('{"step": 3, "tokens": 1')  # what a kill during the append leaves
+    capsys.readouterr()
+    pretrain(fx, run, "--train.max_steps", "3", "--resume", "auto")
+    assert "its last line is incomplete" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == sorted(s for s in steps if s) and (run / "final").is_dir()
+
+
+def test_resume_with_another_global_batch_is_refused(fx, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(fx, run, "--train.max_steps", "2", "--train.save_interval", "1")
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        pretrain(fx, run, "--train.max_steps", "3", "--train.global_batch_size", "2", "--resume", "auto")
+    assert "resume with the run's own batch size" in capsys.readouterr().err
+
+
+def test_a_tiktoken_file_replaced_in_place_is_read_again(tmp_path):
+    import base64
+
+    from lit_gpt.tokenizer import Tokenizer
+
+    def vocabulary(tokens: list[bytes]) -> None:
+        lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+        lines += [f"{base64.b64encode(t).decode()} {256 + i}" for i, t in enumerate(tokens)]
+        (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+
+    vocabulary([b"ab"])
+    first = Tokenizer(tmp_path).encode("ab", bos=False).tolist()
+    vocabulary([b"ba", b"ab"])  # the same path, other contents
+    assert Tokenizer(tmp_path).encode("ab", bos=False).tolist() != first == [256]
+
+
+def test_reexport_onto_an_earlier_ssa_export_with_overwrite(fx, tmp_path):
+    convert_lit_checkpoint(fx.ssa, tmp_path / "hf")
+    convert_lit_checkpoint(fx.ssa, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "modeling_lit_gpt_ssa.py").is_file()
+
+
+def test_an_unknown_key_in_an_exports_lit_config_names_the_file(fx, tmp_path):
+    from lit_gpt.remote.configuration import LitGPTSSAConfig
+    from lit_gpt.remote.modeling import LitGPTSSAForCausalLM
+
+    config = LitGPTSSAConfig(lit_config={**Config.from_name("debug").to_dict(), "n_layers": 3})
+    config._name_or_path = str(tmp_path / "export")
+    with pytest.raises(ValueError, match=r"export/config.json, lit_config: Unknown config field 'n_layers'"):
+        LitGPTSSAForCausalLM(config)
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_an_escape(tmp_path):
+    code = ("from lit_gpt.utils import run_cli\n"
+            "def main(word: str = 'café') -> None:\n    print(word)\n"
+            "run_cli(main, [])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert result.returncode == 0 and result.stdout.strip() == "caf\\xe9", result.stderr

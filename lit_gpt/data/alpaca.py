@@ -22,12 +22,25 @@ def load_records(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Expected instruction data at {str(path)!r}, found nothing there.")
-    text = path.read_text(encoding="utf-8")
     try:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else (
-            json.loads(text))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x},"
+                         " as in Latin-1): save it as UTF-8.") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{str(path)!r} is not valid JSON at line {number} ({error.msg}, column"
+                                     f" {error.colno}).") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"{str(path)!r} should hold a non-empty list of records.")
     for i, record in enumerate(records):

@@ -92,7 +92,12 @@ def load_documents(source: str, text_column: str = "text", num_proc: int | None 
                 rows = load_table(file)
                 if text_column not in rows.column_names:
                     raise ValueError(f"{str(file)!r} has no column {text_column!r} (it has {rows.column_names}).")
-                texts += [t for t in rows[text_column] if t]
+                column = rows[text_column]
+                wrong = next((i for i, t in enumerate(column) if t is not None and not isinstance(t, str)), None)
+                if wrong is not None:
+                    raise ValueError(f"{str(file)!r}: row {wrong + 1} of column {text_column!r} holds"
+                                     f" {type(column[wrong]).__name__} {column[wrong]!r}, not text; fix the file.")
+                texts += [t for t in column if t]
         return datasets.Dataset.from_dict({"text": texts})
     if looks_like_path(source):
         raise FileNotFoundError(f"--source {source}: expected a local file or folder there, found nothing.")

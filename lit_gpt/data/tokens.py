@@ -10,6 +10,22 @@ from lit_gpt.data.prepare import META_FILENAME
 from lit_gpt.tokenizer import tokenizer_fingerprint
 from lit_gpt.utils import read_json
 
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """meta.json's fields have the types prepare writes: a token dtype, whole numbers of tokens."""
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise ValueError(f"{str(path)!r}: dtype should be one of {', '.join(TOKEN_DTYPES)}, got {meta['dtype']!r};"
+                         " prepare the data again.")
+    for key in ("train_tokens", "val_tokens", "max_token_id"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
+            raise ValueError(f"{str(path)!r}: {key} should be a whole number, got {meta[key]!r}; prepare the data"
+                             " again.")
+    if meta["eos_id"] is not None and (isinstance(meta["eos_id"], bool) or not isinstance(meta["eos_id"], int)):
+        raise ValueError(f"{str(path)!r}: eos_id should be a token id or null, got {meta['eos_id']!r}; prepare the"
+                         " data again.")
+
 
 class TokenData:
     def __init__(self, folder: Path) -> None:
@@ -22,6 +38,7 @@ class TokenData:
             )
         self.folder = folder
         self.meta = read_json(meta_file, required=("dtype", "train_tokens", "val_tokens", "max_token_id", "eos_id"))
+        check_meta(self.meta, meta_file)
         self.train, self.val = (self._open(name) for name in ("train", "val"))
 
     def _open(self, name: str) -> np.memmap:

@@ -2,6 +2,7 @@
 decoding through the model's own KV cache at absolute positions and left-padded batches through `attention_mask`."""
 
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,30 @@ class LitGPTSSAForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LitGPTSSAConfig) -> None:
         super().__init__(config)
-        self.model = GPT(Config.from_dict(dict(config.lit_config)))
+        try:
+            lit_config = Config.from_dict(dict(config.lit_config))
+        except (ValueError, TypeError) as error:
+            where = getattr(config, "_name_or_path", "") or "the model folder"
+            raise ValueError(f"{where}/config.json, lit_config: {error}") from None
+        self.model = GPT(lit_config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As PreTrainedModel's, refusing a config.json whose ssa_slope_form differs from the form the weights store
+        their slopes in (it would read other slopes from the same numbers)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        weights = Path(str(pretrained_model_name_or_path)) / "model.safetensors"
+        if weights.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as file:
+                stored = (file.metadata() or {}).get("ssa_slope_form")
+            wanted = model.model.config.ssa_slope_form
+            if stored is not None and stored != wanted and model.model.temperature_parameters():
+                raise ValueError(f"{weights.parent}/config.json says ssa_slope_form {wanted!r}, but the weights store"
+                                 f" the slopes in the {stored!r} form; set it back to {stored!r}.")
+        return model
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """GPT initialises its own weights; only the rotary tables (buffers, not in the weights file) are rebuilt."""
