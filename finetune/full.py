@@ -25,12 +25,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
+from lit_gpt.checkpoint import find_resume_checkpoint, module_of, run_lock, save_checkpoint
 from lit_gpt.config import ATTENTION_FIELDS, Config, with_ssa_flag
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare
 from lit_gpt.data.tokens import TokenBatches, TokenData
 from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
+from lit_gpt.lora import LoRAArgs, add_lora, lora_files
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import (
@@ -103,19 +104,27 @@ def setup(
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
         compile: torch.compile the transformer blocks (the same as --train.compile).
     """
-    if compile:
-        train = dataclasses.replace(train, compile=True)
+    launch(checkpoint_dir, ssa, ssa_only, model, data, data_source, val_fraction, truncate, out_dir, train, eval,
+           RunArgs(devices, num_nodes, strategy, precision, logger_name, compile or train.compile), seed, resume)
+
+
+def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, data: Path, data_source: str | None,
+           val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs, eval: EvalArgs, run: RunArgs,
+           seed: int, resume, lora: LoRAArgs | None = None) -> None:
+    """Check everything, then start the processes: the part of `setup` that finetune/lora.py shares."""
+    train = dataclasses.replace(train, compile=run.compile)
     train.check()
     eval.check()
+    if lora is not None:
+        lora.check()
     check_apart(Path(out_dir), "--out_dir", Path(checkpoint_dir), "--checkpoint_dir")
     base = Config.from_file(Path(checkpoint_dir))
     Tokenizer(Path(checkpoint_dir))  # fail now, in one line, where the folder has no tokenizer
     check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
-    run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
     check_launch(run, train)
     job = FinetuneJob(Path(checkpoint_dir), base, config, ssa_only, Path(data), data_source, val_fraction, truncate,
-                      Path(out_dir), train, eval, seed, resume)
+                      Path(out_dir), train, eval, seed, resume, lora)
     hparams = hyperparameters(**{f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "base"},
                               ssa=ssa, run=run)
     fabric = build_fabric(run, out_dir)
@@ -139,6 +148,7 @@ class FinetuneJob:
     eval: EvalArgs
     seed: int
     resume: bool | str | Path
+    lora: LoRAArgs | None = None  # finetune/lora.py: adapters on the frozen backbone
 
 
 def check_data_argument(data: Path, data_source: str | None) -> None:
@@ -232,14 +242,19 @@ def finetune(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
     model = load_model(job.checkpoint_dir, job.base, job.config)
     if job.ssa_only:
         freeze_backbone(model)
+    if job.lora is not None:
+        add_lora(model, job.lora)
     added = sum(p.numel() for p in model.added_parameters()) if adds_attention(job.base, job.config) else 0
     total = num_parameters(model)
     fabric.print(f"{job.config.name}: {total:,} parameters, {added:,} added to the attention"
                  f" ({added / max(1, total - added):.3%}); {num_parameters(model, True):,} trainable")
     model, optimizer, state = setup_training(fabric, model, job.train, resume_dir, job.out_dir)
 
+    transform = None if job.lora is None else lora_files(job.lora, module_of(model), job.checkpoint_dir, job.base)
+
     def save(name: str) -> None:
-        save_checkpoint(fabric, state, job.out_dir / name, job.checkpoint_dir, hparams, keep_last=job.train.keep_last)
+        save_checkpoint(fabric, state, job.out_dir / name, job.checkpoint_dir, hparams, keep_last=job.train.keep_last,
+                        transform=transform)
 
     fit(fabric, model, optimizer, state, batches, job.train, job.eval, block_size, save)
     report(fabric, state, job.out_dir, job.config)

@@ -44,7 +44,8 @@ STATE_FILENAME = "training_state.pth"
 # every file name this project writes into an output folder: --overwrite replaces a folder holding only these
 OUTPUT_NAMES = {WEIGHTS_FILENAME, CONFIG_FILENAME, STATE_FILENAME, "hyperparameters.yaml", "meta.json", "train.bin",
                 "val.bin", "config.json", "README.md", "ssa_parameters.safetensors", "configuration_lit_gpt_ssa.py",
-                "modeling_lit_gpt_ssa.py", "generation_config.json", "tokenizer_config.json", *TOKENIZER_FILES}
+                "modeling_lit_gpt_ssa.py", "generation_config.json", "tokenizer_config.json", "lora.safetensors",
+                "lora.yaml", *TOKENIZER_FILES}
 
 
 def load_checkpoint(
@@ -468,10 +469,16 @@ def temporary_files_in(folder: Path) -> Iterator[None]:
         tempfile.tempdir = before
 
 
+def module_of(model) -> GPT:
+    """The model inside Fabric's wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict,
-                    keep_last: int | None = None) -> None:
+                    keep_last: int | None = None, transform=None) -> None:
     """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done;
-    then only the `keep_last` latest step-* checkpoints are kept (final/ is never removed)."""
+    then only the `keep_last` latest step-* checkpoints are kept (final/ is never removed). `transform(weights,
+    folder)` may write files of its own into the folder and returns the weights to save (LoRA: merged ones)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     if fabric.global_rank == 0:
@@ -488,7 +495,9 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
             fabric.save(tmp / STATE_FILENAME, {**{k: v for k, v in state.items() if k != "history"}, **rng})
         weights = full_state_dict(fabric, state["model"])
         if fabric.global_rank == 0:
-            module = state["model"].module if hasattr(state["model"], "module") else state["model"]
+            module = module_of(state["model"])
+            if transform is not None:
+                weights = transform(weights, tmp)
             write_model_files(module, tmp, state=weights)
             if tokenizer_dir is not None:
                 copy_tokenizer_files(tokenizer_dir, tmp)

@@ -64,3 +64,25 @@ def rotate(x, cos, sin):
     x1, x2, rest = x[..., :half], x[..., half:n], x[..., n:]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:], rest), -1)
+
+
+def trained_checkpoint(folder, text_file):
+    """A vanilla checkpoint (debug size, GPT-2 tokenizer) trained briefly on the text, so that its loss lies far
+    below ln(vocab) and a wrong start of anything added to it shows in the first validation loss."""
+    from lit_gpt import GPT, Config
+    from lit_gpt.checkpoint import save_model_dir
+    from lit_gpt.data.prepare import GPT2_TOKENIZER
+    from lit_gpt.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=128))
+    ids = Tokenizer(GPT2_TOKENIZER).encode(text_file.read_text())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        starts = torch.randint(0, ids.numel() - 65, (8,)).tolist()
+        batch = torch.stack([ids[s : s + 65] for s in starts])
+        model(batch[:, :-1], targets=batch[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
+    return folder

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import trained_checkpoint
 from safetensors.torch import load_file
 
 from finetune.full import setup
@@ -15,7 +16,7 @@ from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
 from lit_gpt.convert import convert_lit_checkpoint
 from lit_gpt.data.alpaca import encode_records, load_records
-from lit_gpt.data.prepare import BUNDLED_CORPUS, GPT2_TOKENIZER
+from lit_gpt.data.prepare import BUNDLED_CORPUS
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import EvalArgs, TrainArgs, get_lr, parameter_groups
 from lit_gpt.utils import run_cli
@@ -32,21 +33,7 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory, text_file) -> Path:
-    """A vanilla checkpoint (debug size, GPT-2 tokenizer) trained briefly on the text, so that its loss lies far
-    below ln(vocab) and a wrong SSA initialisation shows in the first validation loss."""
-    torch.manual_seed(0)
-    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=128))
-    ids = Tokenizer(GPT2_TOKENIZER).encode(text_file.read_text())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        starts = torch.randint(0, ids.numel() - 65, (8,)).tolist()
-        batch = torch.stack([ids[s : s + 65] for s in starts])
-        model(batch[:, :-1], targets=batch[:, 1:]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    folder = tmp_path_factory.mktemp("finetune") / "base"
-    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
-    return folder
+    return trained_checkpoint(tmp_path_factory.mktemp("finetune") / "base", text_file)
 
 
 def arguments(base, data, out_dir, **train):
