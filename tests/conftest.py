@@ -18,3 +18,15 @@ def pytest_collection_modifyitems(config, items):
 def deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """120,000 characters of Austen from the bundled corpus, as a text file."""
+    import lzma
+
+    from lit_gpt.data.prepare import BUNDLED_CORPUS
+
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:120_000])
+    return path

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import lzma
 import math
 from pathlib import Path
 
@@ -16,19 +15,11 @@ from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
 from lit_gpt.convert import convert_lit_checkpoint
 from lit_gpt.data.alpaca import encode_records, load_records
-from lit_gpt.data.prepare import BUNDLED_CORPUS
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import EvalArgs, TrainArgs, get_lr, parameter_groups
 from lit_gpt.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "austen.txt"
-    path.write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:120_000])
-    return path
 
 
 @pytest.fixture(scope="session")

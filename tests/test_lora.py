@@ -2,7 +2,6 @@
 references of their formulas, and the merge script."""
 
 import json
-import lzma
 import math
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from safetensors.torch import load_file
 from finetune.lora import setup
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import safe_torch_load
-from lit_gpt.data.prepare import BUNDLED_CORPUS
 from lit_gpt.lora import LoRAArgs, LoRALinear, add_lora, lora_parameters, merged_state
 from lit_gpt.training import EvalArgs, TrainArgs
 from lit_gpt.utils import run_cli
@@ -24,16 +22,14 @@ from scripts.merge_lora import merge_lora
 ALL = ["query", "key", "value", "projection", "mlp", "head"]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "austen.txt"
-    path.write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:120_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, text_file) -> Path:
+@pytest.fixture(scope="session")
+def lora_base(tmp_path_factory, text_file) -> Path:
     return trained_checkpoint(tmp_path_factory.mktemp("lora") / "base", text_file)
+
+
+@pytest.fixture
+def base(lora_base) -> Path:
+    return lora_base
 
 
 def run_args(base, data, out_dir, lora=None, **train):
