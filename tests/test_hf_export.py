@@ -178,3 +178,18 @@ def test_lm_eval_hf_model_agrees_with_our_adapter(exported, tmp_path):
     for a, b in zip(*scores):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     assert runs[0]["results"]["tiny_sums_hf"]["acc,none"] == runs[1]["results"]["tiny_sums_hf"]["acc,none"]
+
+
+def test_an_export_whose_slope_form_was_edited_is_refused(exported, tmp_path):
+    """The weights record the form their slopes are stored in; a config.json that names another one would read other
+    slopes from the same numbers."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(exported[0]["pythia ssa"][1], tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    config["lit_config"]["ssa_slope_form"] = "sigmoid"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the weights store the slopes in the 'log' form"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
