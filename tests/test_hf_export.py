@@ -136,7 +136,8 @@ def test_the_modeling_file_is_generated_from_the_model_file(exported):
 
 def test_the_modeling_file_imports_only_what_a_transformers_user_has(exported):
     """Project imports are removed by parsing (one over several lines and one inside a function included): what is
-    left is the standard library, torch, transformers, yaml and the exported configuration module."""
+    left is the standard library, torch, transformers and what it depends on (yaml, safetensors) and the exported
+    configuration module."""
     import ast
     import sys
 
@@ -149,7 +150,7 @@ def test_the_modeling_file_imports_only_what_a_transformers_user_has(exported):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or "").split(".")[0])
-    allowed = {"torch", "transformers", "yaml", ".configuration_lit_gpt_ssa"}
+    allowed = {"torch", "transformers", "yaml", "safetensors", ".configuration_lit_gpt_ssa"}
     assert imported - allowed <= set(sys.stdlib_module_names), imported
     assert "torch" in imported and ".configuration_lit_gpt_ssa" in imported
     source = ("import math\nfrom lit_gpt.config import (\n    Config,\n    read_yaml,\n)\n\n\ndef f():\n"
