@@ -27,7 +27,7 @@ import lightning as L
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import ADDED_MODULES, GPT, WEIGHTS_FILENAME, slope_parameter
@@ -66,12 +66,13 @@ def load_checkpoint(
     if not weights.is_file():
         raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
     try:
-        state_dict = load_file(weights, device=str(device))
-        with safe_open(weights, framework="pt") as file:
-            check_slope_form(file.metadata() or {}, config, str(checkpoint_dir / CONFIG_FILENAME))
+        with safe_open(weights, framework="pt", device=str(device)) as file:  # the tensors and the metadata, one read
+            metadata = file.metadata() or {}
+            state_dict = {name: file.get_tensor(name) for name in file.keys()}
     except SafetensorError as error:
         raise ValueError(f"{str(weights)!r} is truncated or not a .safetensors file ({error}): convert or download"
                          " it again.") from None
+    check_slope_form(metadata, config, str(checkpoint_dir / CONFIG_FILENAME))
     for name, tensor in state_dict.items():
         check_floating(weights, name, tensor)
     damaged = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]

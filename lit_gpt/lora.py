@@ -22,11 +22,8 @@ import yaml
 from safetensors.torch import save_file
 
 from lit_gpt.config import Config
+from lit_gpt.hf import ARCHITECTURE_FIELDS
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
-
-# the fields that make two models the same architecture (what an adapter must agree with)
-ARCHITECTURE_FIELDS = ("padded_vocab_size", "n_layer", "n_head", "n_embd", "head_size", "n_query_groups",
-                       "intermediate_size", "bias", "attn_bias", "norm_qk", "tie_embeddings", "mlp_class_name")
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 Target = Literal["query", "key", "value", "projection", "mlp", "head"]
@@ -78,7 +75,7 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.sizes = {name: size for name, size in parts.items()}  # output rows of each slice, in order
+        self.sizes = dict(parts)  # output rows of each slice, in order
         self.adapted = [name for name, size in parts.items() if size and name in args.targets]
         self.scale, self.dora = args.scale, args.dora
         self.dropout = nn.Dropout(args.dropout)

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -283,7 +282,7 @@ def fit(
     finish_logging(fabric)
 
 
-@contextmanager
+@contextlib.contextmanager
 def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
     """Within the block the first SIGINT (Ctrl-C) only asks the loop to stop at its next safe point (the end of a
     step, after any checkpoint it writes); a second one stops at once. Yields the question "was it asked?"."""

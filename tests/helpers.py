@@ -86,3 +86,24 @@ def trained_checkpoint(folder, text_file):
         optimizer.zero_grad()
     save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
     return folder
+
+
+def assert_attention_matches(model, reference, T: int = 12):
+    """The first attention layer of a float64 `model` against `reference(attn, config, x, cos, sin)`, written from
+    the method's formula: outputs and the gradients of the input and of every parameter agree to 1e-9 relative.
+    Returns the input, its cos and sin, and the layer's parameters by name."""
+    config, attn = model.config, model.transformer.h[0].attn
+    x = torch.randn(2, T, config.n_embd, dtype=torch.float64, requires_grad=True)
+    cos, sin = model.cos[:T], model.sin[:T]
+    weight = torch.randn(2, T, config.n_embd, dtype=torch.float64)
+    params = dict(attn.named_parameters())
+
+    expected = reference(attn, config, x, cos, sin)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params.values()])
+    actual = attn(x, cos, sin, torch.arange(T), torch.arange(T))  # the whole forward of the attention
+    actual_grads = torch.autograd.grad((actual * weight).sum(), [x, *params.values()])
+
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+    for name, got, want in zip(["input", *params], actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    return x, cos, sin, params

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILIES, randomize_temperatures, rotate
+from helpers import FAMILIES, assert_attention_matches, randomize_temperatures, rotate
 
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import recording_attention
@@ -72,19 +72,7 @@ def build(family: str, variant: str, seed: int = 0) -> GPT:
 def test_attention_equals_the_float64_reference_in_outputs_and_every_gradient(family, variant):
     model = build(family, variant)
     config, attn, T = model.config, model.transformer.h[0].attn, 12
-    x = torch.randn(2, T, config.n_embd, dtype=torch.float64, requires_grad=True)
-    cos, sin = model.cos[:T], model.sin[:T]
-    weight = torch.randn(2, T, config.n_embd, dtype=torch.float64)
-    params = dict(attn.named_parameters())
-
-    expected = reference_attention(attn, config, x, cos, sin)
-    expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params.values()])
-    actual = attn(x, cos, sin, torch.arange(T), torch.arange(T))
-    actual_grads = torch.autograd.grad((actual * weight).sum(), [x, *params.values()])
-
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
-    for name, got, want in zip(["input", *params], actual_grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    x, cos, sin, _ = assert_attention_matches(model, reference_attention, T)
     if config.selective_mask != "none":  # F is not zero on this input: the test could fail
         q = rotate(F.linear(x, attn.qkv.weight, attn.qkv.bias)[..., : config.head_size].view(2, T, 1, -1), cos, sin)
         assert reference_selective_f(torch.einsum("bihd,bjhd->bhij", q, q)).abs().max() > 0

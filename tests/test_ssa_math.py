@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILIES, rotate
+from helpers import FAMILIES, assert_attention_matches, rotate
 
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import recording_attention
@@ -119,21 +119,7 @@ def test_attention_equals_the_float64_reference_in_outputs_and_every_gradient(fa
     config = Config(**{**FAMILIES_WITH_MQA[family], **SSA_COMBINATIONS[variant]})
     model = GPT(config).double()
     randomize(model)
-    attn = model.transformer.h[0].attn
-    T = 12
-    x = torch.randn(2, T, config.n_embd, dtype=torch.float64, requires_grad=True)
-    cos, sin = model.cos[:T], model.sin[:T]
-    weight = torch.randn(2, T, config.n_embd, dtype=torch.float64)
-    params = dict(attn.named_parameters())
-
-    expected = reference_attention(attn, config, x, cos, sin)
-    expected_grads = torch.autograd.grad((expected * weight).sum(), [x, *params.values()])
-    actual = attn(x, cos, sin, torch.arange(T), torch.arange(T))  # the whole forward of the attention
-    actual_grads = torch.autograd.grad((actual * weight).sum(), [x, *params.values()])
-
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
-    for name, got, want in zip(["input", *params], actual_grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    *_, params = assert_attention_matches(model, reference_attention)
     assert any("temperature" in name for name in params) or config.attention_temperature == "logn"
 
 
