@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from finetune.full import FINETUNE_POSITION_LR, FINETUNE_TOKEN_LR, launch
 from lit_gpt.fabric import RunArgs
+from lit_gpt.finetuning import FINETUNE_POSITION_LR, FINETUNE_TOKEN_LR, launch
 from lit_gpt.lora import LoRAArgs
 from lit_gpt.training import EvalArgs, TrainArgs
 from lit_gpt.utils import run_cli

@@ -129,7 +129,7 @@ def test_every_recipe_parses_with_its_entry_point(recipe):
         assert model.attention_temperature == ("ssa" if "-ssa" in recipe else "none")
 
 
-@pytest.mark.parametrize("script", ["pretrain/openwebtext.py", "finetune/full.py"])
+@pytest.mark.parametrize("script", ["pretrain/openwebtext.py", "finetune/full.py", "finetune/lora.py"])
 def test_every_flag_has_a_description_and_a_readable_type(script):
     import re
     import subprocess
@@ -177,3 +177,32 @@ def test_python_dash_m_lit_gpt_lists_every_preset():
     assert [line.split()[0] for line in presets.splitlines()] == list(name_to_config)
     assert "--model.attention_gate" in choices and "headwise | elementwise" in choices and "leviathan" in choices
     assert not result.stderr
+
+
+
+def test_every_entry_script_imports_as_a_user_runs_it(tmp_path):
+    """Each `python <folder>/<script>.py` sees its own folder as sys.path[0] and the installed packages, not the
+    repository root that pytest adds (finetune/lora.py once imported finetune.full, which a user's Python cannot
+    find). One interpreter loads every script that way, from another directory, without running its main."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    scripts = sorted(p for folder in ("pretrain", "finetune", "generate", "eval", "scripts", "study")
+                     for p in (root / folder).glob("*.py") if p.name != "__init__.py")
+    assert len(scripts) >= 14
+    code = """
+import runpy, sys, traceback
+failures = []
+for script in sys.argv[1:]:
+    sys.path[0] = script.rsplit("/", 1)[0]
+    try:
+        runpy.run_path(script, run_name="loaded_by_test")
+    except Exception as error:
+        failures.append(f"{script}: {type(error).__name__}: {error}")
+print("\\n".join(failures))
+sys.exit(1 if failures else 0)
+"""
+    result = subprocess.run([sys.executable, "-c", code, *map(str, scripts)], capture_output=True, text=True,
+                            cwd=tmp_path, env={"PATH": ""})
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
