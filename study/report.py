@@ -1,220 +1,326 @@
-"""The study's report: paired differences, the verdicts by the rule of the grid, the tables and the plots."""
+"""The study's verdicts by the rules registered in study/plan.md, its tables and its plots (study/reproduce.py)."""
 
+import itertools
 import math
 import statistics
 from pathlib import Path
 
-
-def per_length(row: dict, metric: str) -> dict[int, float]:
-    """A run's `metric` averaged over depths, per length."""
-    lengths = sorted({c["length"] for c in row["cells"]})
-    return {n: statistics.mean(c[metric] for c in row["cells"] if c["length"] == n) for n in lengths}
+RATE_KEYS = ("ssa_position_lr", "ssa_token_lr", "gate_lr")
 
 
-def mean_std(values: list[float], digits: int = 3) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+# ---- statistics -----------------------------------------------------------------------------------------------------
+
+def wilcoxon_greater(values: list[float]) -> float:
+    """Exact one-sided Wilcoxon signed-rank p-value for "the values lie above zero": zeros dropped, ties given their
+    mean rank, every sign pattern enumerated (exact for the small n of the study)."""
+    nonzero = [v for v in values if v != 0]
+    n = len(nonzero)
+    if n == 0:
+        return 1.0
+    order = sorted(range(n), key=lambda i: abs(nonzero[i]))
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(nonzero[order[j + 1]]) == abs(nonzero[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    observed = sum(r for r, v in zip(ranks, nonzero) if v > 0)
+    at_least = sum(1 for signs in itertools.product((0, 1), repeat=n)
+                   if sum(r for r, s in zip(ranks, signs) if s) >= observed - 1e-9)
+    return at_least / 2**n
 
 
 def paired(differences: list[float]) -> dict:
-    """Mean, standard error and sign count of paired differences (arm minus baseline, same seed)."""
-    if not differences:
-        return dict(mean=float("nan"), se=float("nan"), positive=0, negative=0, seeds=0)
-    mean = statistics.mean(differences)
-    se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
-    return dict(mean=mean, se=se, positive=sum(d > 0 for d in differences), negative=sum(d < 0 for d in differences),
-                seeds=len(differences))
-
-
-def far_gain(row: dict, base: dict, metric: str, lengths: list[int]) -> float:
-    """The difference in `metric` between two runs, averaged over `lengths`."""
-    a, b = per_length(row, metric), per_length(base, metric)
-    return statistics.mean(a[n] - b[n] for n in lengths)
-
-
-def verdict(length: dict, settings: dict, seeds_wanted: int = 3) -> dict:
-    """The README's decision rule: SSA helps at length if SSA minus vanilla is at least 0.15 of exact match averaged
-    over 4x and 8x the training length, with the same sign in every seed (`seeds_wanted` of them), and at most 0.05
-    worse at 1x; it does not help if the difference is under 0.05 or the signs disagree; in between, more seeds are
-    needed. Only seeds where both runs learned the task inside the training length are compared."""
-    train = settings["lengths"][0]
-    far = [n for n in settings["lengths"] if n >= 4 * train] or settings["lengths"][-1:]
-    by_seed = {arm: {r["seed"]: r for r in rows} for arm, rows in length.items()}
-    learned = learned_runs(length, settings)
-    out = {}
-    for arm in [a for a in length if a != "vanilla"]:
-        seeds = sorted(set(learned[arm]) & set(learned["vanilla"]))
-        if not seeds:
-            out[arm] = dict(far_lengths=far, seeds=[], verdict="undecided: no seed where both runs learned the task")
-            continue
-        far_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", far) for s in seeds])
-        near_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "exact", [train]) for s in seeds])
-        ll_diff = paired([far_gain(by_seed[arm][s], by_seed["vanilla"][s], "log_likelihood", far) for s in seeds])
-        same_sign = not (far_diff["positive"] and far_diff["negative"])  # a zero difference disagrees with neither
-        if len(seeds) < seeds_wanted and abs(far_diff["mean"]) >= 0.05:
-            call = "undecided: more seeds"
-        elif far_diff["mean"] >= 0.15 and far_diff["positive"] == far_diff["seeds"] and near_diff["mean"] >= -0.05:
-            call = "helps"
-        elif abs(far_diff["mean"]) < 0.05 or not same_sign:
-            call = "does not help"
-        else:
-            call = "undecided: more seeds"
-        if far_diff["mean"] <= -0.15 and far_diff["negative"] == far_diff["seeds"]:
-            call = "hurts"
-        out[arm] = dict(far_lengths=far, seeds=seeds, exact_far=far_diff, exact_train=near_diff,
-                        log_likelihood_far=ll_diff, verdict=call)
-    seeds = sorted(set(learned.get("ssa", [])) & set(learned.get("logn", [])))
-    if seeds:
-        out["ssa minus logn"] = dict(far_lengths=far, seeds=seeds, exact_far=paired(
-            [far_gain(by_seed["ssa"][s], by_seed["logn"][s], "exact", far) for s in seeds]), log_likelihood_far=paired(
-            [far_gain(by_seed["ssa"][s], by_seed["logn"][s], "log_likelihood", far) for s in seeds]))
-    return out
-
-
-def learned_runs(length: dict, settings: dict) -> dict[str, list[int]]:
-    """The seeds of each arm that learned the task inside the training length (exact match >= learned_at)."""
-    train = settings["lengths"][0]
-    return {arm: [r["seed"] for r in rows if per_length(r, "exact")[train] >= settings["learned_at"]]
-            for arm, rows in length.items()}
+    n = len(differences)
+    mean = statistics.mean(differences) if n else float("nan")
+    se = statistics.stdev(differences) / math.sqrt(n) if n > 1 else float("nan")
+    return dict(n=n, mean=mean, se=se, positive=sum(d > 0 for d in differences),
+                negative=sum(d < 0 for d in differences))
 
 
 def fmt_paired(d: dict, digits: int = 3) -> str:
-    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f} ({d['positive']}+ / {d['negative']}- of {d['seeds']})"
+    return (f"{d['mean']:+.{digits}f} +- {d['se']:.{digits}f} (n = {d['n']}; {d['positive']} above zero,"
+            f" {d['negative']} below)")
 
 
-def report(grid: dict, slopes: dict, length: dict, dilution: dict, value: dict, decisions: dict, quick: bool) -> str:
-    settings = grid["length"]
-    lengths = settings["lengths"]
-    lines = [f"Grid: study/grid.yaml{' (--quick)' if quick else ''}; seeds {grid['seeds']} (paired).", "",
-             "**1. Position slopes after pretraining (min / median / max over layers and heads)**", "",
-             "| arm | validation loss | query slopes | value slopes |", "| --- | ---: | ---: | ---: |"]
-    for arm, runs in slopes.items():
-        cells = [" / ".join(f"{s[k]:.4f}" for k in ("min", "median", "max")) if s else "-"
-                 for s in (runs[0]["slopes"].get("query"), runs[0]["slopes"].get("value"))]
-        lines.append(f"| {arm} | {runs[0]['val_loss']:.4f} | {cells[0]} | {cells[1]} |")
-    lines += ["", "**2. Length generalisation: passkey exact match (mean ± std over seeds and"
-              f" {len(settings['depths'])} depths; trained at {lengths[0]} tokens)**", "",
-              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " | runs that learned the task |",
-              "| --- |" + " ---: |" * (len(lengths) + 1)]
-    learned = learned_runs(length, settings)
-    for arm, rows in length.items():
-        cells = [mean_std([per_length(r, "exact")[n] for r in rows], 2) for n in lengths]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {len(learned[arm])} of {len(rows)} |")
-    lines += ["", "Answer log-likelihood (nats, mean over seeds and depths):", "",
-              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
-    for arm, rows in length.items():
-        lines.append(f"| {arm} | " + " | ".join(
-            f"{statistics.mean(per_length(r, 'log_likelihood')[n] for r in rows):.2f}" for n in lengths) + " |")
-    bands = list(next(iter(length.values()))[0]["bands"])
-    lines += ["", "Held-out corpus loss by position band (nats, mean ± std over seeds):", "",
-              "| arm | " + " | ".join(bands) + " |", "| --- |" + " ---: |" * len(bands)]
-    for arm, rows in length.items():
-        lines.append(f"| {arm} | " + " | ".join(mean_std([r["bands"][b] for r in rows]) for b in bands) + " |")
-    lines += ["", "Paired differences against vanilla (same seed, only seeds where both runs learned the task), at"
-              f" {decisions[next(iter(decisions))]['far_lengths']} tokens (far) and at the training length, mean ±"
-              " standard error (seeds above / below zero):", "",
-              "| arm | seeds compared | exact match, far | exact match, training length | log-likelihood, far |"
-              " verdict |", "| --- | --- | ---: | ---: | ---: | --- |"]
-    for arm, d in decisions.items():
-        if "exact_far" not in d:
-            lines.append(f"| {arm} | none | | | | {d['verdict']} |")
-        elif arm == "ssa minus logn":
-            lines.append(f"| SSA minus log-n at inference | {d['seeds']} | {fmt_paired(d['exact_far'])} | |"
-                         f" {fmt_paired(d['log_likelihood_far'], 2)} | |")
-        else:
-            cells = [fmt_paired(d["exact_far"]), fmt_paired(d["exact_train"]), fmt_paired(d["log_likelihood_far"], 2)]
-            lines.append(f"| {arm} | {d['seeds']} | " + " | ".join(cells) + f" | {d['verdict']} |")
-    lines += ["", "Paired differences against vanilla at every length, all seeds (whether or not a run learned the"
-              " task), exact match, mean ± standard error (seeds above / below zero):", "",
-              "| arm | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "| --- |" + " ---: |" * len(lengths)]
-    vanilla = {r["seed"]: per_length(r, "exact") for r in length["vanilla"]}
-    for arm, rows in length.items():
-        if arm != "vanilla":
-            diffs = {n: paired([per_length(r, "exact")[n] - vanilla[r["seed"]][n] for r in rows]) for n in lengths}
-            lines.append(f"| {arm} | " + " | ".join(fmt_paired(diffs[n], 2) for n in lengths) + " |")
-    ssa_slopes = [r["slopes"] for r in length.get("ssa", []) if r.get("slopes")]
-    if ssa_slopes:
-        lines += ["", "Learned position slopes of the SSA arm (min / median / max over layers and heads; start 0.01):",
-                  "", "| seed | query | value |", "| --- | ---: | ---: |"]
-        for r in length["ssa"]:
-            cells = [" / ".join(f"{r['slopes'][side][k]:.4f}" for k in ("min", "median", "max"))
-                     if side in r["slopes"] else "-" for side in ("query", "value")]
-            lines.append(f"| {r['seed']} | {cells[0]} | {cells[1]} |")
-    test_n = grid["dilution"]["test_n"]
-    for variant, rows in dilution.items():
-        lines += ["", f"**3. Dilution toy, {variant} (squared error of the head's output / squared norm of the target,"
-                  " mean ± std over"
-                  f" {len(grid['dilution']['seeds'])} seeds; trained at n in {grid['dilution']['train_n']})**", "",
-                  "| arm | " + " | ".join(f"n = {n}" for n in test_n) + " |", "| --- |" + " ---: |" * len(test_n)]
-        for arm, errors in rows.items():
-            lines.append(f"| {arm} | " + " | ".join(mean_std([e[str(n)] for e in errors]) for n in test_n) + " |")
-    lines += ["", "**4. Value toy (test error / target variance, mean ± std over seeds)**", "",
-              "| method | parameters beyond vanilla | normalised error |", "| --- | ---: | ---: |"]
-    extra = {"naive average": "-", "vanilla attention": "0", "key gate": str(grid["toy"]["dim"]),
-             "value temperature": str(grid["toy"]["dim"])}
-    lines += [f"| {name} | {extra[name]} | {mean_std(errors)} |" for name, errors in value.items()]
+# ---- tuning ---------------------------------------------------------------------------------------------------------
+
+def final_val_loss(record: dict) -> float:
+    return record["val_loss"][-1][1] if not record["failed"] and record["val_loss"] else float("inf")
+
+
+def tuned_rates(records: list[dict], tie: float) -> dict:
+    """The rates of the record with the lowest final validation loss; within `tie` of it, the smaller rates."""
+    best = min(final_val_loss(r) for r in records)
+    close = [r for r in records if final_val_loss(r) <= best + tie]
+    chosen = min(close, key=lambda r: tuple(r["spec"]["rates"].get(k, 0) for k in RATE_KEYS))
+    return dict(chosen["spec"]["rates"])
+
+
+# ---- the rules ------------------------------------------------------------------------------------------------------
+
+def by_seed(rows: list[dict]) -> dict[int, dict]:
+    return {r["spec"]["seed"]: r for r in rows}
+
+
+def speed_verdict(base: list[dict], arm: list[dict], rule: dict) -> dict:
+    """Experiment 1: r = T_base / T_arm per seed (a failed run counts as the cap)."""
+    b, a = by_seed(base), by_seed(arm)
+    seeds = sorted(set(b) & set(a))
+
+    def T(record):  # a failed run counts as never reaching the bar
+        spec = record["spec"]
+        return record["metrics"]["T"] if not record["failed"] else spec["train"]["max_steps"] + \
+            spec["evaluation"]["curve"]["every"]
+
+    ratios = [T(b[s]) / T(a[s]) for s in seeds]
+    capped = all(not b[s]["failed"] and T(b[s]) >= b[s]["metrics"]["cap"] and T(a[s]) >= a[s]["metrics"]["cap"]
+                 for s in seeds)
+    median = statistics.median(ratios) if ratios else float("nan")
+    p = wilcoxon_greater([math.log(r) for r in ratios])
+    if not ratios:
+        verdict = "not run"
+    elif capped:
+        verdict = "no power (neither arm reached the bar in any seed)"
+    elif median >= rule["faster"]["median_ratio"] and p <= rule["faster"]["p"]:
+        verdict = "learns faster"
+    elif median <= rule["refuted"]["median_ratio"] or sum(r <= 1 for r in ratios) >= len(ratios) / 2:
+        verdict = "refuted (does not learn faster)"
+    else:
+        more = next((k for k in range(1, 30) if wilcoxon_greater([math.log(r) for r in ratios] + [10.0] * k)
+                     <= rule["faster"]["p"]), None)
+        verdict = f"inconclusive (at least {more} more seed(s) favouring it would decide)"
+    auc = [a[s]["metrics"]["auc"] - b[s]["metrics"]["auc"] for s in seeds
+           if not a[s]["failed"] and not b[s]["failed"]]
+    return dict(seeds=seeds, ratios=ratios, median=median, p=p, verdict=verdict, auc=paired(auc))
+
+
+def signed_rule(differences: list[float], margin: float, up: str, down: str, neither: str) -> str:
+    if not differences:
+        return "not run"
+    if all(d > 0 for d in differences) and statistics.mean(differences) > margin:
+        return up
+    if all(d < 0 for d in differences) and statistics.mean(differences) < -margin:
+        return down
+    return neither
+
+
+def lm_verdicts(lm: dict, margin: float) -> dict:
+    out = {}
+    base = by_seed(lm.get("vanilla", []))
+    for arm, rows in lm.items():
+        if arm == "vanilla":
+            continue
+        mine = by_seed(rows)
+        seeds = sorted(s for s in set(base) & set(mine) if not base[s]["failed"] and not mine[s]["failed"])
+        out[arm] = {}
+        for metric in ("val_loss", "wiki_loss"):
+            d = [mine[s]["metrics"][metric] - base[s]["metrics"][metric] for s in seeds]
+            out[arm][metric] = dict(paired(d), differences=d, verdict=signed_rule(
+                d, margin, "hurts", "helps", "no difference shown"))
+    return out
+
+
+def far_metric(evaluation: dict, far: list[int], metric: str = "log_likelihood") -> float:
+    values = [c[metric] for c in evaluation["cells"] if c["length"] in far]
+    return statistics.mean(values)
+
+
+def length_verdicts(length: dict, settings: dict) -> dict:
+    """Experiment 4: paired differences of the far log-likelihood against vanilla; log-n at inference is the control
+    (its own rule), and an arm without an effect where the control has none too is "no power"."""
+    base = by_seed(length.get("vanilla", []))
+    far, margin = settings["far"], settings["margin"]
+    rows = {arm: by_seed(r) for arm, r in length.items() if arm != "vanilla"}
+    for name in settings.get("inference_arms", {}):
+        rows[name] = {s: dict(r, metrics=r["metrics"][f"inference:{name}"]) for s, r in base.items()
+                      if not r["failed"]}
+    out = {}
+    for arm, mine in rows.items():
+        seeds = sorted(s for s in set(base) & set(mine) if not base[s]["failed"] and not mine[s].get("failed"))
+        d = [far_metric(mine[s]["metrics"], far) - far_metric(base[s]["metrics"], far) for s in seeds]
+        exact = [far_metric(mine[s]["metrics"], far, "exact") - far_metric(base[s]["metrics"], far, "exact")
+                 for s in seeds]
+        out[arm] = dict(paired(d), differences=d, exact=paired(exact),
+                        verdict=signed_rule(d, margin, "helps", "hurts", "no effect shown"))
+    control = [out[name]["verdict"] for name in settings.get("inference_arms", {})]
+    if control and all(v == "no effect shown" for v in control):
+        for arm, row in out.items():
+            if arm not in settings.get("inference_arms", {}) and row["verdict"] == "no effect shown":
+                row["verdict"] = "no power (the positive control shows no effect either)"
+    return out
+
+
+def ablation_interpretation(verdicts: dict, rule: dict) -> str:
+    ssa = verdicts.get("ssa")
+    if not ssa or not all(k in verdicts for k in ("ssa-position", "ssa-token", "ssa-query", "ssa-value")):
+        return "not run"
+    gain = ssa["mean"]
+    if gain <= 0:
+        return "SSA shows no gain over vanilla here: nothing to attribute"
+    share = {arm: verdicts[arm]["mean"] / gain for arm in ("ssa-position", "ssa-token", "ssa-query", "ssa-value")}
+    found = []
+    for first, second, what in (("ssa-position", "ssa-token", "position terms"), ("ssa-token", "ssa-position",
+                                "token terms"), ("ssa-query", "ssa-value", "query side"),
+                                ("ssa-value", "ssa-query", "value side")):
+        if share[first] >= rule["keeps"] and share[second] <= rule["loses"]:
+            found.append(f"carried by the {what}")
+    shares = ", ".join(f"{arm} keeps {s:.0%}" for arm, s in share.items())
+    return ("; ".join(found) or "not separable with these seeds") + f" ({shares} of SSA's mean gain)"
+
+
+# ---- the report -----------------------------------------------------------------------------------------------------
+
+def report(grid: dict, results: dict, about: dict, folder: Path) -> str:
+    lines = ["# The registered study: results", ""]
+    lines += [f"Plan: study/plan.md, registered part SHA-256 {', '.join(h[:12] for h in about['made_under'])};"
+              f" committed as {about['commit'] or '(uncommitted: a --quick run)'}. Deviations: see the plan's list.",
+              f"Decontamination dropped {about['dropped']['corpus_val']} corpus validation line(s) and"
+              f" {about['dropped']['wiki']} Wikipedia line(s) that shared a 50-character string with training.", ""]
+    if about["quick"]:
+        lines += ["**Quick grid: a smoke test of the pipeline, not evidence.**", ""]
+    lines += tuning_section(results.get("tuning", {}))
+    if "speed" in results:
+        lines += speed_section(results["speed"], grid["speed"], folder)
+    if "lm" in results:
+        lines += lm_section(results["lm"], grid["lm"])
+    if "length" in results:
+        lines += length_section(results["length"], grid["length"])
+    if "toys" in results:
+        lines += toys_section(results["toys"])
     return "\n".join(lines) + "\n"
 
 
-def plot(grid: dict, length: dict, dilution: dict, out_dir: Path) -> None:
+def tuning_section(tuned: dict) -> list[str]:
+    lines = ["## Tuning (seed 0, not scored)", "", "| method | rates | final validation loss | T (steps) |",
+             "|---|---|---|---|"]
+    for method, records in tuned.items():
+        for r in records:
+            rates = ", ".join(f"{k} {v:g}" for k, v in r["spec"]["rates"].items()) or "-"
+            T = r["metrics"]["T"] if not r["failed"] else "failed"
+            lines.append(f"| {method} | {rates} | {final_val_loss(r):.4f} | {T} |")
+    lines.append("")
+    for method, records in tuned.items():
+        if records and records[0]["spec"]["rates"] or len(records) > 1:
+            lines.append(f"Chosen for {method}: {tuned_rates(records, 0.002)}.")
+    return lines + [""]
+
+
+def speed_section(speed: dict, settings: dict, folder: Path) -> list[str]:
+    lines = ["## Experiment 1: speed of learning (primary)", "",
+             "T = the first evaluated step with exact match >= 0.5 on held-out prompts (the cap when never).", "",
+             "| arm | T per seed | learned parameters (last seed) |", "|---|---|---|"]
+    for arm, rows in speed.items():
+        Ts = ", ".join(str(r["metrics"]["T"]) if not r["failed"] else "failed" for r in rows)
+        lines.append(f"| {arm} | {Ts} | {brief(rows[-1])} |")
+    lines += ["", "| comparison | ratios per seed | median | Wilcoxon p (one-sided) | verdict | AUC difference |",
+              "|---|---|---|---|---|---|"]
+    pairs = [(arm, "vanilla") for arm in speed if arm != "vanilla"]
+    pairs += [("ssa", arm) for arm in speed if arm not in ("vanilla", "ssa")]
+    for arm, base in pairs:
+        if base not in speed or arm not in speed:
+            continue
+        v = speed_verdict(speed[base], speed[arm], settings)
+        lines.append(f"| {arm} against {base} | {', '.join(f'{r:.2f}' for r in v['ratios'])} | {v['median']:.2f} |"
+                     f" {v['p']:.3f} | {v['verdict']} | {fmt_paired(v['auc'])} |")
+    plot_curves(speed, folder / "speed.png")
+    return lines + ["", "![exact match against step](speed.png)", ""]
+
+
+def brief(record: dict) -> str:
+    """The range over layers and heads of each kind of learned parameter: slopes per side, token-weight norms,
+    gate-weight norms, Scalable-Softmax's scales."""
+    if record["failed"]:
+        return "failed"
+    learned, kinds = record["learned"], {}
+    for side in ("query", "key", "value"):
+        kinds[f"{side} slope"] = [v for layer in learned["slopes"] for v in layer.get(side, [])]
+    for name, values in learned.items():
+        for suffix, kind in (("query_temperature.token_weight", "query u norm"),
+                             ("value_temperature.token_weight", "value u norm"),
+                             ("key_temperature.token_weight", "key u norm"), ("gate.proj.weight", "gate norm"),
+                             ("temperature.scale", "scale")):
+            if name.endswith(suffix):
+                kinds.setdefault(kind, []).extend(values)
+    return "; ".join(f"{kind} {min(v):.3f}-{max(v):.3f}" for kind, v in kinds.items() if v) or "-"
+
+
+def lm_section(lm: dict, settings: dict) -> list[str]:
+    lines = ["## Experiment 3: language modelling", "", "| arm | validation loss per seed | Wikipedia loss per seed |",
+             "|---|---|---|"]
+    for arm, rows in lm.items():
+        val, wiki = ([f"{r['metrics'][k]:.4f}" for r in rows if not r["failed"]] for k in ("val_loss", "wiki_loss"))
+        lines.append(f"| {arm} | {', '.join(val)} | {', '.join(wiki)} |")
+    lines += ["", "| arm against vanilla | validation: paired difference | verdict | Wikipedia: paired difference |"
+              " verdict |", "|---|---|---|---|---|"]
+    for arm, v in lm_verdicts(lm, settings["margin"]).items():
+        lines.append(f"| {arm} | {fmt_paired(v['val_loss'], 4)} | {v['val_loss']['verdict']} |"
+                     f" {fmt_paired(v['wiki_loss'], 4)} | {v['wiki_loss']['verdict']} |")
+    return lines + [""]
+
+
+def length_section(length: dict, settings: dict) -> list[str]:
+    verdicts = length_verdicts(length, settings)
+    lines = ["## Experiment 4: length generalisation (NoPE), with the ablations of experiment 2", "",
+             f"Primary: the answer's log-likelihood averaged over the lengths {settings['far']} (nats), paired"
+             " against vanilla. With 3 seeds the all-signs condition alone has p = 0.125.", "",
+             "| arm | paired difference (nats) | verdict | exact match difference |", "|---|---|---|---|"]
+    for arm, v in verdicts.items():
+        lines.append(f"| {arm} | {fmt_paired(v)} | {v['verdict']} | {fmt_paired(v['exact'])} |")
+    lines += ["", f"Which part of SSA carries it: {ablation_interpretation(verdicts, settings['ablation'])}.", ""]
+    lines += ["| arm | exact match per length (mean over seeds and depths) |", "|---|---|"]
+    for arm, rows in length.items():
+        ok = [r for r in rows if not r["failed"]]
+        if ok:
+            per = {n: statistics.mean(c["exact"] for r in ok for c in r["metrics"]["cells"] if c["length"] == n)
+                   for n in settings["lengths"]}
+            lines.append(f"| {arm} | {', '.join(f'{n}: {e:.2f}' for n, e in per.items())} |")
+    return lines + [""]
+
+
+def toys_section(toys: dict) -> list[str]:
+    lines = ["## Experiment 5: the toys", ""]
+    for variant, rows in toys["dilution"].items():
+        ns = list(next(iter(rows.values()))[0])
+        lines += [f"Dilution ({variant}): normalised error, mean over seeds", "",
+                  "| arm | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for arm, errors in rows.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{statistics.mean(e[n] for e in errors):.3f}" for n in ns) + " |")
+        learned = toys["learned"][variant]
+        lines += ["", "Learned: " + "; ".join(f"{arm} {', '.join(f'{v:.3f}' for v in values)}"
+                                              for arm, values in learned.items()), ""]
+    lines += ["Value toy: normalised test error, mean and each seed", "", "| model | mean | each seed |",
+              "|---|---|---|"]
+    for kind, errors in toys["value"].items():
+        lines.append(f"| {kind} | {statistics.mean(errors):.3f} | {', '.join(f'{e:.3f}' for e in errors)} |")
+    return lines + [""]
+
+
+def plot_curves(speed: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = grid["length"]["lengths"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, rows in length.items():
-        for ax, metric in zip(axes, ("exact", "log_likelihood")):
-            means = [statistics.mean(per_length(r, metric)[n] for r in rows) for n in lengths]
-            ax.plot(lengths, means, "o-", label=arm)
-    for ax, label in zip(axes, ("passkey exact match", "answer log-likelihood (nats)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt length (tokens); trained at " + str(lengths[0]))
-        ax.set_ylabel(label + " (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "length.png", dpi=120)
-    plt.close(fig)
-    test_n = grid["dilution"]["test_n"]
-    fig, axes = plt.subplots(1, len(dilution), figsize=(5.5 * len(dilution), 4), squeeze=False)
-    for ax, (variant, rows) in zip(axes[0], dilution.items()):
-        for arm, errors in rows.items():
-            ax.plot(test_n, [statistics.mean(e[str(n)] for e in errors) for n in test_n], "o-", label=arm)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("keys n (trained at 8-64)")
-        ax.set_ylabel("output error / target norm (squared)")
-        ax.set_title(f"dilution toy: {variant}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "dilution.png", dpi=120)
-    plt.close(fig)
-    rows = [r for r in length.get("ssa", []) if r.get("slopes")]
-    if rows:
-        plot_slopes(rows, out_dir / "slopes.png", plt)
-
-
-def plot_slopes(rows: list[dict], path: Path, plt) -> None:
-    """Every learned slope of the SSA arm, by layer and side, one colour per side, seeds side by side."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for side, colour, shift in (("query", "tab:blue", -0.15), ("value", "tab:orange", 0.15)):
-        for k, row in enumerate(rows):
-            for layer, sides in enumerate(row["slopes"]["per_layer"]):
-                heads = sides.get(side, [])
-                ax.scatter([layer + shift + 0.05 * (k - 1)] * len(heads), [max(h, 1e-5) for h in heads], s=12,
-                           color=colour, label=side if layer == 0 and k == 0 else None)
-    ax.axhline(0.01, color="gray", linestyle="--", linewidth=1, label="start (0.01)")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(rows[0]["slopes"]["per_layer"])))
-    ax.set_xlabel("layer (seeds side by side)")
-    ax.set_ylabel("learned position slope per head")
-    ax.set_title("SSA's position slopes after training (length experiment)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for i, (arm, rows) in enumerate(speed.items()):
+        curves = [r["metrics"]["curve"] for r in rows if not r["failed"]]
+        if not curves:
+            continue
+        color = f"C{i}"
+        for c in curves:
+            ax.plot([s for s, _ in c], [e for _, e in c], color=color, alpha=0.25, lw=0.8)
+        steps = [s for s, _ in curves[0]]
+        median = [statistics.median(c[k][1] for c in curves if k < len(c)) for k in range(len(steps))]
+        ax.plot(steps, median, color=color, lw=2, label=arm)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("exact match, held-out prompts")
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
-

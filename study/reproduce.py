@@ -1,75 +1,112 @@
-"""Does SSA help? One command that measures it where the paper says it matters, with paired seeds.
+"""Does SSA help? The registered study (study/plan.md): tuning, then five experiments, every seed counted.
 
-    python study/reproduce.py                 # the grid of study/grid.yaml, about two hours on 2 CPU cores
-    python study/reproduce.py --quick         # a reduced grid in a few minutes (the test suite runs it)
+    python study/reproduce.py                  # the grid of study/grid.yaml, about 3 hours on 2 CPU cores
+    python study/reproduce.py --only "[tuning, speed]"   # some parts (the plan's order when the budget is short)
+    python study/reproduce.py --quick          # a reduced grid in a few minutes (the test suite runs it)
 
-Four experiments (study/grid.yaml says what each runs):
-1. slopes: how SSA's position slope learns under each parametrisation and learning rate (the learned slopes);
-2. length: small NoPE models trained at block 128 on a retrieval mix, evaluated at 1x to 8x the training length:
-   passkey exact match and answer log-likelihood per length and depth, and held-out loss by position band, for
-   vanilla, SSA, Scalable-Softmax, and log-n scaling applied at inference to the vanilla checkpoints;
-3. dilution: one head finds its targets among n keys, trained at n <= 64 and tested to 4,096 (two variants);
-4. value: the value-selectivity toy, with a nonlinear key gate of the same size as control.
-
-Arms share seeds: the same seed gives the same backbone initialisation and data order, so differences are paired.
-Every training run goes through the real entry point (pretrain/openwebtext.py); finished runs and evaluations are
-kept and reused when the command runs again. Writes results.md, results.json and plots to --out_dir.
+Every training run goes through the real entry point (pretrain/openwebtext.py). A finished run writes one record,
+study/runs/<part>/<arm>-<settings>-seed<k>.json (settings, the metrics at every evaluation, the learned temperature and
+gate parameters, wall time, the plan's hash); a record already there is reused, so a machine recomputes nothing that
+is committed. The report (study/results.md and plots beside it) is written only under the plan its runs were made
+under, or with a deviation in the plan that names the plan's new hash.
 """
 
 import hashlib
 import json
 import math
 import os
-import statistics
+import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lit_gpt.analysis import learned_slopes
 from lit_gpt.config import Config, read_yaml
-from lit_gpt.data.prepare import BUNDLED_CORPUS, prepare, read_text, split_documents
 from lit_gpt.data.tokens import TokenData
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
-from study.report import learned_runs, mean_std, per_length, plot, report, verdict
-from study.tasks import evaluation_cells, loss_by_position, score_answers, training_documents
-from study.toys import DILUTION_ARMS, dilution_errors, oracle_errors, train_dilution, value_errors
+from study.data import mix_texts, prepare_folder, study_texts
+from study.report import report, tuned_rates
+from study.tasks import evaluation_cells, score_answers, training_length_prompts
+from study.toys import DILUTION_ARMS, FIXED_SLOPE, dilution_errors, oracle_errors, train_dilution, value_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "pretrain" / "openwebtext.py"
-SECTIONS = ("slopes", "length", "dilution", "toy")
-TRAINED = ("data", "slopes", "length")  # the sections whose runs are kept and reused
-EVALUATION_KEYS = ("lengths", "depths", "keys", "learned_at", "lm_windows", "bands", "inference_arms")
+PLAN = ROOT / "study" / "plan.md"
+PARTS = ("tuning", "speed", "lm", "length", "toys")  # the plan's order
+DEVIATIONS = "\n## Deviations"
 
+
+# ---- the plan -------------------------------------------------------------------------------------------------------
+
+def registered(text: str) -> str:
+    """The registered part of the plan: everything above its Deviations section."""
+    return text.split(DEVIATIONS, 1)[0]
+
+
+def plan_hash(text: str) -> str:
+    return hashlib.sha256(registered(text).encode()).hexdigest()
+
+
+def plan_commit() -> str | None:
+    """The last commit that changed study/plan.md, where the plan is committed as it reads now (else None)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    if git("diff", "--quiet", "HEAD", "--", str(PLAN)).returncode != 0:
+        return None
+    out = git("log", "-1", "--format=%H", "--", str(PLAN)).stdout.strip()
+    return out or None
+
+
+def check_plan(records: list[dict], plan_text: str) -> list[str]:
+    """The hashes the records were made under; refuses a report whose plan changed after its runs unless a deviation
+    names the plan's current hash (its first 12 characters)."""
+    now = plan_hash(plan_text)
+    made_under = sorted({r["plan_sha256"] for r in records})
+    deviations = plan_text.split(DEVIATIONS, 1)[1] if DEVIATIONS in plan_text else ""
+    if any(h != now for h in made_under) and now[:12] not in deviations:
+        raise ValueError(f"study/plan.md changed after runs were made under it (registered part {made_under[0][:12]},"
+                         f" now {now[:12]}): list the change under '## Deviations' with the new hash {now[:12]} and"
+                         " its reason, or restore the plan.")
+    return made_under
+
+
+# ---- the grid -------------------------------------------------------------------------------------------------------
 
 def load_grid(path: Path, quick: bool) -> dict:
-    """The grid, with the `quick` section's values over it (a list of arms keeps only those arms)."""
     grid = read_yaml(path, "the grid (--grid)")
-    missing = [key for key in ("seeds", "workers", "data", *SECTIONS) if key not in grid]
+    missing = [key for key in ("workers", "data", "models", "arms", "train", "eval", *PARTS) if key not in grid]
     if missing:
         raise ValueError(f"--grid {path} lacks the section(s) {missing}: start from study/grid.yaml.")
-    for key, value in (grid.pop("quick") if quick else {}).items():
-        if key in SECTIONS:
-            for inner, inner_value in value.items():
-                section = grid[key]
-                if inner == "arms":
-                    unknown = [arm for arm in inner_value if arm not in section["arms"]]
-                    if unknown:
-                        raise ValueError(f"--grid {path}: the quick section names the arm {unknown[0]!r}, which the"
-                                         f" {key} section does not have (it has {', '.join(section['arms'])}).")
-                    section["arms"] = {arm: section["arms"][arm] for arm in inner_value}
-                elif isinstance(inner_value, dict):
-                    section[inner] = {**section[inner], **inner_value}
-                else:
-                    section[inner] = inner_value
-        else:
-            grid[key] = value
+    override = grid.pop("quick", {}) if quick else {}
     grid.pop("quick", None)
+    grid = merge(grid, override)
+    named = [(part, arm) for part in ("speed", "lm", "length") for arm in grid[part]["arms"]]
+    named += [("tuning", arm) for arm in grid["tuning"]["sweeps"]] + [("tuned_from", a) for pair in
+                                                                      grid.get("tuned_from", {}).items() for a in pair]
+    for part, arm in named:
+        if arm not in grid["arms"]:
+            raise ValueError(f"--grid {path}: the {part} section names the arm {arm!r}, which the arms section does"
+                             f" not have (it has {', '.join(grid['arms'])}).")
+    for part in ("speed", "lm", "length", "tuning"):
+        if grid[part].get("model", "retrieval") not in grid["models"]:
+            raise ValueError(f"--grid {path}: the {part} section's model {grid[part]['model']!r} is not in the models"
+                             f" section (it has {', '.join(grid['models'])}).")
     return grid
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on `base`, dictionaries merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def flags(prefix: str, values: dict) -> list[str]:
@@ -77,247 +114,329 @@ def flags(prefix: str, values: dict) -> list[str]:
             for item in (f"--{prefix}{key}", "null" if value is None else json.dumps(value).strip('"'))]
 
 
-def run(command: list[str], threads: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+def settings_name(arm: str, rates: dict, seed: int) -> str:
+    rate_part = "".join(f"-{k.removesuffix('_lr')}={v:g}" for k, v in sorted(rates.items()))
+    return f"{arm}{rate_part}-seed{seed}"
 
 
-def pretrain(out_dir: Path, model: dict, data_dir: Path, seed: int, train: dict, eval_args: dict, threads: int,
-             window_start: str = "random") -> None:
-    """One run of the real entry point, skipped when it already finished (resumed when it was cut short)."""
-    if (out_dir / "history.json").is_file():
-        return
-    command = [str(PRETRAIN), "--model_name", model["name"], *flags("model.", model["fields"]), "--data.dir",
-               str(data_dir), "--data.window_start", window_start, "--out_dir", str(out_dir), "--seed", str(seed),
-               *flags("train.", train), *flags("eval.", eval_args)]
-    run(command + (["--resume", "auto"] if out_dir.exists() else []), threads)
+# ---- one run --------------------------------------------------------------------------------------------------------
+
+class Study:
+    def __init__(self, grid: dict, out_dir: Path, records: Path, quick: bool) -> None:
+        self.grid, self.out_dir, self.records, self.quick = grid, out_dir, records, quick
+        self.plan_text = PLAN.read_text()
+        self.plan_sha = plan_hash(self.plan_text)
+        self.commit = plan_commit()
+        if not quick and self.commit is None:
+            raise ValueError("study/plan.md has changes that are not committed: the plan is registered by its commit;"
+                             " commit it (or list a deviation) before running the grid.")
+        self._data = None
+
+    # data, prepared once per invocation
+    def data(self) -> dict:
+        if self._data is None:
+            settings = self.grid["data"]
+            texts = study_texts(settings)
+            folder = self.out_dir / "data"
+            about = dict(settings, part="corpus")
+            corpus = prepare_folder(folder / "corpus", *texts["corpus"], about, train_tokenizer=settings["vocab"])
+            tokenizer = Tokenizer(corpus)
+            mix = mix_texts(tokenizer, settings, texts["corpus"])
+            mix_dir = prepare_folder(folder / "mix", *mix, dict(settings, part="mix"), tokenizer_dir=corpus)
+            self._data = dict(corpus=corpus, mix=mix_dir, wiki=texts["wiki"], dropped=texts["dropped_lines"],
+                              tokenizer=tokenizer)
+        return self._data
+
+    def record_path(self, part: str, name: str) -> Path:
+        return self.records / part / f"{name}.json"
+
+    def run(self, part: str, arm: str, seed: int, rates: dict, settings: dict, evaluate) -> dict:
+        """The record of one (arm, rates, seed) of `part`: read when there, else trained, evaluated and written."""
+        name = settings_name(arm, rates, seed)
+        path = self.record_path(part, name)
+        model_fields = {**self.grid["models"][settings["model"]], **self.grid["arms"][arm]}
+        train = {**self.grid["train"], **settings.get("train", {}), **rates}
+        eval_args = {**self.grid["eval"], **settings.get("eval", {})}
+        spec = dict(part=part, arm=arm, seed=seed, rates=rates, model=model_fields, train=train, eval=eval_args,
+                    data=settings.get("data", "mix"), evaluation={k: settings[k] for k in ("curve", "lengths",
+                    "depths", "keys", "windows", "inference_arms") if k in settings})
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record["spec"] != json.loads(json.dumps(spec)):
+                raise ValueError(f"{path} was made with other settings than the grid's: the grid changed after the"
+                                 " run (a deviation to list in study/plan.md), or pass another --records folder.")
+            return record
+        folder = self.out_dir / part / name
+        start = time.perf_counter()
+        for attempt in (1, 2):  # the plan: a failed run is run again once from the start
+            try:
+                self.pretrain(folder, spec)
+                break
+            except RuntimeError as error:
+                print(f"  {part}/{name} failed (attempt {attempt}): {str(error)[-500:]}", flush=True)
+                shutil.rmtree(folder, ignore_errors=True)
+                if attempt == 2:
+                    return self.write(path, dict(spec=spec, failed=True, error=str(error)[-2000:]))
+        train_s = time.perf_counter() - start
+        metrics = evaluate(folder, spec)
+        history = json.loads((folder / "history.json").read_text())
+        record = dict(spec=spec, failed=False, metrics=metrics,
+                      val_loss=[[h["step"], h["val_loss"]] for h in history if "val_loss" in h],
+                      learned=learned_parameters(GPT.from_checkpoint(folder / "final")),
+                      wall_s=dict(train=round(train_s, 1), evaluate=round(time.perf_counter() - start - train_s, 1)),
+                      plan_sha256=self.plan_sha, plan_commit=self.commit, torch=torch.__version__,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        for step_dir in folder.glob("step-*"):  # what this run wrote, kept only until it is evaluated
+            shutil.rmtree(step_dir)
+        print(f"  {part}/{name}: {summary(record)} ({record['wall_s']['train']:.0f} s)", flush=True)
+        return self.write(path, record)
+
+    def write(self, path: Path, record: dict) -> dict:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)
+        return json.loads(path.read_text())
+
+    def pretrain(self, folder: Path, spec: dict) -> None:
+        data_dir = self.data()["corpus" if spec["data"] == "corpus" else "mix"]
+        window = "document" if spec["data"] == "mix" else "random"
+        command = [str(PRETRAIN), "--model_name", "demo", *flags("model.", spec["model"]), "--data.dir",
+                   str(data_dir), "--data.window_start", window, "--out_dir", str(folder), "--seed", str(spec["seed"]),
+                   *flags("train.", spec["train"]), *flags("eval.", spec["eval"])]
+        if folder.exists():
+            command += ["--resume", "auto"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+
+    threads = 1
+
+    def in_parallel(self, jobs: list) -> list:
+        workers = self.grid["workers"]
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(self.threads)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(job) for job in jobs]
+            for future in as_completed(futures):
+                future.result()
+        return [f.result() for f in futures]
+
+    # ---- evaluations ------------------------------------------------------------------------------------------------
+
+    def curve(self, folder: Path, spec: dict) -> dict:
+        """Exact match on held-out prompts at the training length at every saved step; T = the first step at or over
+        `reach` (the cap, max_steps + every, when never)."""
+        settings = spec["evaluation"]["curve"]
+        prompts = training_length_prompts(self.data()["tokenizer"], settings["prompts"],
+                                          spec["model"]["block_size"], seed=5)
+        checkpoints = {int(p.name.split("-")[1]): p for p in folder.glob("step-*")}
+        checkpoints.setdefault(spec["train"]["max_steps"], folder / "final")  # the last step is saved as final/
+        curve = []
+        for step in sorted(checkpoints):
+            model = GPT.from_checkpoint(checkpoints[step]).eval()
+            scores = score_answers(model, prompts)
+            curve.append([step, sum(s["exact"] for s in scores) / len(scores)])
+        cap = spec["train"]["max_steps"] + settings["every"]
+        reached = [step for step, exact in curve if exact >= settings["reach"]]
+        return dict(curve=curve, T=reached[0] if reached else cap, cap=cap,
+                    auc=sum(e for _, e in curve) / max(1, len(curve)))
+
+    def length(self, folder: Path, spec: dict, fields: dict | None = None) -> dict:
+        settings = spec["evaluation"]
+        config = Config.from_file(folder / "final", **(fields or {}))
+        model = GPT.from_checkpoint(folder / "final", config=config).eval()
+        cells = []
+        for cell in evaluation_cells(self.data()["tokenizer"], settings["lengths"], settings["depths"],
+                                     settings["keys"], seed=0):
+            scores = score_answers(model, cell["examples"])
+            cells.append(dict(length=cell["length"], depth=cell["depth"],
+                              exact=sum(s["exact"] for s in scores) / len(scores),
+                              log_likelihood=sum(s["log_likelihood"] for s in scores) / len(scores)))
+        return dict(cells=cells)
+
+    def length_with_controls(self, folder: Path, spec: dict) -> dict:
+        out = self.length(folder, spec)
+        for name, control in spec["evaluation"].get("inference_arms", {}).items():
+            if control["of"] == spec["arm"]:
+                out[f"inference:{name}"] = self.length(folder, spec, control["fields"])
+        return out
+
+    def lm(self, folder: Path, spec: dict) -> dict:
+        """Mean next-token loss over every non-overlapping window of the model's length (at most `windows`) of the
+        corpus validation text and of the Wikipedia sample."""
+        model = GPT.from_checkpoint(folder / "final").eval()
+        tokenizer = self.data()["tokenizer"]
+        window, most = model.config.block_size, spec["evaluation"]["windows"]
+        val = np.asarray(TokenData(self.data()["corpus"]).val, dtype=np.int64)
+        wiki = np.concatenate([np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id)
+                               for d in self.data()["wiki"]])
+        return dict(val_loss=window_loss(model, val, window, most), wiki_loss=window_loss(model, wiki, window, most))
 
 
-def in_parallel(jobs: list, workers: int) -> None:
-    """Run the jobs (callables taking a thread count) `workers` at a time, sharing the cores between them."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in as_completed([pool.submit(job, threads) for job in jobs]):
-            future.result()
+@torch.inference_mode()
+def window_loss(model: GPT, tokens: np.ndarray, window: int, most: int) -> float:
+    count = min(most, (len(tokens) - 1) // window)
+    rows = torch.from_numpy(np.stack([tokens[i * window : i * window + window + 1] for i in range(count)]))
+    total = 0.0
+    for batch in rows.split(16):
+        logits = model(batch[:, :-1]).float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+    return (total / (count * window)).item()
 
 
-def final_val_loss(folder: Path) -> float:
-    history = json.loads((folder / "history.json").read_text())
-    return [h["val_loss"] for h in history if "val_loss" in h][-1]
+def learned_parameters(model: GPT) -> dict:
+    """What the added parameters learned, per layer: SSA's slopes per head and its token weights' norms, a baseline's
+    scale, the gate's weight norm per head."""
+    from lit_gpt.analysis import learned_slopes
+
+    out = {"slopes": [{side: [round(v, 5) for v in s.tolist()] for side, s in layer.items()}
+                      for layer in learned_slopes(model)]}
+    for name, p in model.named_parameters():
+        if name.startswith("transformer.h.") and any(k in name for k in ("temperature", "gate", "scale")) \
+                and "position_param" not in name:
+            values = p.detach().float()
+            out[name] = [round(v, 5) for v in (values.norm(dim=-1) if values.dim() > 1 else values).flatten().tolist()]
+    return out
 
 
-def slope_summary(folder: Path) -> dict:
-    """min / median / max of the learned position slopes of each side, over layers and heads, and every slope
-    ("per_layer": for each layer, {side: [one per head]})."""
-    slopes = learned_slopes(GPT.from_checkpoint(folder / "final"))
-    summary = {"per_layer": [{side: s.tolist() for side, s in layer.items()} for layer in slopes]}
-    for side in ("query", "key", "value"):
-        values = torch.cat([layer[side] for layer in slopes if layer.get(side) is not None] or [torch.empty(0)])
-        if values.numel():
-            summary[side] = dict(min=values.min().item(), median=values.median().item(), max=values.max().item())
-    return summary
+def summary(record: dict) -> str:
+    m = record["metrics"]
+    if "T" in m:
+        return f"T = {m['T']}, exact match {m['curve'][-1][1]:.2f} at the end"
+    if "val_loss" in m:
+        return f"validation loss {m['val_loss']:.4f}, Wikipedia {m['wiki_loss']:.4f}"
+    return "far log-likelihood computed"
 
 
-def slopes_experiment(grid: dict, out_dir: Path, data_dir: Path) -> dict:
-    settings = grid["slopes"]
-    runs = {(arm, seed): out_dir / "slopes" / arm / f"seed-{seed}" for arm in settings["arms"]
-            for seed in settings["seeds"]}
+# ---- the parts ------------------------------------------------------------------------------------------------------
 
-    def job(arm, seed, folder):
-        fields = {**settings["model"]["overrides"], **settings["arms"][arm]["model"]}
-        train = {**settings["train"], **settings["arms"][arm]["train"]}
-        model = {"name": settings["model"]["name"], "fields": fields}
-        return lambda threads: pretrain(folder, model, data_dir, seed, train, settings["eval"], threads)
-
-    in_parallel([job(arm, seed, folder) for (arm, seed), folder in runs.items()], grid["workers"])
-    results = {}
-    for (arm, seed), folder in runs.items():
-        results.setdefault(arm, []).append(dict(val_loss=final_val_loss(folder), slopes=slope_summary(folder)))
-        print(f"  slopes {arm}, seed {seed}: {results[arm][-1]}", flush=True)
-    return results
-
-
-def retrieval_mix(grid: dict, out_dir: Path, data_dir: Path) -> Path:
-    """Retrieval documents mixed with corpus documents, prepared with the bundled tokenizer."""
-    settings, mix_dir = grid["length"], out_dir / "data" / "retrieval-mix"
-    if (mix_dir / "meta.json").is_file():
-        return mix_dir
-    tokenizer = Tokenizer(data_dir)
-    block = settings["model"]["overrides"]["block_size"]
-    documents = training_documents(tokenizer, settings["documents"], block, seed=0)
-    corpus = [d for path in BUNDLED_CORPUS for d in split_documents(read_text(path), size=1000)]
-    count = round(len(documents) * settings["corpus_share"] / (1 - settings["corpus_share"]))
-    documents += [corpus[i] for i in torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:count]]
-    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(1)).tolist()
-    source = out_dir / "data" / "retrieval-mix.jsonl"
-    source.parent.mkdir(parents=True, exist_ok=True)
-    source.write_text("\n".join(json.dumps({"text": documents[i]}) for i in order))
-    prepare(str(source), mix_dir, tokenizer_dir=data_dir, val_fraction=0.02, overwrite=True)
-    return mix_dir
+def tuning(study: Study) -> dict:
+    """Each method's sweeps on the tuning seed, stage by stage; returns the records by method."""
+    settings = study.grid["tuning"]
+    out = {}
+    for method, stages in settings["sweeps"].items():
+        best, records = {}, []
+        for stage in stages or [{}]:
+            grid = [dict(best)]
+            for key, values in stage.items():
+                grid = [dict(g, **{key: v}) for g in grid for v in values]
+            stage_records = study.in_parallel([
+                (lambda rates=rates, method=method: study.run("tuning", method, settings["seed"], rates, settings,
+                                                              study.curve))
+                for rates in grid])
+            records += stage_records
+            best = tuned_rates(stage_records, settings["tie"])
+        out[method] = records
+    return out
 
 
-def evaluate_length(folder: Path, settings: dict, data_dir: Path, fields: dict | None = None) -> dict:
-    """Passkey cells and the loss by position band of one checkpoint (with `fields` over its config: an inference
-    arm), computed once and kept in the run folder."""
-    what = {k: settings[k] for k in EVALUATION_KEYS if k != "inference_arms"} | {"fields": fields}
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-    record = folder / f"evaluation-{digest}.json"  # a change of evaluation settings evaluates again
-    if record.is_file():
-        return json.loads(record.read_text())
-    checkpoint = folder / "final"
-    config = Config.from_file(checkpoint, **(fields or {}))
-    model = GPT.from_checkpoint(checkpoint, config=config).eval()
-    tokenizer = Tokenizer(checkpoint)
-    cells = []
-    for cell in evaluation_cells(tokenizer, settings["lengths"], settings["depths"], settings["keys"], seed=0):
-        scores = score_answers(model, cell["examples"])
-        cells.append(dict(length=cell["length"], depth=cell["depth"],
-                          exact=sum(s["exact"] for s in scores) / len(scores),
-                          log_likelihood=sum(s["log_likelihood"] for s in scores) / len(scores)))
-    held_out = TokenData(data_dir).val
-    bands = loss_by_position(model, held_out, settings["bands"][-1], settings["lm_windows"], settings["bands"])
-    result = dict(cells=cells, bands=bands)
-    record.write_text(json.dumps(result, indent=2))
-    return result
+def rates_for(study: Study, arm: str, tuned: dict) -> dict:
+    method = study.grid["tuned_from"].get(arm, arm)
+    records = tuned.get(method)
+    return tuned_rates(records, study.grid["tuning"]["tie"]) if records else {}
 
 
-def length_experiment(grid: dict, out_dir: Path, data_dir: Path) -> dict:
-    settings = grid["length"]
-    mix_dir = retrieval_mix(grid, out_dir, data_dir)
-    runs = {(arm, seed): out_dir / "length" / arm / f"seed-{seed}" for arm in settings["arms"]
-            for seed in grid["seeds"]}
-
-    def job(arm, seed, folder):
-        fields = {**settings["model"]["overrides"], **settings["arms"][arm]}
-        model = {"name": settings["model"]["name"], "fields": fields}
-
-        def train_and_evaluate(threads):
-            pretrain(folder, model, mix_dir, seed, settings["train"], settings["eval"], threads, "document")
-            torch.set_num_threads(threads)
-            evaluate_length(folder, settings, data_dir)
-
-        return train_and_evaluate
-
-    in_parallel([job(arm, seed, folder) for (arm, seed), folder in runs.items()], grid["workers"])
-    results = {arm: [] for arm in [*settings["arms"], *settings.get("inference_arms", {})]}
-    for (arm, seed), folder in runs.items():
-        results[arm].append(dict(seed=seed, **evaluate_length(folder, settings, data_dir),
-                                 slopes=slope_summary(folder) if arm == "ssa" else None))
-    for arm, spec in settings.get("inference_arms", {}).items():
-        for seed in grid["seeds"]:
-            folder = runs[spec["of"], seed]
-            results[arm].append(dict(seed=seed, **evaluate_length(folder, settings, data_dir, spec["fields"])))
-    for arm, rows in results.items():
-        print(f"  length {arm}: " + "; ".join(f"seed {r['seed']} {per_length(r, 'exact')}" for r in rows), flush=True)
-    return results
+def contingency_steps(study: Study, tuned: dict, settings: dict) -> dict:
+    """The plan's contingency: more steps for experiment 1 when vanilla did not learn on the tuning seed."""
+    vanilla = [r for r in tuned.get("vanilla", []) if not r["failed"]]
+    if vanilla and vanilla[0]["metrics"]["T"] >= vanilla[0]["metrics"]["cap"]:
+        more = study.grid["tuning"]["contingency"]
+        print(f"  contingency: vanilla did not reach the bar on the tuning seed: {more}", flush=True)
+        return merge(settings, {"train": more})
+    return settings
 
 
-def cached(out_dir: Path, name: str, settings: dict, compute) -> dict:
-    """compute() once per settings: kept as out_dir/toys/<name>-<digest>.json and reused when run again."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    record = out_dir / "toys" / f"{name}-{digest}.json"
-    if record.is_file():
-        return json.loads(record.read_text())
-    result = compute()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(result, indent=2))
-    return json.loads(record.read_text())  # as it reads back: the numbers n of the dilution toy become strings
+def experiment(study: Study, part: str, tuned: dict, evaluate, settings: dict | None = None) -> dict:
+    settings = settings or study.grid[part]
+    jobs = [(arm, seed) for seed in settings["seeds"] for arm in settings["arms"]]
+    records = study.in_parallel([
+        (lambda arm=arm, seed=seed: study.run(part, arm, seed, rates_for(study, arm, tuned), settings, evaluate))
+        for arm, seed in jobs])
+    out: dict[str, list] = {}
+    for (arm, _), record in zip(jobs, records):
+        out.setdefault(arm, []).append(record)
+    return out
 
 
-def dilution_experiment(grid: dict) -> dict:
-    settings = grid["dilution"]
-    results = {}
-    for variant in settings["variants"]:
-        rows = {arm: [] for arm in (*DILUTION_ARMS, "logn at inference", "oracle (best fixed sharpness)")}
+def toys(study: Study) -> dict:
+    settings = study.grid["toys"]
+    path = study.record_path("toys", "toys")
+    spec = json.loads(json.dumps(settings))
+    if path.is_file() and json.loads(path.read_text())["spec"] == spec:
+        return json.loads(path.read_text())
+    torch.set_num_threads(os.cpu_count() or 1)
+    dilution = settings["dilution"]
+    arms = (*DILUTION_ARMS, *(f"{FIXED_SLOPE}{s:g}" for s in dilution["fixed_slopes"]))
+    result = {"dilution": {}, "learned": {}}
+    start = time.perf_counter()
+    for variant in dilution["variants"]:
+        rows = {arm: [] for arm in (*arms, "logn at inference", "oracle (best fixed sharpness)")}
+        learned = {arm: [] for arm in ("constant", "ssa", "ssmax")}
         for seed in settings["seeds"]:
-            heads = {arm: train_dilution(arm, variant, settings, seed) for arm in DILUTION_ARMS}
+            heads = {arm: train_dilution(arm, variant, dilution, seed) for arm in arms}
             for arm, head in heads.items():
-                rows[arm].append(dilution_errors(head, variant, settings, seed))
-            logn = lambda n: max(1.0, math.log(n) / math.log(settings["logn_length"]))  # noqa: E731
-            rows["logn at inference"].append(dilution_errors(heads["vanilla"], variant, settings, seed, tau=logn))
-            rows["oracle (best fixed sharpness)"].append(oracle_errors(heads["vanilla"], variant, settings, seed))
-        results[variant] = rows
-        for arm, errors in rows.items():
-            print(f"  dilution {variant}, {arm}: " + ", ".join(
-                f"n={n}: {statistics.mean(e[n] for e in errors):.3f}" for n in settings["test_n"]), flush=True)
-    return {variant: {arm: [{str(n): e for n, e in errors.items()} for errors in rows] for arm, rows in by.items()}
-            for variant, by in results.items()}
+                rows[arm].append({str(n): e for n, e in dilution_errors(head, variant, dilution, seed).items()})
+                if arm in learned:
+                    learned[arm].append(head.learned())
+            logn = lambda n: max(1.0, math.log(n) / math.log(dilution["logn_length"]))  # noqa: E731
+            rows["logn at inference"].append(
+                {str(n): e for n, e in dilution_errors(heads["vanilla"], variant, dilution, seed, tau=logn).items()})
+            rows["oracle (best fixed sharpness)"].append(
+                {str(n): e for n, e in oracle_errors(heads["vanilla"], variant, dilution, seed).items()})
+        result["dilution"][variant] = rows
+        result["learned"][variant] = learned
+    per_seed = [value_errors(settings["value"], seed) for seed in settings["seeds"]]
+    result["value"] = {kind: [errors[kind] for errors in per_seed] for kind in per_seed[0]}
+    return study.write(path, dict(spec=spec, **result, wall_s=round(time.perf_counter() - start, 1),
+                                  plan_sha256=study.plan_sha, plan_commit=study.commit, failed=False))
 
 
-def value_experiment(grid: dict) -> dict:
-    per_seed = [value_errors(grid["toy"], seed) for seed in grid["seeds"]]
-    results = {name: [errors[name] for errors in per_seed] for name in per_seed[0]}
-    for name, errors in results.items():
-        print(f"  value toy, {name}: normalised error {mean_std(errors)}", flush=True)
-    return results
-
-
-def check_same_grid(out_dir: Path, grid: dict) -> None:
-    """Finished training runs are reused, so an output folder may only ever hold one grid's runs: every setting that
-    decides a trained run's result must match (more seeds or arms, other workers, evaluation settings or toy
-    settings are fine: those are computed again)."""
-    def settings(g: dict) -> dict:
-        g = {key: json.loads(json.dumps(g[key])) for key in TRAINED if key in g}
-        for section in g.values():
-            for key in ("arms", "seeds", *EVALUATION_KEYS):
-                section.pop(key, None)
-        return g
-
-    def arms(g: dict) -> dict:
-        return {section: g[section].get("arms", {}) for section in TRAINED if isinstance(g.get(section), dict)}
-
-    record = out_dir / "grid.json"
-    if record.is_file():
-        old = json.loads(record.read_text())
-        old_arms, new_arms = arms(old), arms(json.loads(json.dumps(grid)))
-        changed = [(s, a) for s in new_arms for a in set(old_arms.get(s, {})) & set(new_arms[s])
-                   if old_arms[s][a] != new_arms[s][a]]
-        if settings(old) != settings(grid) or changed:
-            raise ValueError(f"{out_dir} holds the runs of a different grid (see {record}); pass another --out_dir "
-                             f"or delete that folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(grid, indent=2))
-
-
-def main(grid: Path = ROOT / "study" / "grid.yaml", out_dir: Path | None = None, quick: bool = False,
-         data_dir: Path | None = None) -> str:
-    """Run the grid and write the report.
+def main(grid: Path = ROOT / "study" / "grid.yaml", out_dir: Path | None = None, records: Path | None = None,
+         quick: bool = False, only: list[str] | None = None) -> str:
+    """Run the parts of the grid that have no record yet, then write the report.
 
     Args:
         grid: the YAML of the grid (study/grid.yaml).
-        out_dir: runs, results.md, results.json and the plots go here; finished runs are reused. Default
-            out/reproduce, or out/reproduce-quick with --quick.
-        quick: the reduced grid of the config's `quick` section.
-        data_dir: the prepared bundled corpus; default the grid's data.dir (prepared when missing).
+        out_dir: the runs' folders (checkpoints, logs) and the prepared data. Default out/study, or out/study-quick.
+        records: one JSON per finished run, and the report. Default study/runs (committed), or <out_dir>/runs with
+            --quick.
+        quick: the reduced grid of the grid's `quick` section.
+        only: the parts to run (tuning, speed, lm, length, toys; default all); the report covers what has records.
     """
+    only = list(PARTS) if only is None else only
+    unknown = [p for p in only if p not in PARTS]
+    if unknown:
+        raise ValueError(f"--only: {unknown} unknown; expected some of {list(PARTS)}.")
     grid = load_grid(grid, quick)
-    out_dir = Path(out_dir or ("out/reproduce-quick" if quick else "out/reproduce"))
-    check_same_grid(out_dir, grid)
-    data_dir = Path(data_dir or grid["data"]["dir"])
-    if not (data_dir / "meta.json").is_file():
-        settings = grid["data"]
-        prepare(settings["source"], data_dir, train_tokenizer=settings["train_tokenizer"],
-                val_fraction=settings["val_fraction"])
-    print("Length generalisation:", flush=True)
-    length = length_experiment(grid, out_dir, data_dir)
-    print("Position slopes:", flush=True)
-    slopes = slopes_experiment(grid, out_dir, data_dir)
-    torch.set_num_threads(os.cpu_count() or 1)
-    print("Dilution toy:", flush=True)
-    dilution = cached(out_dir, "dilution", grid["dilution"], lambda: dilution_experiment(grid))
-    print("Value toy:", flush=True)
-    value = cached(out_dir, "value", {**grid["toy"], "seeds": grid["seeds"]}, lambda: value_experiment(grid))
-    decisions = verdict(length, grid["length"], len(grid["seeds"]))
-    text = report(grid, slopes, length, dilution, value, decisions, quick)
-    (out_dir / "results.md").write_text(text)
-    summary = dict(slopes=slopes, length=length, learned=learned_runs(length, grid["length"]), decisions=decisions,
-                   dilution=dilution, value=value)
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    plot(grid, length, dilution, out_dir)
+    out_dir = Path(out_dir or ("out/study-quick" if quick else "out/study"))
+    records = Path(records or (out_dir / "runs" if quick else ROOT / "study" / "runs"))
+    study = Study(grid, out_dir, records, quick)
+    results: dict = {}
+    tuned = tuning(study) if "tuning" in only or {"speed", "lm", "length"} & set(only) else {}
+    results["tuning"] = tuned
+    if "speed" in only:
+        print("Experiment 1, speed of learning:", flush=True)
+        results["speed"] = experiment(study, "speed", tuned, study.curve,
+                                      contingency_steps(study, tuned, grid["speed"]))
+    if "lm" in only:
+        print("Experiment 3, language modelling:", flush=True)
+        results["lm"] = experiment(study, "lm", tuned, study.lm)
+    if "length" in only:
+        print("Experiments 4 and 2, length generalisation and the ablations:", flush=True)
+        results["length"] = experiment(study, "length", tuned, study.length_with_controls)
+    if "toys" in only:
+        print("Experiment 5, the toys:", flush=True)
+        results["toys"] = toys(study)
+    flat = [r for part in ("speed", "lm", "length") for rows in results.get(part, {}).values() for r in rows]
+    flat += [r for rows in tuned.values() for r in rows] + ([results["toys"]] if "toys" in results else [])
+    made_under = check_plan([r for r in flat if "plan_sha256" in r], study.plan_text)
+    text = report(grid, results, dict(made_under=made_under, commit=study.commit, quick=quick,
+                                      dropped=study.data()["dropped"]), records)
+    (records / "results.md").write_text(text)
     print("\n" + text)
-    print(f"Wrote {out_dir}/results.md, results.json, length.png, dilution.png and slopes.png")
+    print(f"Wrote {records}/results.md and its plots")
     return text
 
 

@@ -16,52 +16,91 @@ import torch.nn.functional as F
 
 from lit_gpt.evaluation import PASSKEY_FILLER_SENTENCES, passkey_needle, passkey_text
 
+TRAINING_FILLER = PASSKEY_FILLER_SENTENCES  # the sentences of training documents (as eval/passkey.py's)
+HELD_OUT_FILLER = ("The snow is white.", "The night is dark.", "The sea is deep.", "Off we go now.",
+                   "Up and down the hill.")  # only in validation and evaluation prompts
 
-def retrieval_prompt(key: int, before: int, after: int, rng: random.Random) -> tuple[str, str]:
+
+def held_out_key(key: int) -> bool:
+    """The keys (a tenth of 10000-99999, spread evenly) that no training document contains."""
+    return key * 2654435761 % 1000 < 100
+
+
+def draw_key(rng: random.Random, held_out: bool) -> int:
+    while True:
+        key = rng.randint(10000, 99999)
+        if held_out_key(key) == held_out:
+            return key
+
+
+def retrieval_prompt(key: int, before: int, after: int, rng: random.Random,
+                     filler: tuple[str, ...] = TRAINING_FILLER) -> tuple[str, str]:
     """(prompt, answer) with `before` filler sentences ahead of the needle and `after` behind it."""
-    filler = lambda n: [rng.choice(PASSKEY_FILLER_SENTENCES) for _ in range(n)]  # noqa: E731
-    prompt = passkey_text(passkey_needle(key, repeated=False), filler(before), filler(after), intro=False)
+    sentences = lambda n: [rng.choice(filler) for _ in range(n)]  # noqa: E731
+    prompt = passkey_text(passkey_needle(key, repeated=False), sentences(before), sentences(after), intro=False)
     return prompt, f" {key}."
 
 
-def filler_tokens(tokenizer) -> tuple[int, float]:
+def filler_tokens(tokenizer, filler: tuple[str, ...] = TRAINING_FILLER) -> tuple[int, float]:
     """Tokens of a document without filler, and the mean tokens of one filler sentence."""
     prompt, answer = retrieval_prompt(12345, 0, 0, random.Random(0))
     fixed = tokenizer.encode(prompt + answer, bos=False).numel()
-    sentences = PASSKEY_FILLER_SENTENCES
-    per = sum(tokenizer.encode(" " + s, bos=False).numel() for s in sentences) / len(sentences)
+    per = sum(tokenizer.encode(" " + s, bos=False).numel() for s in filler) / len(filler)
     return fixed, per
 
 
-def training_documents(tokenizer, count: int, block_size: int, seed: int) -> list[str]:
+def training_documents(tokenizer, count: int, block_size: int, seed: int, held_out: bool = False) -> list[str]:
     """Documents that fit a training window, with a filler count drawn uniformly from everything that fits and the
-    needle at a uniform depth, so that training sees every distance the window allows."""
+    needle at a uniform depth, so that training sees every distance the window allows. `held_out`: the same with
+    the held-out keys and filler (validation documents), and at least one sentence after the needle: "Remember it.
+    What is the pass key? The pass key is" is 50 characters of template that training documents without filler after
+    their needle also hold."""
     rng = random.Random(seed)
-    fixed, per = filler_tokens(tokenizer)
+    filler = HELD_OUT_FILLER if held_out else TRAINING_FILLER
+    fixed, per = filler_tokens(tokenizer, filler)
     most = max(0, math.floor((block_size - fixed - 2) / per))
     documents = []
     for _ in range(count):
         total = rng.randint(0, most)
         before = rng.randint(0, total)
-        prompt, answer = retrieval_prompt(rng.randint(10000, 99999), before, total - before, rng)
+        if held_out:  # a held-out sentence between needle and question: no 50-character run of fixed template
+            total = max(1, total)
+            before = min(before, total - 1)
+        prompt, answer = retrieval_prompt(draw_key(rng, held_out), before, total - before, rng, filler)
         documents.append(prompt + answer)
     return documents
 
 
+def tokenized(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(prompt ids, answer ids) of each (prompt, answer), the answer's ids as they tokenize after the prompt."""
+    out = []
+    for prompt, answer in pairs:
+        p, full = tokenizer.encode(prompt, bos=False), tokenizer.encode(prompt + answer, bos=False)
+        out.append((p, full[p.numel():]))
+    return out
+
+
+def training_length_prompts(tokenizer, count: int, block_size: int, seed: int) -> list[tuple]:
+    """Held-out prompts (keys and filler) at the training length, lengths and depths drawn as in training."""
+    pairs = []
+    for document in training_documents(tokenizer, count, block_size, seed, held_out=True):
+        cut = document.rindex(" The pass key is") + len(" The pass key is")
+        pairs.append((document[:cut], document[cut:]))
+    return tokenized(tokenizer, pairs)
+
+
 def evaluation_cells(tokenizer, lengths: list[int], depths: list[float], keys: int, seed: int) -> list[dict]:
-    """For each (length, depth): `keys` prompts of about `length` tokens (answer included) with the needle at `depth`
-    of the filler, tokenized as (prompt ids, answer ids)."""
-    fixed, per = filler_tokens(tokenizer)
+    """For each (length, depth): `keys` held-out prompts of about `length` tokens (answer included) with the needle
+    at `depth` of the filler, tokenized as (prompt ids, answer ids)."""
+    fixed, per = filler_tokens(tokenizer, HELD_OUT_FILLER)
     cells = []
     for i, (length, depth) in enumerate((n, d) for n in lengths for d in depths):
         rng = random.Random(seed * 7919 + i)
-        total = max(0, round((length - fixed) / per))
-        before = round(total * depth)
-        examples = []
-        for _ in range(keys):
-            prompt, answer = retrieval_prompt(rng.randint(10000, 99999), before, total - before, rng)
-            examples.append((tokenizer.encode(prompt, bos=False), tokenizer.encode(prompt + answer, bos=False)))
-        cells.append(dict(length=length, depth=depth, examples=[(p, full[p.numel():]) for p, full in examples]))
+        total = max(1, round((length - fixed) / per))
+        before = min(round(total * depth), total - 1)  # at least one sentence between needle and question
+        pairs = [retrieval_prompt(draw_key(rng, True), before, total - before, rng, HELD_OUT_FILLER)
+                 for _ in range(keys)]
+        cells.append(dict(length=length, depth=depth, examples=tokenized(tokenizer, pairs)))
     return cells
 
 

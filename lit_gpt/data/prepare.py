@@ -201,24 +201,34 @@ def prepare(
             f"Found {len(documents)} document(s) in {source!r}; need at least two to split off validation."
         )
     split = documents.train_test_split(test_size=val_fraction, seed=seed)
+    return write_prepared(split["train"], split["test"], output_dir, tokenizer_dir, train_tokenizer, num_proc,
+                          overwrite, dict(source=source, documents=len(documents), seed=seed))
+
+
+def write_prepared(train_rows, val_rows, output_dir: Path, tokenizer_dir: Path | None, train_tokenizer: int | None,
+                   num_proc: int | None, overwrite: bool, about: dict) -> Path:
+    """Tokenize a split already made (two `datasets.Dataset`s with a "text" column) into train.bin / val.bin, with
+    the tokenizer of `tokenizer_dir` or a BPE of `train_tokenizer` tokens trained on the training rows only;
+    `about` goes into meta.json (where the split came from)."""
+    output_dir = Path(output_dir)
+    num_proc = num_proc or min(8, os.cpu_count() or 1)
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         if train_tokenizer:
-            train_bpe(iter(split["train"]["text"]), train_tokenizer, tmp)
+            train_bpe(iter(train_rows["text"]), train_tokenizer, tmp)
         elif not copy_tokenizer_files(Path(tokenizer_dir), tmp):
             raise FileNotFoundError(f"No tokenizer files in {str(tokenizer_dir)!r}.")
         tokenizer = Tokenizer(tmp)
         if tokenizer.eos_id is None:
             raise ValueError(f"The tokenizer in {str(tokenizer_dir)!r} has no end-of-text token to separate documents.")
         dtype = token_dtype(tokenizer.vocab_size)
-        workers = num_proc if len(documents) >= 1000 else None  # processes cost more than they save on small data
-        counts = {name: write_tokens(split[part], tokenizer, tmp / f"{name}.bin", dtype, workers)
-                  for name, part in (("train", "train"), ("val", "test"))}
+        workers = num_proc if len(train_rows) + len(val_rows) >= 1000 else None  # processes cost more than they save
+        counts = {name: write_tokens(rows, tokenizer, tmp / f"{name}.bin", dtype, workers)
+                  for name, rows in (("train", train_rows), ("val", val_rows))}
         train, val = (np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="r") for name in ("train", "val"))
-        meta = dict(source=source, tokenizer=tokenizer_fingerprint(tmp), vocab_size=tokenizer.vocab_size,
+        meta = dict(about, tokenizer=tokenizer_fingerprint(tmp), vocab_size=tokenizer.vocab_size,
                     dtype=dtype.name, eos_id=tokenizer.eos_id,
                     max_token_id=int(max(train.max(), val.max())), train_tokens=counts["train"],
-                    val_tokens=counts["val"], documents=len(documents), seed=seed,
-                    unigram_loss=unigram_loss(train, val, tokenizer.vocab_size))
+                    val_tokens=counts["val"], unigram_loss=unigram_loss(train, val, tokenizer.vocab_size))
         del train, val
         (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2))
     print(f"Prepared {output_dir}: {counts['train']:,} training and {counts['val']:,} validation tokens"
