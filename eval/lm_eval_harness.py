@@ -22,14 +22,19 @@ from tqdm import tqdm
 from lit_gpt.generation import generate_text, load_for_inference
 from lit_gpt.utils import check_output_files, check_writable, resolve_device, run_cli, write_file
 
+LOGITS_BUDGET = 2**28  # float32 logits (1 GiB) a scoring batch may hold: long rows of a large vocabulary batch less
+
 
 @register_model("lit_gpt_ssa")
 class LitLM(LM):
     def __init__(self, checkpoint_dir: str, device: str = "cpu", dtype: str | None = None,
-                 max_length: int | None = None, **kwargs) -> None:
+                 max_length: int | None = None, batch_size: int | str = 16, **kwargs) -> None:
         super().__init__()
         self.model, self.tokenizer = load_for_inference(Path(checkpoint_dir), device, dtype)
         self.max_length = max_length or self.model.max_seq_length
+        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 16
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")
         self._device = torch.device(device)
         prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
         if prefix is None:
@@ -57,25 +62,76 @@ class LitLM(LM):
         total = logprobs.gather(-1, target[:, None]).sum().item()
         return total, bool((logprobs.argmax(-1) == target).all())
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        results = []
-        for request in tqdm(requests, desc="loglikelihood", disable=disable_tqdm):
-            context, continuation = request.args
-            if context:
-                head, tail = self.encode_pair(context, continuation)
-            else:
-                head, tail = [self.prefix_token_id], self.encode(continuation)
-            results.append(self.score(head, tail))
+    @torch.inference_mode()
+    def score_many(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True,
+                   desc: str = "scoring") -> list[tuple[float, bool]]:
+        """`score` of every (context, continuation), batched: each pair's model input is its ids (cut to the last
+        max_length + 1, as `score` does) minus the last; inputs that are a prefix of a longer one are read from the
+        longer one's forward (lm-eval's multiple-choice endings that nest, repeated requests), the rest run longest
+        first, `batch_size` at a time, right-padded: causal attention never lets a position see the padding after
+        it. Results come back in the order of `pairs`."""
+        rows = []
+        for context, continuation in pairs:
+            ids = (context + continuation)[-(self.max_length + 1) :]
+            rows.append((tuple(ids[:-1]), continuation))
+        # in lexicographic order an input that is a prefix of another is a prefix of the one right after it
+        unique = sorted({ids for ids, _ in rows})
+        owner: dict[tuple, tuple] = {}
+        for k in range(len(unique) - 1, -1, -1):
+            ids, after = unique[k], unique[k + 1] if k + 1 < len(unique) else None
+            owner[ids] = owner[after] if after is not None and after[: len(ids)] == ids else ids
+        computed = sorted({owner[ids] for ids in owner}, key=len, reverse=True)
+        index = {ids: c for c, ids in enumerate(computed)}
+        readers: dict[int, list[int]] = {}
+        for i, (ids, _) in enumerate(rows):
+            readers.setdefault(index[owner[ids]], []).append(i)
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        pad = self.prefix_token_id
+        vocab = self.model.config.padded_vocab_size
+        progress = tqdm(total=len(computed), desc=desc, disable=disable_tqdm)
+        start = 0
+        while start < len(computed):
+            width = len(computed[start])  # longest first
+            size = max(1, min(self.batch_size, LOGITS_BUDGET // (width * vocab)))  # the float32 logits' memory
+            batch = list(range(start, min(start + size, len(computed))))
+            start = batch[-1] + 1
+            progress.update(len(batch))
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            for row, c in enumerate(batch):
+                ids[row, : len(computed[c])] = torch.tensor(computed[c])
+            out = self.model(ids.to(self._device)).float()
+            for row, c in enumerate(batch):
+                for i in readers[c]:
+                    end, continuation = len(rows[i][0]), rows[i][1]
+                    logprobs = F.log_softmax(out[row, end - len(continuation) : end], dim=-1)
+                    target = torch.tensor(continuation, device=self._device)
+                    results[i] = (logprobs.gather(-1, target[:, None]).sum().item(),
+                                  bool((logprobs.argmax(-1) == target).all()))
+        progress.close()
         return results
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for request in requests:
+            context, continuation = request.args
+            if context:
+                pairs.append(self.encode_pair(context, continuation))
+            else:
+                pairs.append(([self.prefix_token_id], self.encode(continuation)))
+        return self.score_many(pairs, disable_tqdm, "loglikelihood")
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        results = []
-        for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
-            windows = get_rolling_token_windows(token_list=self.encode(request.args[0]),
-                                                prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                                                context_len=1)
-            results.append(sum(self.score(*make_disjoint_window(w))[0] for w in windows))
-        return results
+        windows, owner = [], []
+        for n, request in enumerate(requests):
+            for window in get_rolling_token_windows(token_list=self.encode(request.args[0]),
+                                                    prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                                                    context_len=1):
+                windows.append(make_disjoint_window(window))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owner, self.score_many(windows, disable_tqdm, "loglikelihood_rolling")):
+            totals[n] += logprob
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results = []
@@ -99,6 +155,7 @@ def main(
     output_file: Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    batch_size: int = 16,
     seed: int = 1234,
 ) -> dict:
     """Run lm-evaluation-harness tasks on a checkpoint.
@@ -111,7 +168,10 @@ def main(
         include_path: a folder of extra task YAML files (local tasks).
         output_file: where to write the results JSON; default <checkpoint_dir>/lm_eval.json.
         device: cpu or cuda; default cuda when available.
-        dtype: float32, float16 or bfloat16; default the checkpoint's own.
+        dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
+            kept in float32); default the checkpoint's own.
+        batch_size: requests scored per forward (log-likelihoods; fewer where long rows would need more than 1 GiB
+            of logits).
         seed: seeds lm-evaluation-harness.
     """
     import lm_eval
@@ -120,6 +180,8 @@ def main(
     device = resolve_device(device)
     if limit is not None and not limit > 0:
         raise ValueError(f"--limit must be above 0 (documents per task, or a fraction below 1), got {limit}.")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be 1 or more, got {batch_size}.")
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
     if include_path is not None and not Path(include_path).is_dir():
@@ -133,8 +195,9 @@ def main(
     if unknown:
         raise ValueError(f"Unknown lm-evaluation-harness task(s) {unknown}; see `lm_eval ls tasks`, or pass"
                          " --include_path with your task YAML files.")
-    results = lm_eval.simple_evaluate(model=LitLM(str(checkpoint_dir), device=device, dtype=dtype), tasks=tasks,
-                                      num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+    model = LitLM(str(checkpoint_dir), device=device, dtype=dtype, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=task_manager,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
     write_file(output_file, json.dumps(results["results"], indent=2, default=str))
     print(json.dumps(results["results"], indent=2, default=str))

@@ -62,7 +62,8 @@ def main(
         max_new_tokens: tokens generated for the answer.
         output_dir: where passkey.json, passkey.csv and passkey.png go; default <checkpoint_dir>/passkey.
         device: cpu or cuda; default cuda when available.
-        dtype: float32, float16 or bfloat16; default the checkpoint's own.
+        dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
+            kept in float32); default the checkpoint's own.
     """
     at_least(1, trials=trials, max_new_tokens=max_new_tokens)
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):

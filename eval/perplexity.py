@@ -74,7 +74,8 @@ def main(
         stride: how far the window advances; default half the window.
         output_file: where to write the JSON result; default <checkpoint_dir>/perplexity.json.
         device: cpu or cuda; default cuda when available.
-        dtype: float32, float16 or bfloat16; default the checkpoint's own.
+        dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
+            kept in float32); default the checkpoint's own.
     """
     at_least(1, max_chars=max_chars, max_tokens=max_tokens, window=window, stride=stride)
     if start_char < 0:

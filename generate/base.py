@@ -46,7 +46,8 @@ def main(
         seed: seeds the sampling.
         truncate: drop the beginning of a prompt too long for the context instead of refusing it.
         device: cpu or cuda; default cuda when available.
-        dtype: float32, float16 or bfloat16; default the checkpoint's own.
+        dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
+            kept in float32); default the checkpoint's own.
         compile: torch.compile the transformer blocks (slower here, see benchmarks/compile.py).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)

@@ -1,5 +1,6 @@
 """Sampling and KV-cache decoding, shared by generate/, eval/ and the tests."""
 
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,9 +8,37 @@ from pathlib import Path
 import torch
 
 from lit_gpt.kernels import use_onednn_linear
-from lit_gpt.model import GPT
+from lit_gpt.model import GPT, TEMPERATURES
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import at_least, parse_dtype, resolve_device
+
+
+def inference_dtype(name: str | None, device: str) -> torch.dtype | None:
+    """--dtype: as given (None: the checkpoint's own); `auto` picks bfloat16 on a GPU that has it and on a CPU whose
+    bf16 matrix products are clearly faster than float32 (the probe of --precision auto), float32 elsewhere, and
+    says what it chose and why."""
+    if name != "auto":
+        return parse_dtype(name)
+    from lit_gpt.fabric import FAST_BF16, bf16_speedup
+
+    if str(device).startswith("cuda"):
+        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        print(f"--dtype auto: {chosen} (GPU)", file=sys.stderr)
+        return chosen
+    speedup = bf16_speedup()
+    chosen = torch.bfloat16 if speedup >= FAST_BF16 else torch.float32
+    print(f"--dtype auto: {str(chosen).removeprefix('torch.')} (bf16 matrix products run {speedup:.1f}x as fast as"
+          f" float32 on this CPU; bf16 needs at least {FAST_BF16}x)", file=sys.stderr)
+    return chosen
+
+
+def keep_temperatures_float32(model: GPT) -> GPT:
+    """The temperature modules' parameters back in float32 in a model cast to 16 bits: SSA's slopes and token weights
+    are small numbers that bf16 would round (its 8-bit mantissa), and they are computed in float32 anyway."""
+    for module in model.modules():
+        if isinstance(module, TEMPERATURES):
+            module.float()
+    return model
 
 
 def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: str | None = None
@@ -17,7 +46,11 @@ def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: s
     """The model (in eval mode, on --device, in --dtype) and tokenizer of a checkpoint folder, checked to belong
     together: a tokenizer with more tokens than the model's vocabulary would index past its embedding."""
     device = resolve_device(device)
-    model = use_onednn_linear(GPT.from_checkpoint(checkpoint_dir, device=device, dtype=parse_dtype(dtype)).eval())
+    chosen = inference_dtype(dtype, device)
+    model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()  # as stored, then cast: temperatures kept
+    if chosen is not None and chosen != model.lm_head.weight.dtype:
+        model = keep_temperatures_float32(model.to(chosen))
+    model = use_onednn_linear(model)
     tokenizer = Tokenizer(checkpoint_dir)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise ValueError(

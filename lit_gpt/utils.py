@@ -272,7 +272,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         return None
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in dtypes:
-        raise ValueError(f"Unknown dtype {name!r}; expected one of {', '.join(dtypes)}.")
+        raise ValueError(f"Unknown dtype {name!r}; expected one of {', '.join(dtypes)} (or auto where the tool"
+                         " infers).")
     return dtypes[name]
 
 

@@ -235,6 +235,39 @@ def test_lm_eval_loglikelihood_matches_the_model(checkpoint):
     assert total < 0 and math.isfinite(total)
 
 
+@pytest.mark.parametrize("attention", [{}, {"attention_temperature": "ssa"}, {"selective_mask": "leviathan"}])
+def test_lm_eval_batched_scores_equal_one_request_at_a_time(attention, tmp_path):
+    """Batched, padded, with nested and repeated requests read from one forward: every log-likelihood and greedy
+    flag equals the adapter's own one-request forward (score), for models with and without SSA."""
+    from lm_eval.api.instance import Instance
+
+    from eval.lm_eval_harness import LitLM
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=64, **attention))
+    randomize_temperatures(model)
+    save_model_dir(model, tmp_path / "model", tokenizer_dir=GPT2_TOKENIZER)
+    lm = LitLM(str(tmp_path / "model"), batch_size=3)
+    contexts = ["The cat sat on the", "Two plus two is", "Once upon a time there was a", ""]
+    endings = [" mat", " mat and slept", " four", " a dog", " princess who lived far away", " mat"]
+    pairs = [(c, e) for c in contexts for e in endings] + [("word " * 80, " end")]  # the last is cut to max_length
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    batched = lm.loglikelihood(requests, disable_tqdm=True)
+    for (context, ending), (logprob, greedy) in zip(pairs, batched):
+        head, tail = lm.encode_pair(context, ending) if context else ([lm.prefix_token_id], lm.encode(ending))
+        expected, expected_greedy = lm.score(head, tail)
+        assert logprob == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    texts = ["one two three " * 40, "a short text", "one two three " * 40 + "four"]
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in
+               enumerate(texts)]
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    for text, total in zip(texts, lm.loglikelihood_rolling(rolling, disable_tqdm=True)):
+        windows = get_rolling_token_windows(token_list=lm.encode(text), prefix_token=lm.prefix_token_id,
+                                            max_seq_len=lm.max_length, context_len=1)
+        assert total == pytest.approx(sum(lm.score(*make_disjoint_window(w))[0] for w in windows), abs=1e-4)
+
+
 def test_lm_eval_runs_a_local_task(checkpoint, tmp_path):
     tasks = write_sums_task(tmp_path, "tiny_sums")
     result = run("eval/lm_eval_harness.py", "--checkpoint_dir", str(checkpoint), "--tasks", "[tiny_sums]",
