@@ -87,6 +87,8 @@ def load_grid(path: Path, quick: bool) -> dict:
     override = grid.pop("quick", {}) if quick else {}
     grid.pop("quick", None)
     grid = merge(grid, override)
+    if "sweeps" in override.get("tuning", {}):  # a quick grid's sweeps replace the full grid's, not extend them
+        grid["tuning"]["sweeps"] = override["tuning"]["sweeps"]
     named = [(part, arm) for part in ("speed", "lm", "length") for arm in grid[part]["arms"]]
     named += [("tuning", arm) for arm in grid["tuning"]["sweeps"]] + [("tuned_from", a) for pair in
                                                                       grid.get("tuned_from", {}).items() for a in pair]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import trained_checkpoint
 from safetensors.torch import load_file
 
 from finetune.full import setup
@@ -23,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def base(tmp_path_factory, text_file) -> Path:
-    return trained_checkpoint(tmp_path_factory.mktemp("finetune") / "base", text_file)
+def base(trained_base) -> Path:
+    return trained_base
 
 
 def arguments(base, data, out_dir, **train):

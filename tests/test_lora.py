@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILIES, trained_checkpoint
+from helpers import FAMILIES
 from safetensors.torch import load_file
 
 from finetune.lora import setup
@@ -23,8 +23,8 @@ ALL = ["query", "key", "value", "projection", "mlp", "head"]
 
 
 @pytest.fixture(scope="session")
-def lora_base(tmp_path_factory, text_file) -> Path:
-    return trained_checkpoint(tmp_path_factory.mktemp("lora") / "base", text_file)
+def lora_base(trained_base) -> Path:
+    return trained_base
 
 
 @pytest.fixture
