@@ -56,11 +56,14 @@ class LitLM(LM):
     def score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """Log-probability of `continuation` after `context`, and whether greedy decoding would produce it."""
         ids = (context + continuation)[-(self.max_length + 1) :]
-        logits = self.model(torch.tensor([ids[:-1]], device=self._device))[0, -len(continuation) :].float()
-        logprobs = F.log_softmax(logits, dim=-1)
+        logits = self.model(torch.tensor([ids[:-1]], device=self._device))[0, -len(continuation) :]
+        return self.continuation_score(logits, continuation)
+
+    def continuation_score(self, logits: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """The summed log-probability of `continuation` under its positions' logits, and whether each is the argmax."""
+        logprobs = F.log_softmax(logits.float(), dim=-1)
         target = torch.tensor(continuation, device=self._device)
-        total = logprobs.gather(-1, target[:, None]).sum().item()
-        return total, bool((logprobs.argmax(-1) == target).all())
+        return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
 
     @torch.inference_mode()
     def score_many(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True,
@@ -99,14 +102,11 @@ class LitLM(LM):
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             for row, c in enumerate(batch):
                 ids[row, : len(computed[c])] = torch.tensor(computed[c])
-            out = self.model(ids.to(self._device)).float()
+            out = self.model(ids.to(self._device))
             for row, c in enumerate(batch):
                 for i in readers[c]:
                     end, continuation = len(rows[i][0]), rows[i][1]
-                    logprobs = F.log_softmax(out[row, end - len(continuation) : end], dim=-1)
-                    target = torch.tensor(continuation, device=self._device)
-                    results[i] = (logprobs.gather(-1, target[:, None]).sum().item(),
-                                  bool((logprobs.argmax(-1) == target).all()))
+                    results[i] = self.continuation_score(out[row, end - len(continuation) : end], continuation)
         progress.close()
         return results
 

@@ -409,14 +409,11 @@ class SSATemperature(nn.Module):
     def forward(self, target: torch.Tensor, x: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
         """target * tau for target (B, T, heads, hs), the queries, keys or values this temperature belongs to.
         Under mixed precision (autocast) the temperature is still computed in float32; only the product is cast."""
+        if not torch.is_grad_enabled():  # decoding, evaluation: the product alone, no autograd bookkeeping
+            return (target * self.tau(x, target, log_n).unsqueeze(-1)).to(target.dtype)
         with float32_region(target.device):
-            features = self.token_features(target, x)
-            if not torch.is_grad_enabled():  # decoding, evaluation: the product alone, no autograd bookkeeping
-                tau = ssa_temperature(features, self.token_weight, self.position_param, per_token(log_n),
-                                      self.config.ssa_slope_form)[0]
-                return (target * tau.unsqueeze(-1)).to(target.dtype)
-            return ScaleByTemperature.apply(target, features, self.token_weight, self.position_param, log_n,
-                                            self.config.ssa_slope_form)
+            return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
+                                            self.position_param, log_n, self.config.ssa_slope_form)
 
 
 class BaselineTemperature(nn.Module):

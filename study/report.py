@@ -71,14 +71,14 @@ def speed_verdict(base: list[dict], arm: list[dict], rule: dict) -> dict:
     b, a = by_seed(base), by_seed(arm)
     seeds = sorted(set(b) & set(a))
 
+    def cap(record):
+        return record["spec"]["train"]["max_steps"] + record["spec"]["evaluation"]["curve"]["every"]
+
     def T(record):  # a failed run counts as never reaching the bar
-        spec = record["spec"]
-        return record["metrics"]["T"] if not record["failed"] else spec["train"]["max_steps"] + \
-            spec["evaluation"]["curve"]["every"]
+        return record["metrics"]["T"] if not record["failed"] else cap(record)
 
     ratios = [T(b[s]) / T(a[s]) for s in seeds]
-    capped = all(not b[s]["failed"] and T(b[s]) >= b[s]["metrics"]["cap"] and T(a[s]) >= a[s]["metrics"]["cap"]
-                 for s in seeds)
+    capped = all(T(b[s]) >= cap(b[s]) and T(a[s]) >= cap(a[s]) for s in seeds)
     median = statistics.median(ratios) if ratios else float("nan")
     p = wilcoxon_greater([math.log(r) for r in ratios])
     if not ratios:

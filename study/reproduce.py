@@ -11,6 +11,7 @@ is committed. The report (study/results.md and plots beside it) is written only 
 under, or with a deviation in the plan that names the plan's new hash.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -149,6 +150,14 @@ class Study:
                               tokenizer=tokenizer)
         return self._data
 
+    @functools.cache  # noqa: B019 (one Study per invocation)
+    def wiki_tokens(self) -> np.ndarray:
+        """The Wikipedia sample in the study's tokens, documents separated by EOS: tokenized once, by the first run
+        of experiment 3 that needs it."""
+        tokenizer = self.data()["tokenizer"]
+        return np.concatenate([np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id)
+                               for d in self.data()["wiki"]])
+
     def record_path(self, part: str, name: str) -> Path:
         return self.records / part / f"{name}.json"
 
@@ -269,11 +278,9 @@ class Study:
         """Mean next-token loss over every non-overlapping window of the model's length (at most `windows`) of the
         corpus validation text and of the Wikipedia sample."""
         model = GPT.from_checkpoint(folder / "final").eval()
-        tokenizer = self.data()["tokenizer"]
         window, most = model.config.block_size, spec["evaluation"]["windows"]
         val = np.asarray(TokenData(self.data()["corpus"]).val, dtype=np.int64)
-        wiki = np.concatenate([np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id)
-                               for d in self.data()["wiki"]])
+        wiki = self.wiki_tokens()
         return dict(val_loss=window_loss(model, val, window, most), wiki_loss=window_loss(model, wiki, window, most))
 
 
@@ -415,6 +422,7 @@ def main(grid: Path = ROOT / "study" / "grid.yaml", out_dir: Path | None = None,
     out_dir = Path(out_dir or ("out/study-quick" if quick else "out/study"))
     records = Path(records or (out_dir / "runs" if quick else ROOT / "study" / "runs"))
     study = Study(grid, out_dir, records, quick)
+    study.data()  # prepared once, before parallel runs could each start preparing it
     results: dict = {}
     tuned = tuning(study) if "tuning" in only or {"speed", "lm", "length"} & set(only) else {}
     results["tuning"] = tuned

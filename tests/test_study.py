@@ -95,6 +95,7 @@ def test_speed_rule_by_the_registered_thresholds():
     failed = dict(record(3), failed=True)
     ratios = speed_verdict(vanilla, faster[:2] + [failed] + faster[3:], RULE)["ratios"]
     assert ratios[2] == pytest.approx(600 / 1250)  # a failed run counts as the cap, not as dropped
+    assert speed_verdict(never, never[:2] + [failed] + never[3:], RULE)["verdict"].startswith("no power")
 
 
 def test_lm_rule_every_seed_and_the_margin():
