@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import header, table
 
-from benchmarks.common import header, table
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.utils import run_cli, write_file
 
@@ -64,7 +64,7 @@ def main(checkpoint_dir: Path, hf_dir: Path, items: int = 200, batch_size: int =
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from eval.lm_eval_harness import LitLM
+    from lit_gpt.harness import LitLM
 
     importlib.import_module("lm_eval.models")  # registers "hf"
     folder = Path(tempfile.mkdtemp(prefix="lm-eval-bench-"))

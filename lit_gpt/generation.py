@@ -191,3 +191,55 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop:
     """The completion of a text prompt, stopped at EOS or at the first stop string (excluded)."""
     ids = prepare_prompt(tokenizer, prompt, max_new_tokens, model.max_seq_length, truncate)
     return "".join(stream_text(model, tokenizer, ids.to(model.lm_head.weight.device), max_new_tokens, stop, **kwargs))
+
+
+@torch.inference_mode()
+def generate_texts(model: GPT, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int,
+                   stop: list[str] | None = None, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
+    """The completions of several prompts (token ids (T,) each, checked to fit with their new tokens) decoded as one
+    left-padded batch: each row's real tokens are numbered from 0 and never see the padding, so a row's greedy
+    completion is the one it has alone (`stream_text`'s: ended at EOS or before the first stop string). Decoding ends
+    when every row has ended."""
+    stop = [s for s in (stop or []) if s]
+    for ids in prompts:
+        check_length(ids.numel(), max_new_tokens, model.max_seq_length)
+    device = model.lm_head.weight.device
+    B, T = len(prompts), max(ids.numel() for ids in prompts)
+    lengths = torch.tensor([ids.numel() for ids in prompts], device=device)
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    idx = torch.full((B, T), pad, dtype=torch.long, device=device)
+    real = torch.ones((B, T + max_new_tokens), dtype=torch.bool, device=device)  # keys a row may attend to
+    for row, ids in enumerate(prompts):
+        idx[row, T - ids.numel() :] = ids.to(device)
+        real[row, : T - ids.numel()] = False
+    slots = torch.arange(T, device=device)
+    positions = (slots - (T - lengths)[:, None]).clamp(min=0)  # (B, T): each row's real tokens from 0
+    mask = real[:, None, None, :T] | torch.eye(T, dtype=torch.bool, device=device)  # (B, 1, T, T); padding sees itself
+    new: list[list[int]] = [[] for _ in range(B)]
+    texts: list[str | None] = [None] * B
+    model.set_kv_cache(batch_size=B, max_seq_length=T + max_new_tokens)
+    try:
+        logits = model(idx, input_pos=slots, mask=mask, position_ids=positions, only_last=True)[:, -1]
+        for step in range(max_new_tokens):
+            tokens = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            for row in range(B):
+                if texts[row] is not None:
+                    continue
+                token = int(tokens[row])
+                if token == tokenizer.eos_id:
+                    texts[row] = tokenizer.decode(new[row])
+                    continue
+                new[row].append(token)
+                text = tokenizer.decode(new[row])
+                hits = [text.index(s) for s in stop if s in text]
+                if hits:
+                    texts[row] = text[: min(hits)]
+            if all(t is not None for t in texts) or step == max_new_tokens - 1:
+                break
+            slot = T + step
+            logits = model(tokens, input_pos=torch.tensor([slot], device=device),
+                           mask=real[:, None, None, : slot + 1], position_ids=lengths[:, None] + step)[:, -1]
+    finally:
+        model.clear_kv_cache()
+    return [tokenizer.decode(n) if t is None else t for t, n in zip(texts, new)]

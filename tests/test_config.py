@@ -182,13 +182,14 @@ def test_python_dash_m_lit_gpt_lists_every_preset():
 
 def test_every_entry_script_imports_as_a_user_runs_it(tmp_path):
     """Each `python <folder>/<script>.py` sees its own folder as sys.path[0] and the installed packages, not the
-    repository root that pytest adds (finetune/lora.py once imported finetune.full, which a user's Python cannot
-    find). One interpreter loads every script that way, from another directory, without running its main."""
+    repository root that pytest adds (finetune/lora.py once imported finetune.full, benchmarks/lm_eval_throughput.py
+    benchmarks.common and eval.lm_eval_harness, which a user's Python cannot find). One interpreter loads every script
+    that way, from another directory, without running its main."""
     import subprocess
     import sys
 
     root = Path(__file__).parents[1]
-    scripts = sorted(p for folder in ("pretrain", "finetune", "generate", "eval", "scripts", "study")
+    scripts = sorted(p for folder in ("pretrain", "finetune", "generate", "eval", "scripts", "study", "benchmarks")
                      for p in (root / folder).glob("*.py") if p.name != "__init__.py")
     assert len(scripts) >= 14
     code = """

@@ -166,7 +166,7 @@ def test_lm_eval_hf_model_agrees_with_our_adapter(exported, tmp_path):
 
     importlib.import_module("lm_eval.models")  # registers "hf" (lm-eval skips it once our adapter has registered)
 
-    from eval.lm_eval_harness import LitLM
+    from lit_gpt.harness import LitLM
 
     lit, hf = exported[0]["pythia ssa"]
     tasks = TaskManager(include_path=str(write_sums_task(tmp_path, "tiny_sums_hf")))

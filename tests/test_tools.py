@@ -217,7 +217,7 @@ lm_eval = pytest.importorskip("lm_eval")
 def test_lm_eval_loglikelihood_matches_the_model(checkpoint):
     from lm_eval.api.instance import Instance
 
-    from eval.lm_eval_harness import LitLM
+    from lit_gpt.harness import LitLM
 
     lm = LitLM(str(checkpoint))
     context, continuation = "The capital of France is", " Paris"
@@ -235,13 +235,15 @@ def test_lm_eval_loglikelihood_matches_the_model(checkpoint):
     assert total < 0 and math.isfinite(total)
 
 
-@pytest.mark.parametrize("attention", [{}, {"attention_temperature": "ssa"}, {"selective_mask": "leviathan"}])
+@pytest.mark.parametrize("attention", [{}, {"attention_temperature": "ssa"}, {"selective_mask": "leviathan"},
+                                       {"attention_gate": "headwise", "sliding_window": 12}])
 def test_lm_eval_batched_scores_equal_one_request_at_a_time(attention, tmp_path):
-    """Batched, padded, with nested and repeated requests read from one forward: every log-likelihood and greedy
-    flag equals the adapter's own one-request forward (score), for models with and without SSA."""
+    """Batched, padded, the endings of a shared context packed into one row after it (nested, repeated and
+    unrelated endings): every log-likelihood and greedy flag equals the adapter's own one-request forward (score),
+    for models with and without SSA; a sliding window shorter than a packed row splits it."""
     from lm_eval.api.instance import Instance
 
-    from eval.lm_eval_harness import LitLM
+    from lit_gpt.harness import LitLM
 
     torch.manual_seed(0)
     model = GPT(Config.from_name("debug", vocab_size=50257, block_size=64, **attention))
@@ -266,6 +268,35 @@ def test_lm_eval_batched_scores_equal_one_request_at_a_time(attention, tmp_path)
         windows = get_rolling_token_windows(token_list=lm.encode(text), prefix_token=lm.prefix_token_id,
                                             max_seq_len=lm.max_length, context_len=1)
         assert total == pytest.approx(sum(lm.score(*make_disjoint_window(w))[0] for w in windows), abs=1e-4)
+
+
+@pytest.mark.parametrize("attention", [{}, {"attention_temperature": "ssa"}, {"selective_mask": "leviathan"}])
+def test_lm_eval_batched_generation_equals_one_prompt_at_a_time(attention, tmp_path):
+    """generate_until decodes prompts of different lengths as one left-padded batch: each completion (greedy, its
+    own stop strings, EOS) equals generate_text's for that prompt alone, with and without SSA and with selective
+    attention. The model is random: its greedy tokens vary and follow any change of its inputs (a trained debug
+    model repeats one newline), so a padding token that leaked into a row's attention would change that row."""
+    from lm_eval.api.instance import Instance
+
+    from lit_gpt.harness import LitLM
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=64, **attention))
+    randomize_temperatures(model)
+    save_model_dir(model, tmp_path / "model", tokenizer_dir=GPT2_TOKENIZER)
+    lm = LitLM(str(tmp_path / "model"), batch_size=3)
+    prompts = ["It is a truth universally acknowledged, that", "She", "Mr. Darcy said that he had never",
+               "The", "Elizabeth walked"]
+    settings = [{"until": ["e"], "max_gen_toks": 20}, {"until": ["a", "o"], "max_gen_toks": 12},
+                {"max_gen_toks": 9}]
+    cases = [(p, kw) for p in prompts for kw in settings]
+    requests = [Instance(request_type="generate_until", doc={}, arguments=case, idx=i) for i, case in enumerate(cases)]
+    batched = lm.generate_until(requests, disable_tqdm=True)
+    alone = [generate_text(lm.model, lm.tokenizer, p, kw["max_gen_toks"], stop=kw.get("until"), truncate=True)
+             for p, kw in cases]
+    assert batched == alone
+    assert len(set(alone)) == len(cases)  # every completion its own
+    assert any(len(lm.encode(text)) < kw["max_gen_toks"] for (_, kw), text in zip(cases, alone))  # a stop string hit
 
 
 def test_lm_eval_runs_a_local_task(checkpoint, tmp_path):
