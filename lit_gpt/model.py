@@ -225,6 +225,10 @@ class CausalSelfAttention(nn.Module):
         self.key_temperature = build_temperature(config, "key")
         self.value_temperature = build_temperature(config, "value")
         self.gate = AttentionGate(config) if config.attention_gate != "none" else None
+        sides = [t for t in (self.query_temperature, self.key_temperature, self.value_temperature) if t is not None]
+        # SSA whose token terms read this side's own projection: without gradients, one pass over all sides' heads
+        self.scales_together = bool(sides) and all(isinstance(t, SSATemperature) and t.token_proj is None
+                                                   for t in sides)
         self.kv_cache: KVCache | None = None
         self.records: list[dict] | None = None  # set by lit_gpt.analysis.recording_attention: explicit path, recorded
         self.config = config
@@ -248,7 +252,10 @@ class CausalSelfAttention(nn.Module):
                 taus = [None if t is None else t.tau(x, f, log_n).expand(-1, T, -1).transpose(1, 2)
                         for t, f in zip(temperatures, (q, k, v))]
             # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
-            q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
+            if self.scales_together and not torch.is_grad_enabled():  # decoding, evaluation: every side in one pass
+                q, k, v = scale_together(temperatures, (q, k, v), log_n, self.kv_cache)
+            else:
+                q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or ng, T, hs)
         if self.config.rope_n_elem:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -414,6 +421,42 @@ class SSATemperature(nn.Module):
         with float32_region(target.device):
             return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
                                             self.position_param, log_n, self.config.ssa_slope_form)
+
+
+def scale_together(temperatures, targets, log_n: torch.Tensor, cache: "KVCache | None") -> list[torch.Tensor]:
+    """SSATemperature.forward of every side (query, key, value) at once, without gradients: the sides' heads are
+    concatenated, so that tau = 1 + slope log(n) + tanh(u . gelu(f)) costs one pass of a few small operations per
+    layer instead of one per side (a decoded token's time goes to such passes). The sides' slopes and token weights,
+    concatenated (zero where a side lacks a term), are computed once per generation and kept with its KV cache."""
+    constants = cache.temperature_constants if cache is not None else None
+    if constants is None:
+        constants = temperature_constants(temperatures, [f.size(2) for f in targets], log_n.dtype)
+        if cache is not None:
+            cache.temperature_constants = constants
+    slopes, weights, heads = constants
+    features = torch.cat([f for t, f in zip(temperatures, targets) if t is not None], dim=2)  # (B, T, heads, hs)
+    tau = torch.tanh((F.gelu(features.to(log_n.dtype)) * weights).sum(-1))  # (B, T, heads); tanh(0) where u is off
+    tau = tau.add_(per_token(log_n) * slopes).add_(1)
+    taus = iter(tau.split(heads, dim=-1))
+    return [f if t is None else (f * next(taus).unsqueeze(-1)).to(f.dtype) for t, f in zip(temperatures, targets)]
+
+
+def temperature_constants(temperatures, side_heads: list[int], dtype: torch.dtype
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The slopes (heads,) and token weights (heads, hs) of the SSA temperatures present, side after side, in
+    `dtype`; a side without a position (token) term contributes zeros, and one slope for all heads (the official
+    code's) is repeated. And each present side's number of heads."""
+    slopes, weights, heads = [], [], []
+    for t, n in zip(temperatures, side_heads):
+        if t is None:
+            continue
+        p, u = t.position_param, t.token_weight
+        device = (p if p is not None else u).device
+        slopes.append(torch.zeros(n, dtype=dtype, device=device) if p is None else
+                      slope_and_derivative(p.to(dtype), t.config.ssa_slope_form)[0].expand(n))
+        weights.append(torch.zeros(n, t.config.head_size, dtype=dtype, device=device) if u is None else u.to(dtype))
+        heads.append(n)
+    return torch.cat(slopes), torch.cat(weights), heads
 
 
 class BaselineTemperature(nn.Module):
@@ -584,6 +627,7 @@ class KVCache(nn.Module):
                                dtype=torch.promote_types(dtype, torch.float32))
         self.register_buffer("selective_sums", sums, persistent=False)
         self.queries_summed = 0
+        self.temperature_constants = None  # scale_together's, for this generation (the weights do not change in it)
 
     def add_selective_sums(self, input_pos: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The sums of the earlier chunks (B, 1, S), then this chunk's s (B, T, S) added to them. Chunks come in

@@ -104,6 +104,9 @@ def assert_attention_matches(model, reference, T: int = 12):
     actual_grads = torch.autograd.grad((actual * weight).sum(), [x, *params.values()])
 
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # without gradients (decoding, evaluation) the temperatures take another path
+        torch.testing.assert_close(attn(x, cos, sin, torch.arange(T), torch.arange(T)), expected, rtol=1e-9,
+                                   atol=1e-12)
     for name, got, want in zip(["input", *params], actual_grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
     return x, cos, sin, params
