@@ -17,33 +17,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int = -100, wants_grad: bool = True):
         valid = targets != ignore_index
         count = valid.sum().clamp(min=1)
-        chunk = max(1, 2**22 // weight.size(0))  # about 16 MB of float32 logits at a time
         # under no_grad / inference_mode (validation) needs_input_grad still says True for weights that require grad
         needs_grad = wants_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
-        total = hidden.new_zeros((), dtype=acc)
-        for start in range(0, hidden.size(0), chunk):
-            h, t, keep = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-            logits = F.linear(h, weight, bias).to(acc)  # (chunk, V)
-            safe_t = t.masked_fill(~keep, 0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            peak = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(peak).exp_()  # in place: one exp per logit serves the loss and the gradient
-            norm = exp.sum(dim=-1, keepdim=True)
-            lse = (peak + norm.log()).squeeze(1)
-            total += ((lse - target_logit) * keep).sum()
-            if not needs_grad:
-                continue
-            grad = exp.div_(norm)  # softmax
-            grad[torch.arange(grad.size(0)), safe_t] -= 1.0
-            grad *= (keep.to(acc) / count)[:, None]
-            grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(grad.t(), h.to(acc))
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
+        device = hidden.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # bf16-mixed: see low_precision
+            with torch.autocast(device, enabled=False):
+                total, grad_hidden, grad_weight, grad_bias = low_precision(
+                    hidden, weight, bias, targets, valid, count, needs_grad, torch.get_autocast_dtype(device))
+        else:
+            total, grad_hidden, grad_weight, grad_bias = full_precision(hidden, weight, bias, targets, valid, count,
+                                                                        needs_grad)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / count
@@ -61,6 +44,79 @@ class LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def full_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool):
+    """LinearCrossEntropy's forward in the inputs' dtype: the summed loss and, where wanted, the gradients."""
+    chunk = max(1, 2**22 // weight.size(0))  # about 16 MB of float32 logits at a time
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
+    grad_hidden = torch.empty_like(hidden) if needs_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
+    total = hidden.new_zeros((), dtype=acc)
+    for start in range(0, hidden.size(0), chunk):
+        h, t, keep = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
+        logits = F.linear(h, weight, bias).to(acc)  # (chunk, V)
+        safe_t = t.masked_fill(~keep, 0)
+        target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+        peak = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(peak).exp_()  # in place: one exp per logit serves the loss and the gradient
+        norm = exp.sum(dim=-1, keepdim=True)
+        lse = (peak + norm.log()).squeeze(1)
+        total += ((lse - target_logit) * keep).sum()
+        if not needs_grad:
+            continue
+        grad = exp.div_(norm)  # softmax
+        grad[torch.arange(grad.size(0)), safe_t] -= 1.0
+        grad *= (keep.to(acc) / count)[:, None]
+        grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+        grad_weight.addmm_(grad.t(), h.to(acc))
+        if grad_bias is not None:
+            grad_bias += grad.sum(0)
+    return total, grad_hidden, grad_weight, grad_bias
+
+
+GRADIENT_BUFFER = 2**27  # low_precision's softmax gradients held at most (256 MB of bf16) before a weight product
+
+
+def low_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool, dtype: torch.dtype):
+    """LinearCrossEntropy's forward under autocast (bf16-mixed): the three matrix products in `dtype`, log-softmax
+    and every sum in float32. The weight is cast once, and each chunk's softmax gradient is kept in `dtype` (as a
+    plain autocast backward keeps it) in a buffer of up to GRADIENT_BUFFER values, so that the weight gradient is
+    one product per buffer, added in float32, instead of one float32 pass over (vocabulary x width) per chunk."""
+    V, N = weight.size(0), hidden.size(0)
+    chunk = max(1, 2**22 // V)
+    rows = min(N, max(chunk, GRADIENT_BUFFER // V))  # rows of softmax gradient the buffer holds
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+    grad_hidden = torch.empty_like(hidden) if needs_grad else None
+    grad_weight = None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
+    buffer = torch.empty(rows, V, dtype=dtype, device=hidden.device) if needs_grad else None
+    total = hidden.new_zeros((), dtype=acc)
+    for first in range(0, N, rows):  # one buffer's rows
+        last = min(N, first + rows)
+        h_rows = hidden[first:last].to(dtype)
+        for start in range(first, last, chunk):
+            end = min(last, start + chunk)
+            t, keep = targets[start:end], valid[start:end]
+            logp = torch.log_softmax(F.linear(h_rows[start - first : end - first], w, b), dim=-1, dtype=acc)
+            safe_t = t.masked_fill(~keep, 0)
+            total -= (logp.gather(1, safe_t[:, None]).squeeze(1) * keep).sum()
+            if not needs_grad:
+                continue
+            grad = logp.exp_()  # softmax
+            grad[torch.arange(grad.size(0)), safe_t] -= 1.0
+            grad *= (keep.to(acc) / count)[:, None]
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            piece = buffer[start - first : end - first]
+            piece.copy_(grad)
+            grad_hidden[start:end] = (piece @ w).to(hidden.dtype)
+        if needs_grad:
+            product = buffer[: last - first].t() @ h_rows  # (V, width) in dtype, float32 accumulation inside
+            grad_weight = product.to(acc) if grad_weight is None else grad_weight.add_(product)
+    return total, grad_hidden, grad_weight, grad_bias
 
 
 class OneDNNLinear(nn.Linear):

@@ -8,7 +8,7 @@ from helpers import FAMILIES, TEMPERATURE_MODES, randomize_temperatures
 
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import recording_attention
-from lit_gpt.kernels import use_onednn_linear
+from lit_gpt.kernels import LinearCrossEntropy, use_onednn_linear
 
 SSA_VARIANTS = {
     "ssa-shared": dict(attention_temperature="ssa"),
@@ -243,6 +243,38 @@ def test_fused_cross_entropy_equals_logits_then_cross_entropy(head):
         torch.testing.assert_close(p.grad / 2, expected[name], rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(model(idx, targets=targets), plain.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("buffer", ["whole", "three parts"])
+@pytest.mark.parametrize("head", [dict(), dict(lm_head_bias=True)])
+def test_fused_cross_entropy_under_bf16_autocast_matches_the_float64_loss(head, buffer, monkeypatch):
+    """--precision bf16-mixed: the fused loss multiplies in bf16 (the weight cast once, the softmax gradients kept in
+    bf16 for one weight product per buffer, added in float32) and takes log-softmax and sums in float32. Its loss and
+    gradients agree with the float64 computation from the same bf16-rounded inputs, over 9 chunks, with the buffer
+    holding every row or a third of them (the last part shorter)."""
+    import lit_gpt.kernels as kernels
+
+    if buffer == "three parts":
+        monkeypatch.setattr(kernels, "GRADIENT_BUFFER", 3000 * 4500)
+    torch.manual_seed(0)
+    vocab, width, tokens = 3000, 64, 12_000  # 2**22 // 3000 = 1398 rows a chunk
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    weight = (torch.randn(vocab, width) * 0.1).requires_grad_()
+    bias = (torch.randn(vocab) * 0.1).requires_grad_() if head else None
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[:100] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropy.apply(hidden, weight, bias, targets, -100, True)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    h64, w64 = (t.detach().bfloat16().double().requires_grad_() for t in (hidden, weight))
+    b64 = bias.detach().bfloat16().double().requires_grad_() if head else None
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h64, w64, b64), targets, ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    # the products' inputs are bf16 (8 bits of mantissa): gradients agree to bf16's rounding of the softmax gradient
+    for got, want in [(hidden.grad, h64.grad), (weight.grad, w64.grad)] + ([(bias.grad, b64.grad)] if head else []):
+        torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("form", ["log", "sigmoid", "official"])
