@@ -245,17 +245,16 @@ class CausalSelfAttention(nn.Module):
 
         temperatures = (self.query_temperature, self.key_temperature, self.value_temperature)
         taus = [None, None, None]
-        if any(t is not None for t in temperatures):
-            # log(n), n = absolute position + 1; temperatures are computed in float32 at least, whatever x's dtype
-            log_n = torch.log1p(position_ids.to(torch.promote_types(x.dtype, torch.float32)))
+        dtype = torch.promote_types(x.dtype, torch.float32)  # temperatures in float32 at least, whatever x's dtype
+        # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
+        if self.scales_together and self.records is None and not torch.is_grad_enabled():  # decoding, evaluation
+            q, k, v = scale_together(temperatures, (q, k, v), position_ids, self.kv_cache, dtype)
+        elif any(t is not None for t in temperatures):
+            log_n = torch.log1p(position_ids.to(dtype))  # log(n), n = absolute position + 1
             if self.records is not None:  # the temperatures themselves, for analysis: (B or 1, heads, T)
                 taus = [None if t is None else t.tau(x, f, log_n).expand(-1, T, -1).transpose(1, 2)
                         for t, f in zip(temperatures, (q, k, v))]
-            # a per-(token, head) scalar commutes with RoPE: scale first, rotate after
-            if self.scales_together and not torch.is_grad_enabled():  # decoding, evaluation: every side in one pass
-                q, k, v = scale_together(temperatures, (q, k, v), log_n, self.kv_cache)
-            else:
-                q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
+            q, k, v = (f if t is None else t(f, x, log_n) for t, f in zip(temperatures, (q, k, v)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or ng, T, hs)
         if self.config.rope_n_elem:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -423,20 +422,27 @@ class SSATemperature(nn.Module):
                                             self.position_param, log_n, self.config.ssa_slope_form)
 
 
-def scale_together(temperatures, targets, log_n: torch.Tensor, cache: "KVCache | None") -> list[torch.Tensor]:
+def scale_together(temperatures, targets, position_ids: torch.Tensor, cache: "KVCache | None", dtype: torch.dtype
+                   ) -> list[torch.Tensor]:
     """SSATemperature.forward of every side (query, key, value) at once, without gradients: the sides' heads are
     concatenated, so that tau = 1 + slope log(n) + tanh(u . gelu(f)) costs one pass of a few small operations per
-    layer instead of one per side (a decoded token's time goes to such passes). The sides' slopes and token weights,
-    concatenated (zero where a side lacks a term), are computed once per generation and kept with its KV cache."""
+    layer instead of one per side (a decoded token's time goes to such passes). With a KV cache, 1 + slope log(n) is
+    tabulated once per generation for every position the cache holds, with the sides' token weights concatenated,
+    and kept with the cache; a decoding step then reads its row."""
     constants = cache.temperature_constants if cache is not None else None
     if constants is None:
-        constants = temperature_constants(temperatures, [f.size(2) for f in targets], log_n.dtype)
+        slopes, weights, heads = temperature_constants(temperatures, [f.size(2) for f in targets], dtype)
+        positions = torch.arange(cache.k.size(2), device=slopes.device) if cache is not None else position_ids
+        base = 1 + torch.log1p(positions.to(dtype)).unsqueeze(-1) * slopes  # (positions, heads), or (B, T, heads)
+        constants = base, weights, heads
         if cache is not None:
             cache.temperature_constants = constants
-    slopes, weights, heads = constants
+            base = base[position_ids]  # (T, heads) or (B, T, heads)
+    else:
+        base, weights, heads = constants
+        base = base.index_select(0, position_ids) if position_ids.dim() == 1 else base[position_ids]  # (T or B, T, h)
     features = torch.cat([f for t, f in zip(temperatures, targets) if t is not None], dim=2)  # (B, T, heads, hs)
-    tau = torch.tanh((F.gelu(features.to(log_n.dtype)) * weights).sum(-1))  # (B, T, heads); tanh(0) where u is off
-    tau = tau.add_(per_token(log_n) * slopes).add_(1)
+    tau = torch.tanh((F.gelu(features.to(dtype)) * weights).sum(-1)) + base  # tanh(0) = 0 where u is off
     taus = iter(tau.split(heads, dim=-1))
     return [f if t is None else (f * next(taus).unsqueeze(-1)).to(f.dtype) for t, f in zip(temperatures, targets)]
 
@@ -627,7 +633,7 @@ class KVCache(nn.Module):
                                dtype=torch.promote_types(dtype, torch.float32))
         self.register_buffer("selective_sums", sums, persistent=False)
         self.queries_summed = 0
-        self.temperature_constants = None  # scale_together's, for this generation (the weights do not change in it)
+        self.temperature_constants = None  # scale_together's table, for this generation (the weights do not change)
 
     def add_selective_sums(self, input_pos: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The sums of the earlier chunks (B, 1, S), then this chunk's s (B, T, S) added to them. Chunks come in
