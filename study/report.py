@@ -198,8 +198,12 @@ def tuning_section(tuned: dict) -> list[str]:
     lines = ["## Tuning (seed 0, not scored)", "", "| method | rates | final validation loss | T (steps) |",
              "|---|---|---|---|"]
     for method, records in tuned.items():
+        shown = set()
         for r in records:
             rates = ", ".join(f"{k} {v:g}" for k, v in r["spec"]["rates"].items()) or "-"
+            if rates in shown:  # a later stage's sweep includes the earlier best: one run, one row
+                continue
+            shown.add(rates)
             T = r["metrics"]["T"] if not r["failed"] else "failed"
             lines.append(f"| {method} | {rates} | {final_val_loss(r):.4f} | {T} |")
     lines.append("")
