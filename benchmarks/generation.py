@@ -6,6 +6,8 @@ this project (vanilla and SSA) against LitGPT (when installed) and Hugging Face 
 """
 
 import argparse
+import statistics
+import time
 
 import torch
 from common import header, median_seconds, table
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--model", default="pythia-70m")
     parser.add_argument("--prompt_tokens", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = Config.from_name(args.model)
@@ -102,18 +104,28 @@ def main() -> None:
     rows.append(("Hugging Face generate", hf_generate(config, state, prompt, args.new_tokens)))
     print(header(f"Generation: {args.model}, {args.new_tokens} new tokens after {args.prompt_tokens}, batch 1,"
                  " greedy, KV cache"))
-    results = []
-    for label, run in rows:
-        seconds = median_seconds(run, args.repeats)
-        results.append((label, seconds))
-    base = results[0][1]
+    # interleaved: every implementation once per round, so that a slow spell of a shared machine hits all of them;
+    # each row's time is its median over the rounds, and its ratio to the first row the median of per-round ratios
+    for _, run in rows:
+        run()  # warm-up
+    rounds: dict[str, list[float]] = {label: [] for label, _ in rows}
+    for _ in range(args.repeats):
+        for label, run in rows:
+            start = time.perf_counter()
+            run()
+            rounds[label].append(time.perf_counter() - start)
+    base_label = rows[0][0]
+    results = [(label, statistics.median(times)) for label, times in rounds.items()]
+    ratios = {label: sorted(t / b for t, b in zip(times, rounds[base_label])) for label, times in rounds.items()}
     per_token = weight_bytes_per_token(config)
     litgpt = dict(results).get("LitGPT")
-    print(table(["implementation", "tokens/s", "ms / token", "weights read / token", "GB/s of weights", "time / ours",
-                 "tokens/s / LitGPT's"],
+    print(table(["implementation", "tokens/s", "ms / token", "weights read / token", "GB/s of weights",
+                 "time / vanilla's, median of rounds (range)", "tokens/s / LitGPT's"],
                 [[label, f"{args.new_tokens / s:.1f}", f"{1e3 * s / args.new_tokens:.2f}", f"{per_token / 1e6:.0f} MB",
-                  f"{per_token * args.new_tokens / s / 1e9:.1f}", f"{s / base:.2f}",
+                  f"{per_token * args.new_tokens / s / 1e9:.1f}",
+                  f"{statistics.median(ratios[label]):.3f} ({ratios[label][0]:.3f}-{ratios[label][-1]:.3f})",
                   f"{litgpt / s:.2f}x" if litgpt else "-"] for label, s in results]))
+    print(f"\n{args.repeats} interleaved rounds after one warm-up run of each.")
     print(f"\nThis machine streams memory at {read_bandwidth_gbs():.1f} GB/s (a sum over 512 MB,"
           f" {torch.get_num_threads()} threads); ms / token includes the prompt's prefill spread over the new tokens.")
 
