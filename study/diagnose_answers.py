@@ -23,7 +23,9 @@ def split_answer(document: str) -> tuple[str, str]:
 
 
 def main(checkpoint_dir: Path, data_dir: Path = Path("out/study/data/corpus"), prompts: int = 64) -> dict:
-    """Args:
+    """Print what a retrieval checkpoint does with the answer.
+
+    Args:
         checkpoint_dir: a checkpoint of a retrieval run (its final/ or a step-* folder).
         data_dir: the study's prepared corpus folder, whose tokenizer the runs use.
         prompts: prompts of each kind.

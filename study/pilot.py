@@ -17,7 +17,9 @@ from study.reproduce import ROOT, Study, load_grid, merge, settings_name
 
 
 def main(steps: int, arm: str = "vanilla", rates: dict | None = None, data: Path = Path("out/study/data")) -> dict:
-    """Args:
+    """One arm on the tuning seed for `steps` steps, evaluated; its record copied to study/runs/diagnostic/.
+
+    Args:
         steps: training steps (the tuning setting has 1,200).
         arm: an arm of the grid.
         rates: the arm's own learning rates (default none: the backbone's).
