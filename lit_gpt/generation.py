@@ -156,6 +156,12 @@ def prepare_prompt(tokenizer, prompt: str, max_new_tokens: int, max_seq_length: 
     return ids.unsqueeze(0)
 
 
+def first_stop(text: str, stop: list[str]) -> int | None:
+    """Where the earliest of the stop strings starts in `text`, or None where none occurs."""
+    hits = [text.index(s) for s in stop if s in text]
+    return min(hits) if hits else None
+
+
 def stream_text(model: GPT, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, stop: list[str] | None = None,
                 counts: dict | None = None, **kwargs) -> Iterator[str]:
     """Pieces of the completion as they are decoded, ending at EOS or before the first stop string. A piece is held
@@ -172,9 +178,9 @@ def stream_text(model: GPT, tokenizer, prompt_ids: torch.Tensor, max_new_tokens:
             break
         new.append(int(token[0]))
         text = tokenizer.decode(new)
-        hits = [text.index(s) for s in stop if s in text]
-        if hits:
-            yield text[emitted : min(hits)]
+        end = first_stop(text, stop)
+        if end is not None:
+            yield text[emitted:end]
             return
         safe = len(text) - max([len(s) - 1 for s in stop] + [0])
         safe = min(safe, len(text.rstrip("\ufffd")))
@@ -232,9 +238,9 @@ def generate_texts(model: GPT, tokenizer, prompts: list[torch.Tensor], max_new_t
                     continue
                 new[row].append(token)
                 text = tokenizer.decode(new[row])
-                hits = [text.index(s) for s in stop if s in text]
-                if hits:
-                    texts[row] = text[: min(hits)]
+                end = first_stop(text, stop)
+                if end is not None:
+                    texts[row] = text[:end]
             if all(t is not None for t in texts) or step == max_new_tokens - 1:
                 break
             slot = T + step

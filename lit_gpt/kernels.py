@@ -46,6 +46,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         )
 
 
+def loss_gradient_(probs: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, count) -> torch.Tensor:
+    """The mean cross-entropy's gradient with respect to a chunk's logits, made in place from its softmax `probs`:
+    probs - one_hot(targets), each row times keep / count (zero for positions without loss)."""
+    probs[torch.arange(probs.size(0)), targets] -= 1.0
+    probs *= (keep.to(probs.dtype) / count)[:, None]
+    return probs
+
+
 def full_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool):
     """LinearCrossEntropy's forward in the inputs' dtype: the summed loss and, where wanted, the gradients."""
     chunk = max(1, 2**22 // weight.size(0))  # about 16 MB of float32 logits at a time
@@ -66,9 +74,7 @@ def full_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool
         total += ((lse - target_logit) * keep).sum()
         if not needs_grad:
             continue
-        grad = exp.div_(norm)  # softmax
-        grad[torch.arange(grad.size(0)), safe_t] -= 1.0
-        grad *= (keep.to(acc) / count)[:, None]
+        grad = loss_gradient_(exp.div_(norm), safe_t, keep, count)
         grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
         grad_weight.addmm_(grad.t(), h.to(acc))
         if grad_bias is not None:
@@ -105,9 +111,7 @@ def low_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool,
             total -= (logp.gather(1, safe_t[:, None]).squeeze(1) * keep).sum()
             if not needs_grad:
                 continue
-            grad = logp.exp_()  # softmax
-            grad[torch.arange(grad.size(0)), safe_t] -= 1.0
-            grad *= (keep.to(acc) / count)[:, None]
+            grad = loss_gradient_(logp.exp_(), safe_t, keep, count)
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             piece = buffer[start - first : end - first]

@@ -429,18 +429,18 @@ def scale_together(temperatures, targets, position_ids: torch.Tensor, cache: "KV
     layer instead of one per side (a decoded token's time goes to such passes). With a KV cache, 1 + slope log(n) is
     tabulated once per generation for every position the cache holds, with the sides' token weights concatenated,
     and kept with the cache; a decoding step then reads its row."""
-    constants = cache.temperature_constants if cache is not None else None
-    if constants is None:
+    if cache is not None and cache.temperature_constants is not None:
+        table, weights, heads = cache.temperature_constants
+    else:
         slopes, weights, heads = temperature_constants(temperatures, [f.size(2) for f in targets], dtype)
         positions = torch.arange(cache.k.size(2), device=slopes.device) if cache is not None else position_ids
-        base = 1 + torch.log1p(positions.to(dtype)).unsqueeze(-1) * slopes  # (positions, heads), or (B, T, heads)
-        constants = base, weights, heads
+        table = 1 + torch.log1p(positions.to(dtype)).unsqueeze(-1) * slopes  # (positions, heads), or (B, T, heads)
         if cache is not None:
-            cache.temperature_constants = constants
-            base = base[position_ids]  # (T, heads) or (B, T, heads)
-    else:
-        base, weights, heads = constants
-        base = base.index_select(0, position_ids) if position_ids.dim() == 1 else base[position_ids]  # (T or B, T, h)
+            cache.temperature_constants = table, weights, heads
+    if cache is None:
+        base = table  # computed at the tokens' own positions
+    else:  # the rows of the tokens' positions, (T, heads) or (B, T, heads)
+        base = table.index_select(0, position_ids) if position_ids.dim() == 1 else table[position_ids]
     features = torch.cat([f for t, f in zip(temperatures, targets) if t is not None], dim=2)  # (B, T, heads, hs)
     tau = torch.tanh((F.gelu(features.to(dtype)) * weights).sum(-1)) + base  # tanh(0) = 0 where u is off
     taus = iter(tau.split(heads, dim=-1))

@@ -14,12 +14,7 @@ import torch
 from lit_gpt import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
-from study.tasks import score_answers, tokenized, training_documents, training_length_prompts
-
-
-def split_answer(document: str) -> tuple[str, str]:
-    cut = document.rindex(" The pass key is") + len(" The pass key is")
-    return document[:cut], document[cut:]
+from study.tasks import score_answers, split_answer, tokenized, training_documents, training_length_prompts
 
 
 def main(checkpoint_dir: Path, data_dir: Path = Path("out/study/data/corpus"), prompts: int = 64) -> dict:
@@ -30,7 +25,7 @@ def main(checkpoint_dir: Path, data_dir: Path = Path("out/study/data/corpus"), p
         data_dir: the study's prepared corpus folder, whose tokenizer the runs use.
         prompts: prompts of each kind.
     """
-    if not (data_dir / "tokenizer.json").is_file() and not any(data_dir.glob("tokenizer*")):
+    if not any(data_dir.glob("tokenizer*")):
         raise FileNotFoundError(f"--data_dir {data_dir}: no tokenizer there; run study/reproduce.py first.")
     tokenizer = Tokenizer(data_dir)
     model = GPT.from_checkpoint(checkpoint_dir).eval()

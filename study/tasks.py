@@ -80,13 +80,16 @@ def tokenized(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[torch.Tenso
     return out
 
 
+def split_answer(document: str) -> tuple[str, str]:
+    """(prompt, answer) of a retrieval document: the prompt ends with its last " The pass key is"."""
+    cut = document.rindex(" The pass key is") + len(" The pass key is")
+    return document[:cut], document[cut:]
+
+
 def training_length_prompts(tokenizer, count: int, block_size: int, seed: int) -> list[tuple]:
     """Held-out prompts (keys and filler) at the training length, lengths and depths drawn as in training."""
-    pairs = []
-    for document in training_documents(tokenizer, count, block_size, seed, held_out=True):
-        cut = document.rindex(" The pass key is") + len(" The pass key is")
-        pairs.append((document[:cut], document[cut:]))
-    return tokenized(tokenizer, pairs)
+    documents = training_documents(tokenizer, count, block_size, seed, held_out=True)
+    return tokenized(tokenizer, [split_answer(document) for document in documents])
 
 
 def evaluation_cells(tokenizer, lengths: list[int], depths: list[float], keys: int, seed: int) -> list[dict]:
