@@ -37,6 +37,9 @@ class TrainArgs:
         max_seq_length: tokens per training window; default the model's block_size.
         learning_rate: peak learning rate of the backbone, reached after warmup.
         min_lr: learning rate at the end of the cosine decay.
+        lr_decay_steps: the step where the cosine decay reaches min_lr (nanoGPT's lr_decay_iters); default
+            max_steps. A run stopped before it, or continued in parts with --resume, keeps one schedule; after it
+            the rate stays at min_lr.
         warmup_steps: steps of linear warmup from 0 to learning_rate.
         weight_decay: AdamW weight decay, on matrices only (not on norms, biases or temperatures).
         beta1: AdamW beta1.
@@ -59,6 +62,7 @@ class TrainArgs:
     max_seq_length: int | None = None  # training window; defaults to the model's block_size
     learning_rate: float = 6e-4
     min_lr: float = 6e-5
+    lr_decay_steps: int | None = None  # default max_steps
     warmup_steps: int = 2000
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -75,7 +79,7 @@ class TrainArgs:
     def check(self) -> None:
         """Refuse impossible values before any work starts, naming the flag."""
         fields_at_least("train", self, 1, "global_batch_size", "micro_batch_size", "max_tokens", "max_steps",
-                 "max_seq_length", "save_interval", "keep_last", "log_interval")
+                 "max_seq_length", "save_interval", "keep_last", "log_interval", "lr_decay_steps")
         fields_at_least("train", self, 0, "learning_rate", "min_lr", "warmup_steps", "weight_decay", "ssa_position_lr",
                     "ssa_token_lr", "gate_lr")
         if not self.max_norm > 0:
@@ -153,9 +157,10 @@ def check_window(max_seq_length: int | None, config) -> int:
 
 
 def get_lr(step: int, max_steps: int, args: TrainArgs, peak: float | None = None) -> float:
-    """Linear warmup to the peak (default learning_rate), then cosine decay to min_lr at max_steps; a group with
-    another peak decays to the same fraction of its peak as the backbone does."""
+    """Linear warmup to the peak (default learning_rate), then cosine decay to min_lr at lr_decay_steps (default
+    max_steps); a group with another peak decays to the same fraction of its peak as the backbone does."""
     peak = args.learning_rate if peak is None else peak
+    max_steps = args.lr_decay_steps or max_steps
     floor = args.min_lr * peak / args.learning_rate if args.learning_rate > 0 else 0.0
     if step < args.warmup_steps:
         return peak * (step + 1) / args.warmup_steps

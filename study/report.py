@@ -93,9 +93,16 @@ def speed_verdict(base: list[dict], arm: list[dict], rule: dict) -> dict:
         more = next((k for k in range(1, 30) if wilcoxon_greater([math.log(r) for r in ratios] + [10.0] * k)
                      <= rule["faster"]["p"]), None)
         verdict = f"inconclusive (at least {more} more seed(s) favouring it would decide)"
-    auc = [a[s]["metrics"]["auc"] - b[s]["metrics"]["auc"] for s in seeds
-           if not a[s]["failed"] and not b[s]["failed"]]
+    auc = [shared_auc(a[s], b[s]) - shared_auc(b[s], a[s]) for s in seeds if not a[s]["failed"] and not b[s]["failed"]]
     return dict(seeds=seeds, ratios=ratios, median=median, p=p, verdict=verdict, auc=paired(auc))
+
+
+def shared_auc(record: dict, other: dict) -> float:
+    """The area under `record`'s exact-match curve (the mean over its evaluations) up to the last step both runs
+    evaluated: runs that stop when they reach the bar are compared over the steps both trained."""
+    last = min(record["metrics"]["curve"][-1][0], other["metrics"]["curve"][-1][0])
+    values = [e for step, e in record["metrics"]["curve"] if step <= last]
+    return sum(values) / len(values)
 
 
 def signed_rule(differences: list[float], margin: float, up: str, down: str, neither: str) -> str:
@@ -215,7 +222,8 @@ def tuning_section(tuned: dict) -> list[str]:
 
 def speed_section(speed: dict, settings: dict, folder: Path) -> list[str]:
     lines = ["## Experiment 1: speed of learning (primary)", "",
-             "T = the first evaluated step with exact match >= 0.5 on held-out prompts (the cap when never).", "",
+             "T = the first evaluated step with exact match >= 0.5 on held-out prompts (the cap when never). The"
+             " area under the curve (AUC) of a pair is over the steps both runs trained.", "",
              "| arm | T per seed | learned parameters (last seed) |", "|---|---|---|"]
     for arm, rows in speed.items():
         Ts = ", ".join(str(r["metrics"]["T"]) if not r["failed"] else "failed" for r in rows)
@@ -317,9 +325,10 @@ def plot_curves(speed: dict, path: Path) -> None:
         color = f"C{i}"
         for c in curves:
             ax.plot([s for s, _ in c], [e for _, e in c], color=color, alpha=0.25, lw=0.8)
-        steps = [s for s, _ in curves[0]]
-        median = [statistics.median(c[k][1] for c in curves if k < len(c)) for k in range(len(steps))]
-        ax.plot(steps, median, color=color, lw=2, label=arm)
+            ax.plot(*c[-1], "o", color=color, alpha=0.5, ms=3)  # where the run stopped (at T, or at the cap)
+        shared = min(len(c) for c in curves)  # the median where every seed still trains
+        median = [statistics.median(c[k][1] for c in curves) for k in range(shared)]
+        ax.plot([s for s, _ in curves[0][:shared]], median, color=color, lw=2, label=arm)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("exact match, held-out prompts")

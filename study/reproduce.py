@@ -181,7 +181,7 @@ class Study:
         start = time.perf_counter()
         for attempt in (1, 2):  # the plan: a failed run is run again once from the start
             try:
-                self.pretrain(folder, spec)
+                self.train(folder, spec)
                 break
             except RuntimeError as error:
                 print(f"  {part}/{name} failed (attempt {attempt}): {str(error)[-500:]}", flush=True)
@@ -208,6 +208,25 @@ class Study:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(path)
         return json.loads(path.read_text())
+
+    def train(self, folder: Path, spec: dict) -> None:
+        """Train the run; one with `part_steps` in its curve settings trains in parts of that many steps, scores each
+        part's checkpoints and stops at the first evaluation that reaches the bar (or at max_steps). Its schedule is
+        lr_decay_steps', not the stop's, so nothing before the stop depends on where it is (the scores are kept in
+        curve.json)."""
+        settings = spec["evaluation"].get("curve", {})
+        if "part_steps" not in settings:
+            return self.pretrain(folder, spec)
+        scored = folder / "curve.json"  # the parts scored so far (a run stopped on this machine goes on from them)
+        curve = json.loads(scored.read_text()) if scored.is_file() else []
+        end = curve[-1][0] if curve else 0
+        while end < spec["train"]["max_steps"] and not any(e >= settings["reach"] for _, e in curve):
+            end = min(end + settings["part_steps"], spec["train"]["max_steps"])
+            self.pretrain(folder, merge(spec, {"train": {"max_steps": end}}))
+            curve += self.score_checkpoints(folder, spec, end)
+            for step_dir in folder.glob("step-*"):  # scored; final/ (step `end`) is what the next part resumes
+                shutil.rmtree(step_dir)
+            scored.write_text(json.dumps(curve))
 
     def pretrain(self, folder: Path, spec: dict) -> None:
         data_dir = self.data()["corpus" if spec["data"] == "corpus" else "mix"]
@@ -236,19 +255,29 @@ class Study:
 
     # ---- evaluations ------------------------------------------------------------------------------------------------
 
-    def curve(self, folder: Path, spec: dict) -> dict:
-        """Exact match on held-out prompts at the training length at every saved step; T = the first step at or over
-        `reach` (the cap, max_steps + every, when never)."""
+    def score_checkpoints(self, folder: Path, spec: dict, last_step: int) -> list[list]:
+        """[step, exact match on held-out prompts at the training length] for every step checkpoint in `folder` and
+        final/ (step `last_step`)."""
         settings = spec["evaluation"]["curve"]
         prompts = training_length_prompts(self.data()["tokenizer"], settings["prompts"],
                                           spec["model"]["block_size"], seed=5)
         checkpoints = {int(p.name.split("-")[1]): p for p in folder.glob("step-*")}
-        checkpoints.setdefault(spec["train"]["max_steps"], folder / "final")  # the last step is saved as final/
+        checkpoints.setdefault(last_step, folder / "final")  # the last step is saved as final/
         curve = []
         for step in sorted(checkpoints):
             model = GPT.from_checkpoint(checkpoints[step]).eval()
             scores = score_answers(model, prompts)
             curve.append([step, sum(s["exact"] for s in scores) / len(scores)])
+        return curve
+
+    def curve(self, folder: Path, spec: dict) -> dict:
+        """Exact match on held-out prompts at the training length at every saved step (scored as the parts trained,
+        for a run trained in parts); T = the first step at or over `reach` (the cap, max_steps + every, when
+        never)."""
+        settings = spec["evaluation"]["curve"]
+        scored = folder / "curve.json"
+        curve = (json.loads(scored.read_text()) if scored.is_file()
+                 else self.score_checkpoints(folder, spec, spec["train"]["max_steps"]))
         cap = spec["train"]["max_steps"] + settings["every"]
         reached = [step for step, exact in curve if exact >= settings["reach"]]
         return dict(curve=curve, T=reached[0] if reached else cap, cap=cap,

@@ -277,6 +277,28 @@ def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[110] == pytest.approx(1e-4)
 
 
+def test_lr_decay_steps_sets_the_schedule_apart_from_the_run_length():
+    """nanoGPT's lr_decay_iters: a 40-step run with lr_decay_steps 110 follows the 110-step cosine, then min_lr."""
+    import math
+
+    from lit_gpt.training import get_lr
+
+    args = TrainArgs(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, lr_decay_steps=110)
+    cosine = lambda step: 1e-4 + 0.5 * (1 + math.cos(math.pi * (step - 10) / 100)) * 9e-4  # noqa: E731
+    assert [get_lr(s, 40, args) for s in (10, 35, 40)] == pytest.approx([cosine(10), cosine(35), cosine(40)])
+    assert get_lr(60, 40, args) == pytest.approx(5.5e-4)  # max_steps does not enter the schedule
+    assert get_lr(200, 300, args) == pytest.approx(1e-4)  # past lr_decay_steps: the floor
+
+
+def test_a_run_continued_in_parts_gives_the_losses_of_one_run(data_dir, tmp_path):
+    """With lr_decay_steps fixed, 4 steps then --resume to 8 train exactly as one 8-step run does (the study's
+    runs that stop when they reach a bar are trained like this)."""
+    setup(**tiny(data_dir, tmp_path / "whole", max_steps=8, lr_decay_steps=8))
+    setup(**tiny(data_dir, tmp_path / "parts", max_steps=4, lr_decay_steps=8))
+    setup(**dict(tiny(data_dir, tmp_path / "parts", max_steps=8, lr_decay_steps=8), resume="auto"))
+    assert losses_by_step(tmp_path / "parts") == losses_by_step(tmp_path / "whole")
+
+
 def test_progress_redirected_to_a_file_is_whole_lines(data_dir, tmp_path):
     """Not a terminal: no carriage returns, a line with the step count, ETA and loss, and validation lines apart."""
     log = tmp_path / "stderr.txt"

@@ -71,7 +71,9 @@ def test_wilcoxon_matches_hand_counted_cases():
     assert wilcoxon_greater([0, 0]) == 1.0 and wilcoxon_greater([2, -2]) == 3 / 4  # tied ranks 1.5 each
 
 
-def record(seed, **metrics):
+def record(seed, exact=0.0, **metrics):
+    """A run's record; `exact` is its exact match at every evaluation, unless `curve` is given."""
+    metrics.setdefault("curve", [[step, exact] for step in range(50, 1201, 50)])
     return {"spec": {"seed": seed, "train": {"max_steps": 1200}, "evaluation": {"curve": {"every": 50}},
                      "rates": {}}, "failed": False, "metrics": metrics, "val_loss": [[0, 9.0], [100, 5.0]]}
 
@@ -80,22 +82,25 @@ RULE = {"faster": {"median_ratio": 1.25, "p": 0.05}, "refuted": {"median_ratio":
 
 
 def test_speed_rule_by_the_registered_thresholds():
-    vanilla = [record(s, T=600, cap=1250, auc=0.4) for s in range(1, 7)]
-    faster = [record(s, T=400, cap=1250, auc=0.5) for s in range(1, 7)]
+    vanilla = [record(s, T=600, cap=1250, exact=0.4) for s in range(1, 7)]
+    faster = [record(s, T=400, cap=1250, exact=0.5) for s in range(1, 7)]
     v = speed_verdict(vanilla, faster, RULE)
     assert v["verdict"] == "learns faster" and v["median"] == 1.5 and v["p"] == 1 / 64
     assert v["auc"]["mean"] == pytest.approx(0.1)
-    same = [record(s, T=600 if s % 2 else 550, cap=1250, auc=0.4) for s in range(1, 7)]
+    same = [record(s, T=600 if s % 2 else 550, cap=1250, exact=0.4) for s in range(1, 7)]
     assert speed_verdict(vanilla, same, RULE)["verdict"].startswith("refuted")
-    mixed = [record(s, T=t, cap=1250, auc=0.4) for s, t in zip(range(1, 7), (300, 300, 400, 700, 700, 450))]
+    mixed = [record(s, T=t, cap=1250, exact=0.4) for s, t in zip(range(1, 7), (300, 300, 400, 700, 700, 450))]
     v = speed_verdict(vanilla, mixed, RULE)
     assert v["verdict"].startswith("inconclusive") and "more seed" in v["verdict"]  # median 1.42, p = 5/64
-    never = [record(s, T=1250, cap=1250, auc=0.0) for s in range(1, 7)]
+    never = [record(s, T=1250, cap=1250, exact=0.0) for s in range(1, 7)]
     assert speed_verdict(never, never, RULE)["verdict"].startswith("no power")
     failed = dict(record(3), failed=True)
     ratios = speed_verdict(vanilla, faster[:2] + [failed] + faster[3:], RULE)["ratios"]
     assert ratios[2] == pytest.approx(600 / 1250)  # a failed run counts as the cap, not as dropped
     assert speed_verdict(never, never[:2] + [failed] + never[3:], RULE)["verdict"].startswith("no power")
+    stopped = [record(s, T=100, cap=1250, curve=[[50, 0.3], [100, 0.6]]) for s in range(1, 7)]
+    slow = [record(s, T=150, cap=1250, curve=[[50, 0.1], [100, 0.2], [150, 0.5]]) for s in range(1, 7)]
+    assert speed_verdict(slow, stopped, RULE)["auc"]["mean"] == pytest.approx(0.3)  # over steps 50-100 only
 
 
 def test_lm_rule_every_seed_and_the_margin():
