@@ -164,6 +164,10 @@ def test_every_arm_of_an_experiment_runs_on_the_same_budget_and_the_plan_s_setti
     assert len(grid["speed"]["seeds"]) >= 6 and len(grid["lm"]["seeds"]) >= 4
     assert grid["tuning"]["seed"] not in grid["speed"]["seeds"] + grid["lm"]["seeds"] + grid["length"]["seeds"]
     assert set(grid["speed"]["arms"]) == {"vanilla", "ssa", "gated", "selective", "ssmax"}
+    # D2: experiments 1 and 4 on the 9,600-step schedule, 1 stopped at the bar or 6,000 steps, 4 at 4,800
+    assert grid["tuning"]["contingency"] == {"max_steps": 6000, "lr_decay_steps": 9600}
+    assert grid["length"]["train"] == {"max_steps": 4800, "lr_decay_steps": 9600}
+    assert grid["speed"]["curve"]["part_steps"] == 500
 
 
 LEAK = 50
