@@ -184,21 +184,39 @@ def ablation_interpretation(verdicts: dict, rule: dict) -> str:
 def report(grid: dict, results: dict, about: dict, folder: Path) -> str:
     lines = ["# The registered study: results", ""]
     lines += [f"Plan: study/plan.md, registered part SHA-256 {', '.join(h[:12] for h in about['made_under'])};"
-              f" committed as {about['commit'] or '(uncommitted: a --quick run)'}. Deviations: see the plan's list.",
+              f" plan as of commit {about['commit'] or '(uncommitted: a --quick run)'}.",
               f"Decontamination dropped {about['dropped']['corpus_val']} corpus validation line(s) and"
               f" {about['dropped']['wiki']} Wikipedia line(s) that shared a 50-character string with training.", ""]
     if about["quick"]:
         lines += ["**Quick grid: a smoke test of the pipeline, not evidence.**", ""]
+    lines += ["## Deviations from the registered plan (copied from study/plan.md)", "",
+              about.get("deviations", "").strip() or "None.", ""]
     lines += tuning_section(results.get("tuning", {}))
-    if "speed" in results:
-        lines += speed_section(results["speed"], grid["speed"], folder)
-    if "lm" in results:
-        lines += lm_section(results["lm"], grid["lm"])
-    if "length" in results:
-        lines += length_section(results["length"], grid["length"])
-    if "toys" in results:
-        lines += toys_section(results["toys"])
+    for part, section in (("speed", speed_section), ("lm", lm_section), ("length", length_section)):
+        rows = {arm: r for arm, r in results.get(part, {}).items() if r}
+        missing = not_run(results.get(part, {}), grid[part])
+        body = section(rows, grid[part], folder, pending=bool(missing)) if rows else [f"## {TITLES[part]}", ""]
+        if missing:
+            body[2:2] = [f"**Incomplete: {len(missing)} of {len(grid[part]['seeds']) * len(grid[part]['arms'])} runs"
+                         f" not made yet ({', '.join(missing)}); the verdicts wait for every seed.**", ""]
+        lines += body
+    lines += toys_section(results["toys"]) if results.get("toys") else [f"## {TITLES['toys']}", "", "Not run yet.", ""]
     return "\n".join(lines) + "\n"
+
+
+TITLES = {"speed": "Experiment 1: speed of learning (primary)", "lm": "Experiment 3: language modelling",
+          "length": "Experiment 4: length generalisation (NoPE), with the ablations of experiment 2",
+          "toys": "Experiment 5: the toys"}
+
+
+def not_run(rows: dict, settings: dict) -> list[str]:
+    """The (arm, seed) runs of the grid that have no record, as "arm seed k"."""
+    made = {(arm, r["spec"]["seed"]) for arm, records in rows.items() for r in records}
+    return [f"{arm} seed {seed}" for seed in settings["seeds"] for arm in settings["arms"] if (arm, seed) not in made]
+
+
+def pending_verdict(seeds: int, settings: dict) -> str:
+    return f"pending ({seeds} of {len(settings['seeds'])} seeds)"
 
 
 def tuning_section(tuned: dict) -> list[str]:
@@ -220,8 +238,8 @@ def tuning_section(tuned: dict) -> list[str]:
     return lines + [""]
 
 
-def speed_section(speed: dict, settings: dict, folder: Path) -> list[str]:
-    lines = ["## Experiment 1: speed of learning (primary)", "",
+def speed_section(speed: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:
+    lines = [f"## {TITLES['speed']}", "",
              "T = the first evaluated step with exact match >= 0.5 on held-out prompts (the cap when never). The"
              " area under the curve (AUC) of a pair is over the steps both runs trained.", "",
              "| arm | T per seed | learned parameters (last seed) |", "|---|---|---|"]
@@ -236,8 +254,9 @@ def speed_section(speed: dict, settings: dict, folder: Path) -> list[str]:
         if base not in speed or arm not in speed:
             continue
         v = speed_verdict(speed[base], speed[arm], settings)
+        verdict = pending_verdict(len(v["seeds"]), settings) if pending else v["verdict"]
         lines.append(f"| {arm} against {base} | {', '.join(f'{r:.2f}' for r in v['ratios'])} | {v['median']:.2f} |"
-                     f" {v['p']:.3f} | {v['verdict']} | {fmt_paired(v['auc'])} |")
+                     f" {v['p']:.3f} | {verdict} | {fmt_paired(v['auc'])} |")
     plot_curves(speed, folder / "speed.png")
     return lines + ["", "![exact match against step](speed.png)", ""]
 
@@ -260,8 +279,8 @@ def brief(record: dict) -> str:
     return "; ".join(f"{kind} {min(v):.3f}-{max(v):.3f}" for kind, v in kinds.items() if v) or "-"
 
 
-def lm_section(lm: dict, settings: dict) -> list[str]:
-    lines = ["## Experiment 3: language modelling", "", "| arm | validation loss per seed | Wikipedia loss per seed |",
+def lm_section(lm: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:
+    lines = [f"## {TITLES['lm']}", "", "| arm | validation loss per seed | Wikipedia loss per seed |",
              "|---|---|---|"]
     for arm, rows in lm.items():
         val, wiki = ([f"{r['metrics'][k]:.4f}" for r in rows if not r["failed"]] for k in ("val_loss", "wiki_loss"))
@@ -269,20 +288,23 @@ def lm_section(lm: dict, settings: dict) -> list[str]:
     lines += ["", "| arm against vanilla | validation: paired difference | verdict | Wikipedia: paired difference |"
               " verdict |", "|---|---|---|---|---|"]
     for arm, v in lm_verdicts(lm, settings["margin"]).items():
-        lines.append(f"| {arm} | {fmt_paired(v['val_loss'], 4)} | {v['val_loss']['verdict']} |"
-                     f" {fmt_paired(v['wiki_loss'], 4)} | {v['wiki_loss']['verdict']} |")
+        val, wiki = (pending_verdict(len(v[k]["differences"]), settings) if pending
+                     else v[k]["verdict"] for k in ("val_loss", "wiki_loss"))
+        lines.append(f"| {arm} | {fmt_paired(v['val_loss'], 4)} | {val} | {fmt_paired(v['wiki_loss'], 4)} | {wiki} |")
     return lines + [""]
 
 
-def length_section(length: dict, settings: dict) -> list[str]:
+def length_section(length: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:
     verdicts = length_verdicts(length, settings)
-    lines = ["## Experiment 4: length generalisation (NoPE), with the ablations of experiment 2", "",
+    lines = [f"## {TITLES['length']}", "",
              f"Primary: the answer's log-likelihood averaged over the lengths {settings['far']} (nats), paired"
              " against vanilla. With 3 seeds the all-signs condition alone has p = 0.125.", "",
              "| arm | paired difference (nats) | verdict | exact match difference |", "|---|---|---|---|"]
     for arm, v in verdicts.items():
-        lines.append(f"| {arm} | {fmt_paired(v)} | {v['verdict']} | {fmt_paired(v['exact'])} |")
-    lines += ["", f"Which part of SSA carries it: {ablation_interpretation(verdicts, settings['ablation'])}.", ""]
+        verdict = pending_verdict(len(v["differences"]), settings) if pending else v["verdict"]
+        lines.append(f"| {arm} | {fmt_paired(v)} | {verdict} | {fmt_paired(v['exact'])} |")
+    carried = "pending" if pending else ablation_interpretation(verdicts, settings["ablation"])
+    lines += ["", f"Which part of SSA carries it: {carried}.", ""]
     lines += ["| arm | exact match per length (mean over seeds and depths) |", "|---|---|"]
     for arm, rows in length.items():
         ok = [r for r in rows if not r["failed"]]
@@ -294,7 +316,7 @@ def length_section(length: dict, settings: dict) -> list[str]:
 
 
 def toys_section(toys: dict) -> list[str]:
-    lines = ["## Experiment 5: the toys", ""]
+    lines = [f"## {TITLES['toys']}", ""]
     for variant, rows in toys["dilution"].items():
         ns = list(next(iter(rows.values()))[0])
         lines += [f"Dilution ({variant}): normalised error, mean over seeds", "",

@@ -161,8 +161,9 @@ class Study:
     def record_path(self, part: str, name: str) -> Path:
         return self.records / part / f"{name}.json"
 
-    def run(self, part: str, arm: str, seed: int, rates: dict, settings: dict, evaluate) -> dict:
-        """The record of one (arm, rates, seed) of `part`: read when there, else trained, evaluated and written."""
+    def run(self, part: str, arm: str, seed: int, rates: dict, settings: dict, evaluate) -> dict | None:
+        """The record of one (arm, rates, seed) of `part`: read when there, else trained, evaluated and written
+        (with evaluate None: not trained, None returned)."""
         name = settings_name(arm, rates, seed)
         path = self.record_path(part, name)
         model_fields = {**self.grid["models"][settings["model"]], **self.grid["arms"][arm]}
@@ -177,6 +178,8 @@ class Study:
                 raise ValueError(f"{path} was made with other settings than the grid's: the grid changed after the"
                                  " run (a deviation to list in study/plan.md), or pass another --records folder.")
             return record
+        if evaluate is None:
+            return None
         folder = self.out_dir / part / name
         start = time.perf_counter()
         for attempt in (1, 2):  # the plan: a failed run is run again once from the start
@@ -350,8 +353,9 @@ def summary(record: dict) -> str:
 
 # ---- the parts ------------------------------------------------------------------------------------------------------
 
-def tuning(study: Study) -> dict:
-    """Each method's sweeps on the tuning seed, stage by stage; returns the records by method."""
+def tuning(study: Study, run: bool = True) -> dict:
+    """Each method's sweeps on the tuning seed, stage by stage; returns the records by method (without run: only
+    those already made)."""
     settings = study.grid["tuning"]
     out = {}
     for method, stages in settings["sweeps"].items():
@@ -360,10 +364,12 @@ def tuning(study: Study) -> dict:
             grid = [dict(best)]
             for key, values in stage.items():
                 grid = [dict(g, **{key: v}) for g in grid for v in values]
-            stage_records = study.in_parallel([
-                (lambda rates=rates, method=method: study.run("tuning", method, settings["seed"], rates, settings,
-                                                              study.curve))
-                for rates in grid])
+            jobs = [(lambda rates=rates, method=method: study.run("tuning", method, settings["seed"], rates, settings,
+                                                                  study.curve if run else None)) for rates in grid]
+            stage_records = study.in_parallel(jobs) if run else [r for r in (job() for job in jobs) if r]
+            if len(stage_records) < len(grid):  # a stage not (fully) run: no later stage can be chosen
+                records += stage_records
+                break
             records += stage_records
             best = tuned_rates(stage_records, settings["tie"])
         out[method] = records
@@ -387,23 +393,29 @@ def contingency_steps(study: Study, tuned: dict, settings: dict) -> dict:
 
 
 def experiment(study: Study, part: str, tuned: dict, evaluate, settings: dict | None = None) -> dict:
+    """The part's records by arm, in seed order; with evaluate None only those already made (the report lists the
+    others as not run)."""
     settings = settings or study.grid[part]
     jobs = [(arm, seed) for seed in settings["seeds"] for arm in settings["arms"]]
-    records = study.in_parallel([
-        (lambda arm=arm, seed=seed: study.run(part, arm, seed, rates_for(study, arm, tuned), settings, evaluate))
-        for arm, seed in jobs])
-    out: dict[str, list] = {}
+    run = [(lambda arm=arm, seed=seed: study.run(part, arm, seed, rates_for(study, arm, tuned), settings, evaluate))
+           for arm, seed in jobs]
+    records = study.in_parallel(run) if evaluate else [job() for job in run]
+    out: dict[str, list] = {arm: [] for arm in settings["arms"]}
     for (arm, _), record in zip(jobs, records):
-        out.setdefault(arm, []).append(record)
+        if record is not None:
+            out[arm].append(record)
     return out
 
 
-def toys(study: Study) -> dict:
+def toys(study: Study, run: bool = True) -> dict | None:
+    """Experiment 5's record: read when there, else (with run) made; None when neither."""
     settings = study.grid["toys"]
     path = study.record_path("toys", "toys")
     spec = json.loads(json.dumps(settings))
     if path.is_file() and json.loads(path.read_text())["spec"] == spec:
         return json.loads(path.read_text())
+    if not run:
+        return None
     torch.set_num_threads(os.cpu_count() or 1)
     dilution = settings["dilution"]
     arms = (*DILUTION_ARMS, *(f"{FIXED_SLOPE}{s:g}" for s in dilution["fixed_slopes"]))
@@ -452,27 +464,25 @@ def main(grid: Path = ROOT / "study" / "grid.yaml", out_dir: Path | None = None,
     records = Path(records or (out_dir / "runs" if quick else ROOT / "study" / "runs"))
     study = Study(grid, out_dir, records, quick)
     study.data()  # prepared once, before parallel runs could each start preparing it
-    results: dict = {}
-    tuned = tuning(study) if "tuning" in only or {"speed", "lm", "length"} & set(only) else {}
-    results["tuning"] = tuned
-    if "speed" in only:
-        print("Experiment 1, speed of learning:", flush=True)
-        results["speed"] = experiment(study, "speed", tuned, study.curve,
-                                      contingency_steps(study, tuned, grid["speed"]))
-    if "lm" in only:
-        print("Experiment 3, language modelling:", flush=True)
-        results["lm"] = experiment(study, "lm", tuned, study.lm)
-    if "length" in only:
-        print("Experiments 4 and 2, length generalisation and the ablations:", flush=True)
-        results["length"] = experiment(study, "length", tuned, study.length_with_controls)
+    tuned = tuning(study, run=bool({"tuning", "speed", "lm", "length"} & set(only)))  # every part's rates
+    results: dict = {"tuning": tuned}
+    for part, title, evaluate, settings in (
+            ("speed", "Experiment 1, speed of learning", study.curve, contingency_steps(study, tuned, grid["speed"])),
+            ("lm", "Experiment 3, language modelling", study.lm, grid["lm"]),
+            ("length", "Experiments 4 and 2, length generalisation and the ablations", study.length_with_controls,
+             grid["length"])):
+        if part in only:
+            print(f"{title}:", flush=True)
+        results[part] = experiment(study, part, tuned, evaluate if part in only else None, settings)
     if "toys" in only:
         print("Experiment 5, the toys:", flush=True)
-        results["toys"] = toys(study)
+    results["toys"] = toys(study, run="toys" in only)
     flat = [r for part in ("speed", "lm", "length") for rows in results.get(part, {}).values() for r in rows]
-    flat += [r for rows in tuned.values() for r in rows] + ([results["toys"]] if "toys" in results else [])
+    flat += [r for rows in tuned.values() for r in rows] + ([results["toys"]] if results["toys"] else [])
     made_under = check_plan([r for r in flat if "plan_sha256" in r], study.plan_text)
+    deviations = study.plan_text.split(DEVIATIONS, 1)[1] if DEVIATIONS in study.plan_text else ""
     text = report(grid, results, dict(made_under=made_under, commit=study.commit, quick=quick,
-                                      dropped=study.data()["dropped"]), records)
+                                      dropped=study.data()["dropped"], deviations=deviations), records)
     (records / "results.md").write_text(text)
     print("\n" + text)
     print(f"Wrote {records}/results.md and its plots")

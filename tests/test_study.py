@@ -14,6 +14,7 @@ from study.report import (
     ablation_interpretation,
     length_verdicts,
     lm_verdicts,
+    report,
     speed_verdict,
     tuned_rates,
     wilcoxon_greater,
@@ -101,6 +102,18 @@ def test_speed_rule_by_the_registered_thresholds():
     stopped = [record(s, T=100, cap=1250, curve=[[50, 0.3], [100, 0.6]]) for s in range(1, 7)]
     slow = [record(s, T=150, cap=1250, curve=[[50, 0.1], [100, 0.2], [150, 0.5]]) for s in range(1, 7)]
     assert speed_verdict(slow, stopped, RULE)["auc"]["mean"] == pytest.approx(0.3)  # over steps 50-100 only
+
+
+def test_a_report_before_every_seed_ran_names_the_missing_runs_and_draws_no_verdict(tmp_path):
+    grid = load_grid(GRID, quick=False)
+    made = {arm: [dict(record(1, T=T, cap=6050, exact=0.6), learned={"slopes": []})]
+            for arm, T in (("vanilla", 3000), ("ssa", 1500))}
+    about = dict(made_under=["0" * 64], commit="abc", quick=False, dropped={"corpus_val": 0, "wiki": 0},
+                 deviations="- D9: a deviation")
+    text = report(grid, {"tuning": {}, "speed": made, "lm": {}, "length": {}, "toys": None}, about, tmp_path)
+    assert "Incomplete: 28 of 30 runs" in text and "gated seed 1" in text and "vanilla seed 6" in text
+    assert "pending (1 of 6 seeds)" in text and "learns faster" not in text and "refuted" not in text
+    assert "- D9: a deviation" in text and "Experiment 5: the toys\n\nNot run yet." in text
 
 
 def test_lm_rule_every_seed_and_the_margin():
