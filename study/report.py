@@ -280,11 +280,12 @@ def brief(record: dict) -> str:
 
 
 def lm_section(lm: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:
-    lines = [f"## {TITLES['lm']}", "", "| arm | validation loss per seed | Wikipedia loss per seed |",
-             "|---|---|---|"]
+    lines = [f"## {TITLES['lm']}", "",
+             "| arm | validation loss per seed | Wikipedia loss per seed | learned parameters (last seed) |",
+             "|---|---|---|---|"]
     for arm, rows in lm.items():
         val, wiki = ([f"{r['metrics'][k]:.4f}" for r in rows if not r["failed"]] for k in ("val_loss", "wiki_loss"))
-        lines.append(f"| {arm} | {', '.join(val)} | {', '.join(wiki)} |")
+        lines.append(f"| {arm} | {', '.join(val)} | {', '.join(wiki)} | {brief(rows[-1])} |")
     lines += ["", "| arm against vanilla | validation: paired difference | verdict | Wikipedia: paired difference |"
               " verdict |", "|---|---|---|---|---|"]
     for arm, v in lm_verdicts(lm, settings["margin"]).items():
