@@ -160,11 +160,11 @@ def get_lr(step: int, max_steps: int, args: TrainArgs, peak: float | None = None
     """Linear warmup to the peak (default learning_rate), then cosine decay to min_lr at lr_decay_steps (default
     max_steps); a group with another peak decays to the same fraction of its peak as the backbone does."""
     peak = args.learning_rate if peak is None else peak
-    max_steps = args.lr_decay_steps or max_steps
+    end = args.lr_decay_steps or max_steps
     floor = args.min_lr * peak / args.learning_rate if args.learning_rate > 0 else 0.0
     if step < args.warmup_steps:
         return peak * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    progress = min(1.0, (step - args.warmup_steps) / max(1, end - args.warmup_steps))
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 

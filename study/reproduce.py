@@ -223,7 +223,7 @@ class Study:
         scored = folder / "curve.json"  # the parts scored so far (a run stopped on this machine goes on from them)
         curve = json.loads(scored.read_text()) if scored.is_file() else []
         end = curve[-1][0] if curve else 0
-        while end < spec["train"]["max_steps"] and not any(e >= settings["reach"] for _, e in curve):
+        while end < spec["train"]["max_steps"] and first_reach(curve, settings["reach"]) is None:
             end = min(end + settings["part_steps"], spec["train"]["max_steps"])
             self.pretrain(folder, merge(spec, {"train": {"max_steps": end}}))
             curve += self.score_checkpoints(folder, spec, end)
@@ -282,8 +282,8 @@ class Study:
         curve = (json.loads(scored.read_text()) if scored.is_file()
                  else self.score_checkpoints(folder, spec, spec["train"]["max_steps"]))
         cap = spec["train"]["max_steps"] + settings["every"]
-        reached = [step for step, exact in curve if exact >= settings["reach"]]
-        return dict(curve=curve, T=reached[0] if reached else cap, cap=cap,
+        T = first_reach(curve, settings["reach"])
+        return dict(curve=curve, T=cap if T is None else T, cap=cap,
                     auc=sum(e for _, e in curve) / max(1, len(curve)))
 
     def length(self, folder: Path, spec: dict, fields: dict | None = None) -> dict:
@@ -314,6 +314,11 @@ class Study:
         val = np.asarray(TokenData(self.data()["corpus"]).val, dtype=np.int64)
         wiki = self.wiki_tokens()
         return dict(val_loss=window_loss(model, val, window, most), wiki_loss=window_loss(model, wiki, window, most))
+
+
+def first_reach(curve: list[list], reach: float) -> int | None:
+    """The first evaluated step whose exact match is at or over `reach`, or None."""
+    return next((step for step, exact in curve if exact >= reach), None)
 
 
 @torch.inference_mode()
@@ -366,7 +371,7 @@ def tuning(study: Study, run: bool = True) -> dict:
                 grid = [dict(g, **{key: v}) for g in grid for v in values]
             jobs = [(lambda rates=rates, method=method: study.run("tuning", method, settings["seed"], rates, settings,
                                                                   study.curve if run else None)) for rates in grid]
-            stage_records = study.in_parallel(jobs) if run else [r for r in (job() for job in jobs) if r]
+            stage_records = [r for r in study.in_parallel(jobs) if r]
             if len(stage_records) < len(grid):  # a stage not (fully) run: no later stage can be chosen
                 records += stage_records
                 break
@@ -399,7 +404,7 @@ def experiment(study: Study, part: str, tuned: dict, evaluate, settings: dict | 
     jobs = [(arm, seed) for seed in settings["seeds"] for arm in settings["arms"]]
     run = [(lambda arm=arm, seed=seed: study.run(part, arm, seed, rates_for(study, arm, tuned), settings, evaluate))
            for arm, seed in jobs]
-    records = study.in_parallel(run) if evaluate else [job() for job in run]
+    records = study.in_parallel(run)
     out: dict[str, list] = {arm: [] for arm in settings["arms"]}
     for (arm, _), record in zip(jobs, records):
         if record is not None:
