@@ -340,11 +340,12 @@ def plot_curves(speed: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, reached) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (arm, rows) in enumerate(speed.items()):
-        curves = [r["metrics"]["curve"] for r in rows if not r["failed"]]
-        if not curves:
+        done = [r for r in rows if not r["failed"]]
+        if not done:
             continue
+        curves = [r["metrics"]["curve"] for r in done]
         color = f"C{i}"
         for c in curves:
             ax.plot([s for s, _ in c], [e for _, e in c], color=color, alpha=0.25, lw=0.8)
@@ -352,10 +353,21 @@ def plot_curves(speed: dict, path: Path) -> None:
         shared = min(len(c) for c in curves)  # the median where every seed still trains
         median = [statistics.median(c[k][1] for c in curves) for k in range(shared)]
         ax.plot([s for s, _ in curves[0][:shared]], median, color=color, lw=2, label=arm)
+        # runs stop at T, so past the first stop the median says little: the share of seeds at the bar by each step
+        cap = done[0]["metrics"]["cap"]
+        steps = sorted({s for c in curves for s, _ in c} | {cap})
+        share = [sum(r["metrics"]["T"] <= s and r["metrics"]["T"] < r["metrics"]["cap"] for r in done) / len(done)
+                 for s in steps]
+        reached.step(steps, share, where="post", color=color, lw=2, label=f"{arm} ({len(done)} seeds)")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("exact match, held-out prompts")
+    ax.set_title("each seed (thin), median while all train (thick)", fontsize=9)
     ax.legend()
+    reached.set_xlabel("step")
+    reached.set_ylabel("share of seeds with exact match >= 0.5")
+    reached.set_ylim(-0.02, 1.02)
+    reached.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
