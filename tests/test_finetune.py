@@ -48,9 +48,12 @@ def test_ssa_starts_from_the_checkpoints_own_validation_loss(base, text_file, tm
     setup(**arguments(base, data, tmp_path / "ssa"), ssa=True)
     vanilla, ssa = val_losses(tmp_path / "vanilla"), val_losses(tmp_path / "ssa")
     assert vanilla[0] < math.log(50257) - 3  # a trained checkpoint: a wrong start would show
-    assert ssa[0] == pytest.approx(vanilla[0], rel=1e-4)  # slope 6e-4: temperatures within 0.3% of 1
+    # slope 6e-4: temperatures within 0.3% of 1, so the loss moves by about 5e-7 of itself; a slope of 0.5 moves it
+    # by about 3e-4 of itself (this briefly trained checkpoint leans little on attention): the tolerance lies
+    # between the two, more than ten times from each, so the check can fail
+    assert ssa[0] == pytest.approx(vanilla[0], rel=2e-5)
     setup(**arguments(base, data, tmp_path / "wrong-start"), ssa=True, model={"ssa_position_init": 0.5})
-    assert abs(val_losses(tmp_path / "wrong-start")[0] - vanilla[0]) > 2e-3 * vanilla[0]  # the test can fail
+    assert val_losses(tmp_path / "wrong-start")[0] != pytest.approx(vanilla[0], rel=2e-5)
     model = GPT.from_checkpoint(tmp_path / "ssa" / "final")
     assert model.config.attention_temperature == "ssa" and model.config.ssa_position_init == 6e-4
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0
