@@ -42,7 +42,8 @@ def paired(differences: list[float]) -> dict:
 
 
 def fmt_paired(d: dict, digits: int = 3) -> str:
-    return (f"{d['mean']:+.{digits}f} +- {d['se']:.{digits}f} (n = {d['n']}; {d['positive']} above zero,"
+    spread = f" +- {d['se']:.{digits}f}" if d["n"] > 1 else ""  # one seed has no standard error
+    return (f"{d['mean']:+.{digits}f}{spread} (n = {d['n']}; {d['positive']} above zero,"
             f" {d['negative']} below)")
 
 
