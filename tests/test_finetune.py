@@ -51,9 +51,10 @@ def test_ssa_starts_from_the_checkpoints_own_validation_loss(base, text_file, tm
     # slope 6e-4: temperatures within 0.3% of 1, so the loss moves by about 5e-7 of itself; a slope of 0.5 moves it
     # by about 3e-4 of itself (this briefly trained checkpoint leans little on attention): the tolerance lies
     # between the two, more than ten times from each, so the check can fail
-    assert ssa[0] == pytest.approx(vanilla[0], rel=2e-5)
+    start = pytest.approx(vanilla[0], rel=2e-5)
+    assert ssa[0] == start
     setup(**arguments(base, data, tmp_path / "wrong-start"), ssa=True, model={"ssa_position_init": 0.5})
-    assert val_losses(tmp_path / "wrong-start")[0] != pytest.approx(vanilla[0], rel=2e-5)
+    assert val_losses(tmp_path / "wrong-start")[0] != start
     model = GPT.from_checkpoint(tmp_path / "ssa" / "final")
     assert model.config.attention_temperature == "ssa" and model.config.ssa_position_init == 6e-4
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0
