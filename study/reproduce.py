@@ -65,6 +65,17 @@ def plan_commit() -> str | None:
     return out or None
 
 
+def code_commit() -> str:
+    """The commit the code ran from, with "+dirty" where tracked files differ from it ("unknown" outside git)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD").stdout.strip()
+    if not head:
+        return "unknown"
+    return head + ("+dirty" if git("diff", "--quiet", "HEAD").returncode != 0 else "")
+
+
 def check_plan(records: list[dict], plan_text: str) -> list[str]:
     """The hashes the records were made under; refuses a report whose plan changed after its runs unless a deviation
     names the plan's current hash (its first 12 characters)."""
@@ -198,7 +209,8 @@ class Study:
                       val_loss=[[h["step"], h["val_loss"]] for h in history if "val_loss" in h],
                       learned=learned_parameters(GPT.from_checkpoint(folder / "final")),
                       wall_s=dict(train=round(train_s, 1), evaluate=round(time.perf_counter() - start - train_s, 1)),
-                      plan_sha256=self.plan_sha, plan_commit=self.commit, torch=torch.__version__,
+                      plan_sha256=self.plan_sha, plan_full_sha256=hashlib.sha256(self.plan_text.encode()).hexdigest(),
+                      plan_commit=self.commit, code_commit=code_commit(), torch=torch.__version__,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         for step_dir in folder.glob("step-*"):  # what this run wrote, kept only until it is evaluated
             shutil.rmtree(step_dir)

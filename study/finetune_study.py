@@ -1,0 +1,446 @@
+"""Does SSA fine-tuning lower held-out perplexity, beyond what any added capacity buys? The registered study of
+study/finetune_plan.md on SmolLM2-135M-Instruct (real weights), run through finetune/full.py.
+
+    python study/finetune_study.py                        # every run without a record, then the report
+    python study/finetune_study.py --arms "[vanilla, ssa]" # the primary comparison first
+    python study/finetune_study.py --report_only true     # rewrite the report from the records
+
+The Wikipedia sample is split by article (seed 0) into training, validation (in-run validation and the tuning sweeps'
+score) and test articles (the scored text); validation and test lose every line that shares a 50-character string
+with the training text. Each arm's rates come from sweeps on seed 0, never scored; then seeds 1-5. A finished run
+writes one record (settings, the scores, the learned parameters, the wall time, the plan's and grid's hashes, the
+code's commit) to study/runs/smollm2/, and a record already there is reused.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lit_gpt.config import read_yaml
+from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import run_cli
+from study.data import decontaminate, prepare_folder, training_windows
+from study.reproduce import code_commit, learned_parameters, registered, settings_name, window_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = ROOT / "study" / "finetune_plan.md"
+GRID = ROOT / "study" / "finetune_grid.yaml"
+RATE_KEYS = ("learning_rate", "ssa_position_lr", "ssa_token_lr", "gate_lr")
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+
+def articles(text: str) -> list[str]:
+    """The Wikipedia sample's articles: the text between each `<doc ...>` line and its `</doc>`."""
+    return [body.strip() + "\n" for body in re.findall(r"<doc [^>]*>\n(.*?)</doc>", text, flags=re.S)]
+
+
+def split_articles(settings: dict) -> dict:
+    """{"train", "val", "test"}: lists of articles; val and test decontaminated against train (50 characters), with
+    the number of lines dropped from each."""
+    docs = articles(read_text(BUNDLED_WIKI))
+    random.Random(settings["split_seed"]).shuffle(docs)
+    n_test, n_val = (round(len(docs) * settings[k]) for k in ("test_fraction", "val_fraction"))
+    test, val, train = docs[:n_test], docs[n_test:n_test + n_val], docs[n_test + n_val:]
+    seen = training_windows(train)
+    val, val_dropped = decontaminate(val, seen)
+    test, test_dropped = decontaminate(test, seen)
+    return dict(train=train, val=val, test=test, dropped_lines=dict(val=val_dropped, test=test_dropped))
+
+
+def token_stream(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
+    """Documents as one token array, EOS after each (as the prepared files hold them)."""
+    ids = [np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id) for d in documents]
+    return np.concatenate(ids).astype(np.int64)
+
+
+# ---- the study ------------------------------------------------------------------------------------------------------
+
+def file_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class FinetuneStudy:
+    def __init__(self, grid: dict, checkpoint_dir: Path, out_dir: Path, records: Path, workers: int = 1) -> None:
+        self.grid, self.checkpoint_dir, self.out_dir, self.records = grid, checkpoint_dir, out_dir, records
+        self.workers = workers
+        self.lock = threading.Lock()  # the data and the scored texts are made once, by the first run that needs them
+        plan = PLAN.read_text()
+        self.hashes = dict(plan_sha256=file_hash(registered(plan)), plan_full_sha256=file_hash(plan),
+                           grid_sha256=file_hash(GRID.read_text()))
+        self._texts = None
+        self._scored = {}
+
+    def texts(self) -> dict:
+        with self.lock:
+            if self._texts is None:
+                self._texts = split_articles(self.grid["data"])
+        return self._texts
+
+    def data_dir(self) -> Path:
+        t = self.texts()
+        with self.lock:
+            return prepare_folder(self.out_dir / "data", t["train"], t["val"], dict(finetune_study=self.grid["data"]),
+                                  tokenizer_dir=self.checkpoint_dir)
+
+    def scored_tokens(self, split: str) -> np.ndarray:
+        texts = self.texts()
+        with self.lock:
+            if split not in self._scored:
+                self._scored[split] = token_stream(Tokenizer(self.checkpoint_dir), texts[split])
+        return self._scored[split]
+
+    def score(self, folder: Path) -> dict:
+        """Loss over every non-overlapping window of the validation and test texts, and the test perplexity."""
+        model = GPT.from_checkpoint(folder).eval()
+        window = self.grid["data"]["window"]
+        losses = {split: window_loss(model, self.scored_tokens(split), window, 10**9) for split in ("val", "test")}
+        return dict(val_loss=losses["val"], test_loss=losses["test"], test_ppl=math.exp(losses["test"]),
+                    learned=learned_parameters(model))
+
+    def base(self) -> dict:
+        """The checkpoint's own scores, before any fine-tuning (one record)."""
+        path = self.records / "base.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return write(path, dict(self.score(self.checkpoint_dir), **self.provenance()))
+
+    def provenance(self) -> dict:
+        return dict(self.hashes, code_commit=code_commit(), torch=torch.__version__,
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def run(self, part: str, arm: str, seed: int, rates: dict, steps: int, train: bool = True) -> dict | None:
+        """The record of one run: read when there, else (with train) fine-tuned, scored and written."""
+        name = settings_name(arm, rates, seed)
+        path = self.records / part / f"{name}.json"
+        spec = dict(arm=arm, seed=seed, rates=rates, max_steps=steps)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record["spec"] != spec:
+                raise ValueError(f"{path} was made with other settings ({record['spec']}) than {spec}: a deviation to"
+                                 " list in study/finetune_plan.md, or pass another --records folder.")
+            return record
+        if not train:
+            return None
+        folder = self.out_dir / part / name
+        start = time.perf_counter()
+        for attempt in (1, 2):  # the plan: a failed run is run again once from the start
+            threads = str(max(1, (os.cpu_count() or 1) // self.workers))
+            env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            done = subprocess.run(self.command(arm, seed, rates, steps, folder), env=env).returncode == 0
+            if done:
+                break
+            print(f"  {part}/{name} failed (attempt {attempt})", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        if not done:
+            return write(path, dict(spec=spec, failed=True, **self.provenance()))
+        train_s = time.perf_counter() - start
+        history = json.loads((folder / "history.json").read_text())
+        record = dict(spec=spec, failed=False, **self.score(folder / "final"),
+                      in_run_val_loss=[[h["step"], h["val_loss"]] for h in history if "val_loss" in h],
+                      wall_s=dict(train=round(train_s, 1), score=round(time.perf_counter() - start - train_s, 1)),
+                      **self.provenance())
+        shutil.rmtree(folder)  # 2 GB a run (weights and optimizer state); the record keeps what the report needs
+        print(f"  {part}/{name}: validation loss {record['val_loss']:.5f}, test perplexity {record['test_ppl']:.4f}"
+              f" ({train_s:.0f} s)", flush=True)
+        return write(path, record)
+
+    def in_parallel(self, jobs: list) -> list:
+        """Run the jobs `workers` at a time (each training process with its share of the cores); results in order."""
+        if self.workers == 1:
+            return [job() for job in jobs]
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(lambda job: job(), jobs))
+
+    def command(self, arm: str, seed: int, rates: dict, steps: int, folder: Path) -> list[str]:
+        train = dict(self.grid["train"], max_steps=steps, **rates)
+        train["min_lr"] = train["learning_rate"] * self.grid["min_lr_ratio"]
+        flags = [f for k, v in train.items() for f in (f"--train.{k}", "null" if v is None else str(v))]
+        flags += [f for k, v in self.grid["eval"].items() for f in (f"--eval.{k}", str(v).lower())]
+        return [sys.executable, str(ROOT / "finetune" / "full.py"), "--checkpoint_dir", str(self.checkpoint_dir),
+                "--data", str(self.data_dir()), "--out_dir", str(folder), "--seed", str(seed), "--resume", "auto",
+                *flags, *self.grid["arms"][arm]]
+
+
+def write(path: Path, record: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    return record
+
+
+# ---- tuning ---------------------------------------------------------------------------------------------------------
+
+def best(records: list[dict], tie: float) -> dict:
+    """The rates of the lowest validation loss; within `tie` of it, the smallest rates (compared in RATE_KEYS
+    order)."""
+    done = [r for r in records if not r["failed"]]
+    low = min(r["val_loss"] for r in done)
+    close = [r for r in done if r["val_loss"] <= low + tie]
+    return min(close, key=lambda r: [r["spec"]["rates"].get(k, 0.0) for k in RATE_KEYS])["spec"]["rates"]
+
+
+def tune(study: FinetuneStudy, arm: str, train: bool) -> tuple[dict | None, list[dict]]:
+    """The arm's rates from its sweeps on the tuning seed (None where a sweep is not complete), and its records.
+    Vanilla sweeps the backbone rate; another arm sweeps its own rates stage by stage at vanilla's backbone rate, then
+    the backbone rate at its best own rates."""
+    settings = study.grid["tuning"]
+    steps, seed = settings["max_steps"], settings["seed"]
+
+    def sweep(grid: list[dict]) -> tuple[dict | None, list[dict]]:
+        records = study.in_parallel([partial(study.run, "tuning", arm, seed, rates, steps, train) for rates in grid])
+        done = [r for r in records if r is not None]
+        return (best(done, settings["tie"]) if len(done) == len(grid) else None), done
+
+    backbone = [{"learning_rate": lr} for lr in settings["backbone"]]
+    if arm == "vanilla":
+        return sweep(backbone)
+    vanilla, _ = tune(study, "vanilla", train=False)
+    if vanilla is None:
+        return None, []
+    chosen, records = dict(vanilla), []
+    for stage in settings["sweeps"][arm]:
+        grid = [dict(chosen)]
+        for key, values in stage.items():
+            grid = [dict(g, **{key: v}) for g in grid for v in values]
+        chosen, done = sweep(grid)
+        records += done
+        if chosen is None:
+            return None, records
+    others = [dict(chosen, learning_rate=lr) for lr in settings["backbone"] if lr != chosen["learning_rate"]]
+    final, done = sweep([chosen, *others])
+    return final, records + [r for r in done if r not in records]
+
+
+# ---- the rule -------------------------------------------------------------------------------------------------------
+
+def relative_differences(a: dict[int, dict], b: dict[int, dict]) -> dict[int, float]:
+    """Per paired seed: test perplexity of a over b's, minus 1."""
+    return {s: a[s]["test_ppl"] / b[s]["test_ppl"] - 1 for s in sorted(a) if s in b}
+
+
+def sign_test_p(d: list[float]) -> float:
+    """Exact one-sided sign test of 'below zero': P(at least this many negatives | each sign a fair coin); zero
+    differences dropped."""
+    d = [x for x in d if x != 0]
+    k = sum(x < 0 for x in d)
+    return sum(math.comb(len(d), i) for i in range(k, len(d) + 1)) / 2 ** len(d)
+
+
+def wilcoxon_p(d: list[float]) -> float:
+    """Exact one-sided Wilcoxon signed-rank test of 'below zero' (zeros dropped, ties of |d| given mean ranks):
+    P(W- >= observed) over all 2^n sign assignments."""
+    d = [x for x in d if x != 0]
+    order = sorted(range(len(d)), key=lambda i: abs(d[i]))
+    ranks = [0.0] * len(d)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and abs(d[order[j + 1]]) == abs(d[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    observed = sum(r for r, x in zip(ranks, d) if x < 0)
+    totals = [sum(r for r, bit in zip(ranks, range(len(d))) if mask >> bit & 1) for mask in range(2 ** len(d))]
+    return sum(t >= observed - 1e-12 for t in totals) / len(totals)
+
+
+def interval(d: list[float], t: float) -> tuple[float, float, float]:
+    """Mean and its 95% t-interval."""
+    mean = statistics.mean(d)
+    half = t * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return mean, mean - half, mean + half
+
+
+def verdict(d: list[float], rule: dict, n_seeds: int, power: bool) -> str:
+    """The registered rule on relative differences d (X over Y minus 1), one per seed."""
+    if not power:
+        return "no power (vanilla fine-tuning did not lower the test perplexity in every seed)"
+    if len(d) < n_seeds:
+        return f"pending ({len(d)} of {n_seeds} seeds)"
+    if all(x < 0 for x in d) and statistics.mean(d) < -rule["margin"]:
+        return "lower"
+    if all(x > 0 for x in d) and statistics.mean(d) > rule["margin"]:
+        return "higher"
+    return "no difference shown"
+
+
+def rule_power(effect: float, sd: float, n: int, margin: float, draws: int = 200_000, seed: int = 0) -> float:
+    """P(the rule says "lower") when the paired relative differences are normal with mean -effect and this sd:
+    every one of n below zero and their mean below -margin (Monte Carlo, fixed seed)."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(-effect, sd, size=(draws, n))
+    return float(((d < 0).all(axis=1) & (d.mean(axis=1) < -margin)).mean())
+
+
+def power_table(pilot: Path = ROOT / "study" / "runs" / "finetune", n: int = 5, margin: float = 0.001,
+                effects: tuple = (0.001, 0.0015, 0.002, 0.0064)) -> str:
+    """The rule's power from the 30-step pilot's seed spread (study/runs/finetune: full and full_ssa, seeds 1-3): the
+    paired spread (SD of SSA over full minus 1, per seed) and the unpaired one (SD of full's perplexity over its mean),
+    and 3x the unpaired one for a longer run drifting further apart."""
+    def ppl(arm):
+        return {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["ppl_after"]
+                for f in sorted(pilot.glob(f"{arm}-seed*.json"))}
+
+    full, ssa = ppl("full"), ppl("full_ssa")
+    paired = statistics.stdev([ssa[s] / full[s] - 1 for s in full if s in ssa])
+    unpaired = statistics.stdev([v / statistics.mean(full.values()) - 1 for v in full.values()])
+    lines = [f"Pilot: {len(full)} seeds; paired SD {paired:.4%}, unpaired SD {unpaired:.4%}.", "",
+             "| SD of the paired relative differences | " + " | ".join(f"power at {e:.2%}" for e in effects)
+             + " | false 'lower' at 0 | smallest effect at 80% power |", "|---" * (len(effects) + 3) + "|"]
+    for label, sd in (("paired, measured", paired), ("unpaired, measured", unpaired), ("3x unpaired", 3 * unpaired)):
+        cells = [f"{rule_power(e, sd, n, margin):.2f}" for e in effects]
+        lines.append(f"| {label} {sd:.3%} | " + " | ".join(cells) + f" | {rule_power(0.0, sd, n, margin):.4f} |"
+                     f" {smallest_detectable(sd, n, margin):.3%} |")
+    return "\n".join(lines) + "\n"
+
+
+def smallest_detectable(sd: float, n: int, margin: float, power: float = 0.8) -> float:
+    """The smallest effect the rule calls "lower" with this power (bisection on rule_power, to 1e-6)."""
+    low, high = 0.0, margin + 10 * sd
+    while high - low > 1e-6:
+        mid = (low + high) / 2
+        low, high = (low, mid) if rule_power(mid, sd, n, margin, draws=50_000) >= power else (mid, high)
+    return high
+
+
+# ---- the report -----------------------------------------------------------------------------------------------------
+
+COMPARISONS = [("ssa", "vanilla", "primary"), ("constant", "vanilla", "capacity control"),
+               ("gate", "vanilla", "gate"), ("ssa", "constant", "SSA beyond a constant temperature"),
+               ("ssa", "gate", "SSA beyond a gate")]
+
+
+def report(study: FinetuneStudy, tuned: dict, scored: dict[str, dict[int, dict]]) -> str:
+    grid, base = study.grid, study.base()
+    rule, seeds = grid["rule"], grid["seeds"]
+    t = study.texts()
+    lines = ["# The fine-tuning study: results", "",
+             f"Written by `python study/finetune_study.py` under the registered plan {study.hashes['plan_sha256'][:12]}"
+             f" (grid {study.hashes['grid_sha256'][:12]}). Test text: {len(t['test'])} articles,"
+             f" {len(study.scored_tokens('test')):,} tokens ({t['dropped_lines']['test']} lines dropped as shared"
+             f" with training); validation {len(t['val'])} articles ({t['dropped_lines']['val']} lines dropped).",
+             f"The checkpoint before fine-tuning: test perplexity {base['test_ppl']:.4f}.", "",
+             "## Tuning (seed 0)", "",
+             "| arm | rates | validation loss |", "|---|---|---|"]
+    for arm, (rates, records) in tuned.items():
+        for r in sorted(records, key=lambda r: sorted(r["spec"]["rates"].items())):
+            mark = " **chosen**" if rates is not None and r["spec"]["rates"] == rates else ""
+            lines.append(f"| {arm} | {fmt_rates(r['spec']['rates'])}{mark} |"
+                         f" {'failed' if r['failed'] else format(r['val_loss'], '.5f')} |")
+    lines += ["", "## Every scored run", "", "| arm | seed | test perplexity | validation loss | train s |",
+              "|---|---|---|---|---|"]
+    for arm, runs in scored.items():
+        for s, r in sorted(runs.items()):
+            lines.append(f"| {arm} | {s} | {'failed' if r['failed'] else format(r['test_ppl'], '.4f')} |"
+                         f" {r.get('val_loss', float('nan')):.5f} | {r.get('wall_s', {}).get('train', 0):.0f} |")
+    vanilla = scored.get("vanilla", {})
+    power = len(vanilla) == len(seeds) and all(r["test_ppl"] < base["test_ppl"] for r in vanilla.values())
+    lines += ["", "## Verdicts (the registered rule)", "",
+              "| comparison | what | relative differences, each seed | mean [95% interval] | sign p | Wilcoxon p |"
+              " verdict |", "|---|---|---|---|---|---|---|"]
+    for x, y, what in COMPARISONS:
+        d = relative_differences(scored.get(x, {}), scored.get(y, {}))
+        values = list(d.values())
+        if not values:
+            lines.append(f"| {x} - {y} | {what} | - | - | - | - | not run |")
+            continue
+        mean, low, high = interval(values, rule["t_975_4"])
+        lines.append(f"| {x} - {y} | {what} | {', '.join(f'{v:+.4%}' for v in values)} | {mean:+.4%}"
+                     f" [{low:+.4%}, {high:+.4%}] | {sign_test_p(values):.4f} | {wilcoxon_p(values):.4f} |"
+                     f" {verdict(values, rule, len(seeds), power)} |")
+    lines += ["", "## What the added parameters learned (every scored run)", ""]
+    for arm, runs in scored.items():
+        for s, r in sorted(runs.items()):
+            if not r["failed"] and arm != "vanilla":
+                lines.append(f"- {arm} seed {s}: {describe_learned(r['learned'])}")
+    return "\n".join(lines) + "\n"
+
+
+def fmt_rates(rates: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(rates.items()))
+
+
+def describe_learned(learned: dict) -> str:
+    """Ranges over layers and heads: the position slopes per side, the token weights' norms, a constant's scale,
+    the gate weights' norms."""
+    parts = []
+    for side in ("query", "key", "value"):
+        values = [v for layer in learned["slopes"] for v in layer.get(side, [])]
+        if values:
+            parts.append(f"{side} slopes {min(values):.2e} to {max(values):.2e}")
+    for label, key in (("query token-weight norms", "query_temperature.token_weight"),
+                       ("value token-weight norms", "value_temperature.token_weight"),
+                       ("constant temperatures", "query_temperature.scale"), ("gate weight norms", "gate.proj")):
+        values = [v for name, vs in learned.items() if key in name for v in vs]
+        if values:
+            parts.append(f"{label} {min(values):.4g} to {max(values):.4g}")
+    return "; ".join(parts) or "nothing"
+
+
+def main(checkpoint_dir: Path | None = None, arms: list[str] | None = None,
+         records: Path = ROOT / "study" / "runs" / "smollm2", out_dir: Path = Path("out/finetune-study"),
+         workers: int = 2, report_only: bool = False, power: bool = False) -> str:
+    """Tune and run every arm without records (in the grid's order), then write the report.
+
+    Args:
+        checkpoint_dir: the converted SmolLM2-135M-Instruct (default: the grid's; docs/finetuning.md says how).
+        arms: which arms to tune and run now (default all, in the grid's order); the report covers every record.
+        records: one JSON per finished run, and results.md.
+        out_dir: the runs' folders and the prepared data (each run's weights are removed once it is scored).
+        workers: runs at a time, each with its share of the CPU cores.
+        report_only: train nothing; rewrite the report from the records.
+        power: train nothing; print the rule's power computed from the 30-step pilot (the plan's table).
+    """
+    if power:
+        text = power_table()
+        print(text)
+        return text
+    grid = read_yaml(GRID, "the fine-tuning study's grid")
+    order = grid["order"]
+    arms = order if arms is None else arms
+    unknown = [a for a in arms if a not in order]
+    if unknown:
+        raise ValueError(f"--arms: {unknown} unknown; expected some of {order}.")
+    checkpoint_dir = Path(checkpoint_dir or grid["checkpoint_dir"])
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise FileNotFoundError(f"--checkpoint_dir {checkpoint_dir}: no converted checkpoint there; make it as"
+                                " docs/finetuning.md shows (gguf_to_hf.py, then scripts/convert_hf_checkpoint.py).")
+    study = FinetuneStudy(grid, checkpoint_dir, out_dir, records, workers)
+    study.base()
+    tuned, scored = {}, {}
+    for arm in order:
+        train = arm in arms and not report_only
+        rates, tuning_records = tune(study, arm, train)
+        tuned[arm] = rates, tuning_records
+        if rates is not None:
+            runs = study.in_parallel([partial(study.run, "scored", arm, s, rates, grid["train"]["max_steps"], train)
+                                      for s in grid["seeds"]])
+            scored[arm] = {r["spec"]["seed"]: r for r in runs if r is not None and not r["failed"]}
+    text = report(study, tuned, scored)
+    (records / "results.md").write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    run_cli(main)

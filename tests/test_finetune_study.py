@@ -1,0 +1,117 @@
+"""The registered fine-tuning study's statistics, rule and data split (study/finetune_study.py), each against an
+independent reference written from its definition."""
+
+import itertools
+import math
+import statistics
+
+import pytest
+
+from lit_gpt.config import read_yaml
+from study.finetune_study import (
+    GRID,
+    best,
+    interval,
+    relative_differences,
+    rule_power,
+    sign_test_p,
+    split_articles,
+    verdict,
+    wilcoxon_p,
+)
+
+RULE = dict(margin=0.001, t_975_4=2.7764451051977987)
+
+
+def brute_sign_p(d):
+    """P(#negatives >= observed) when every nonzero difference's sign is a fair coin, counted over all sign vectors."""
+    d = [x for x in d if x != 0]
+    observed = sum(x < 0 for x in d)
+    signs = list(itertools.product((-1, 1), repeat=len(d)))
+    return sum(sum(s < 0 for s in v) >= observed for v in signs) / len(signs)
+
+
+def brute_wilcoxon_p(d):
+    """Mean ranks from counting (rank = #smaller + (#equal + 1) / 2); P(W- >= observed) over all sign vectors."""
+    d = [x for x in d if x != 0]
+    a = [abs(x) for x in d]
+    ranks = [sum(y < x for y in a) + (sum(y == x for y in a) + 1) / 2 for x in a]
+    observed = sum(r for r, x in zip(ranks, d) if x < 0)
+    vectors = list(itertools.product((False, True), repeat=len(d)))
+    return sum(sum(r for r, neg in zip(ranks, v) if neg) >= observed - 1e-12 for v in vectors) / len(vectors)
+
+
+@pytest.mark.parametrize("d", [[-0.01, -0.02, -0.03, -0.04, -0.05], [-0.01, 0.02, -0.03, -0.04, 0.05],
+                               [0.01, -0.01, 0.02, -0.02, 0.0], [-0.02, -0.02, 0.02, -0.01, -0.03],
+                               [0.1, 0.2, 0.3, 0.4, 0.5], [-1e-4, 2e-4, -3e-4, 4e-4, -5e-4, 6e-4, -7e-4]])
+def test_exact_tests_match_brute_force_counts(d):
+    assert sign_test_p(d) == pytest.approx(brute_sign_p(d))
+    assert wilcoxon_p(d) == pytest.approx(brute_wilcoxon_p(d))
+
+
+def test_five_negative_pairs_give_one_in_thirty_two():
+    d = [-0.001, -0.002, -0.003, -0.004, -0.005]
+    assert sign_test_p(d) == wilcoxon_p(d) == 1 / 32
+
+
+def test_interval_is_the_t_interval_of_the_mean():
+    d = [-0.003, -0.001, -0.002, -0.004, 0.0005]
+    mean, low, high = interval(d, RULE["t_975_4"])
+    half = 2.7764451051977987 * statistics.stdev(d) / math.sqrt(5)
+    assert (mean, low, high) == pytest.approx((sum(d) / 5, sum(d) / 5 - half, sum(d) / 5 + half))
+
+
+def test_rule_needs_every_seed_below_zero_and_the_mean_past_the_margin():
+    assert verdict([-0.002] * 5, RULE, 5, power=True) == "lower"
+    assert verdict([0.002] * 5, RULE, 5, power=True) == "higher"
+    assert verdict([-0.002] * 4 + [0.0001], RULE, 5, power=True) == "no difference shown"  # one seed the other way
+    assert verdict([-0.0005] * 5, RULE, 5, power=True) == "no difference shown"  # inside the margin
+    assert verdict([-0.002] * 4, RULE, 5, power=True).startswith("pending")
+    assert verdict([-0.002] * 5, RULE, 5, power=False).startswith("no power")
+
+
+def test_relative_differences_pair_by_seed():
+    a = {1: dict(test_ppl=9.9), 2: dict(test_ppl=10.2), 3: dict(test_ppl=7.0)}
+    b = {1: dict(test_ppl=10.0), 2: dict(test_ppl=10.0)}
+    assert relative_differences(a, b) == pytest.approx({1: -0.01, 2: 0.02})
+
+
+def test_rule_power_matches_the_normal_formula_without_a_margin():
+    """With margin 0 the rule says "lower" iff every draw is negative: power = Phi(effect / sd)^n."""
+    for effect, sd, n in ((0.001, 0.001, 5), (0.002, 0.001, 5), (0.0005, 0.001, 3)):
+        exact = (0.5 * (1 + math.erf(effect / sd / math.sqrt(2)))) ** n
+        assert rule_power(effect, sd, n, margin=0.0) == pytest.approx(exact, abs=0.005)
+    assert rule_power(0.001, 0.0001, 5, margin=0.002) < 0.001  # the margin binds when every seed agrees
+
+
+def test_tuning_picks_the_lowest_loss_and_the_smaller_rate_within_the_tie():
+    def rec(lr, loss, failed=False):
+        return dict(spec=dict(rates=dict(learning_rate=lr)), val_loss=loss, failed=failed)
+
+    assert best([rec(1e-5, 3.0), rec(3e-5, 2.9), rec(1e-4, 2.95)], tie=0.0005) == dict(learning_rate=3e-5)
+    assert best([rec(1e-5, 2.9003), rec(3e-5, 2.9), rec(1e-4, 2.8, failed=True)], tie=0.0005) == \
+        dict(learning_rate=1e-5)
+
+
+def test_the_grid_registers_five_paired_seeds_disjoint_from_the_tuning_seed():
+    grid = read_yaml(GRID, "grid")
+    assert len(grid["seeds"]) >= 4 and grid["tuning"]["seed"] not in grid["seeds"]
+    assert set(grid["order"]) == set(grid["arms"]) and grid["order"][0] == "vanilla"
+
+
+def test_scored_text_shares_no_50_character_string_with_the_training_text():
+    """Brute force, independent of the study's hashing: every 50-character string of every kept validation and test
+    article, against every 50-character string of every training article."""
+    grid = read_yaml(GRID, "grid")
+    texts = split_articles(grid["data"])
+    train, val, test = texts["train"], texts["val"], texts["test"]
+    assert len(train) > 1000 and len(val) > 100 and len(test) > 100
+    assert not set(train) & set(test) and not set(train) & set(val)
+    seen = {hash(t[i:i + 50]) for t in train for i in range(len(t) - 49)}
+
+    def shared(documents):
+        return [d[i:i + 50] for d in documents for i in range(len(d) - 49) if hash(d[i:i + 50]) in seen]
+
+    assert shared(val + test) == []
+    long = max(train, key=len)
+    assert long[100:150] in shared([test[0][:30] + long[100:160]])  # the check finds a planted leak
