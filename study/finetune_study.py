@@ -37,6 +37,7 @@ from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
 from study.data import decontaminate, prepare_folder, training_windows
+from study.report import sign_rule_power as rule_power
 from study.reproduce import code_commit, learned_parameters, registered, settings_name, window_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,14 +283,6 @@ def verdict(d: list[float], rule: dict, n_seeds: int, power: bool) -> str:
     if all(x > 0 for x in d) and statistics.mean(d) > rule["margin"]:
         return "higher"
     return "no difference shown"
-
-
-def rule_power(effect: float, sd: float, n: int, margin: float, draws: int = 200_000, seed: int = 0) -> float:
-    """P(the rule says "lower") when the paired relative differences are normal with mean -effect and this sd:
-    every one of n below zero and their mean below -margin (Monte Carlo, fixed seed)."""
-    rng = np.random.default_rng(seed)
-    d = rng.normal(-effect, sd, size=(draws, n))
-    return float(((d < 0).all(axis=1) & (d.mean(axis=1) < -margin)).mean())
 
 
 def power_table(pilot: Path = ROOT / "study" / "runs" / "finetune", n: int = 5, margin: float = 0.001,

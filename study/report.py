@@ -5,6 +5,8 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 RATE_KEYS = ("ssa_position_lr", "ssa_token_lr", "gate_lr")
 
 
@@ -39,6 +41,37 @@ def paired(differences: list[float]) -> dict:
     se = statistics.stdev(differences) / math.sqrt(n) if n > 1 else float("nan")
     return dict(n=n, mean=mean, se=se, positive=sum(d > 0 for d in differences),
                 negative=sum(d < 0 for d in differences))
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (p > 0.5): bisection on the CDF, the density integrated by Simpson's rule."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t):
+        x = np.linspace(0.0, t, 2001)
+        y = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+        return 0.5 + (x[1] - x[0]) / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+
+    low, high = 0.0, 100.0
+    while high - low > 1e-10:
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean and its two-sided t-interval."""
+    mean = statistics.mean(values)
+    half = t_quantile(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def sign_rule_power(effect: float, sd: float, n: int, margin: float, draws: int = 200_000, seed: int = 0) -> float:
+    """P(a rule "every one of n paired differences below zero and their mean below -margin" fires) when the
+    differences are normal with mean -effect and this sd (Monte Carlo, fixed seed: the same figure on any machine
+    for a given numpy)."""
+    d = np.random.default_rng(seed).normal(-effect, sd, size=(draws, n))
+    return float(((d < 0).all(axis=1) & (d.mean(axis=1) < -margin)).mean())
 
 
 def fmt_paired(d: dict, digits: int = 3) -> str:
@@ -95,7 +128,19 @@ def speed_verdict(base: list[dict], arm: list[dict], rule: dict) -> dict:
                      <= rule["faster"]["p"]), None)
         verdict = f"inconclusive (at least {more} more seed(s) favouring it would decide)"
     auc = [shared_auc(a[s], b[s]) - shared_auc(b[s], a[s]) for s in seeds if not a[s]["failed"] and not b[s]["failed"]]
-    return dict(seeds=seeds, ratios=ratios, median=median, p=p, verdict=verdict, auc=paired(auc))
+    logs = [math.log(r) for r in ratios]
+    estimate = tuple(math.exp(v) for v in mean_interval(logs)) if len(logs) > 1 else (float("nan"),) * 3
+    return dict(seeds=seeds, ratios=ratios, median=median, p=p, verdict=verdict, auc=paired(auc), estimate=estimate,
+                log_sd=statistics.stdev(logs) if len(logs) > 1 else float("nan"))
+
+
+def speed_rule_refutes(true_ratio: float, log_sd: float, n: int, rule: dict, draws: int = 100_000,
+                       seed: int = 0) -> float:
+    """P(the registered rule says "refuted") when the true speed-up is `true_ratio` and the log ratios are normal
+    with this spread (Monte Carlo, fixed seed)."""
+    r = np.exp(np.random.default_rng(seed).normal(math.log(true_ratio), log_sd, size=(draws, n)))
+    refuted = (np.median(r, axis=1) <= rule["refuted"]["median_ratio"]) | ((r <= 1).sum(axis=1) >= n / 2)
+    return float(refuted.mean())
 
 
 def shared_auc(record: dict, other: dict) -> float:
@@ -154,12 +199,34 @@ def length_verdicts(length: dict, settings: dict) -> dict:
                  for s in seeds]
         out[arm] = dict(paired(d), differences=d, exact=paired(exact),
                         verdict=signed_rule(d, margin, "helps", "hurts", "no effect shown"))
+    learned = task_learned(length, settings)
+    if not learned["any"]:  # D4: a metric where no arm learned the task has no power, whatever the control says
+        for row in out.values():
+            row["verdict"] = (f"no power (no arm retrieves at the training length: best exact match"
+                              f" {learned['best_exact']:.2f}; {learned['below_chance']} of {learned['cells']} cells"
+                              f" below chance, {learned['chance']:.1f} nats)")
+        return out
     control = [out[name]["verdict"] for name in settings.get("inference_arms", {})]
     if control and all(v == "no effect shown" for v in control):
         for arm, row in out.items():
             if arm not in settings.get("inference_arms", {}) and row["verdict"] == "no effect shown":
                 row["verdict"] = "no power (the positive control shows no effect either)"
     return out
+
+
+def task_learned(length: dict, settings: dict, bar: float = 0.5) -> dict:
+    """Whether any trained arm learned retrieval: mean exact match (over seeds and depths) at the training length at
+    least `bar` (experiment 1's bar); with how many cells' answer log-likelihood lies below a uniform guess of a
+    five-digit key (log 1/90,000)."""
+    n = settings["lengths"][0]  # the first length evaluated is the training length
+    runs = [r for rows in length.values() for r in rows if not r["failed"]]
+    exact = [statistics.mean(c["exact"] for r in rows if not r["failed"] for c in r["metrics"]["cells"]
+                             if c["length"] == n) for rows in length.values() if any(not r["failed"] for r in rows)]
+    chance = -math.log(90_000)
+    cells = [c["log_likelihood"] for r in runs for c in r["metrics"]["cells"]]
+    best = max(exact, default=0.0)
+    return dict(any=best >= bar, best_exact=best, chance=chance, cells=len(cells),
+                below_chance=sum(v < chance for v in cells))
 
 
 def ablation_interpretation(verdicts: dict, rule: dict) -> str:
@@ -247,17 +314,27 @@ def speed_section(speed: dict, settings: dict, folder: Path, pending: bool = Fal
     for arm, rows in speed.items():
         Ts = ", ".join(str(r["metrics"]["T"]) if not r["failed"] else "failed" for r in rows)
         lines.append(f"| {arm} | {Ts} | {brief(rows[-1])} |")
-    lines += ["", "| comparison | ratios per seed | median | Wilcoxon p (one-sided) | verdict | AUC difference |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| comparison | ratios per seed | median | geometric mean [95% interval] | Wilcoxon p (one-sided) |"
+              " verdict | AUC difference |", "|---|---|---|---|---|---|---|"]
     pairs = [(arm, "vanilla") for arm in speed if arm != "vanilla"]
     pairs += [("ssa", arm) for arm in speed if arm not in ("vanilla", "ssa")]
+    notes = []
     for arm, base in pairs:
         if base not in speed or arm not in speed:
             continue
         v = speed_verdict(speed[base], speed[arm], settings)
         verdict = pending_verdict(len(v["seeds"]), settings) if pending else v["verdict"]
+        g, low, high = v["estimate"]
         lines.append(f"| {arm} against {base} | {', '.join(f'{r:.2f}' for r in v['ratios'])} | {v['median']:.2f} |"
-                     f" {v['p']:.3f} | {verdict} | {fmt_paired(v['auc'])} |")
+                     f" {g:.2f}x [{low:.2f}, {high:.2f}] | {v['p']:.3f} | {verdict} | {fmt_paired(v['auc'])} |")
+        if base == "vanilla" and len(v["ratios"]) > 1:
+            refutes = speed_rule_refutes(settings["faster"]["median_ratio"], v["log_sd"], len(v["ratios"]), settings)
+            notes.append(f"- {arm}: the interval excludes speed-ups above {high:.2f}x and slow-downs below {low:.2f}x"
+                         f" (95%); at the measured spread (SD of log ratio {v['log_sd']:.2f}) the rule would refute a"
+                         f" true {settings['faster']['median_ratio']}x speed-up in {refutes:.0%} of repetitions.")
+    if notes:
+        lines += ["", "The estimate is the geometric mean of the ratios with the t-interval of their logs; what the"
+                  " data exclude, and how often the registered rule errs at its own bar:", "", *notes]
     plot_curves(speed, folder / "speed.png")
     return lines + ["", "![exact match against step](speed.png)", ""]
 
@@ -293,7 +370,18 @@ def lm_section(lm: dict, settings: dict, folder: Path, pending: bool = False) ->
         val, wiki = (pending_verdict(len(v[k]["differences"]), settings) if pending
                      else v[k]["verdict"] for k in ("val_loss", "wiki_loss"))
         lines.append(f"| {arm} | {fmt_paired(v['val_loss'], 4)} | {val} | {fmt_paired(v['wiki_loss'], 4)} | {wiki} |")
+    lines += ["", f"Power of the rule at the paper's GPT-2 fine-tuning effect ({PAPER_GPT2_EFFECT:.4f} nats: perplexity"
+              " 36.50 -> 34.62), from each arm's measured spread of paired differences (validation):", ""]
+    for arm, v in lm_verdicts(lm, settings["margin"]).items():
+        d = v["val_loss"]["differences"]
+        if len(d) > 1:
+            sd = statistics.stdev(d)
+            lines.append(f"- {arm}: SD {sd:.4f} over {len(d)} seeds, power"
+                         f" {sign_rule_power(PAPER_GPT2_EFFECT, sd, len(d), settings['margin']):.2f}")
     return lines + [""]
+
+
+PAPER_GPT2_EFFECT = math.log(36.50 / 34.62)  # the paper's GPT-2 WikiText fine-tuning gain, in nats
 
 
 def length_section(length: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:
@@ -305,7 +393,8 @@ def length_section(length: dict, settings: dict, folder: Path, pending: bool = F
     for arm, v in verdicts.items():
         verdict = pending_verdict(len(v["differences"]), settings) if pending else v["verdict"]
         lines.append(f"| {arm} | {fmt_paired(v)} | {verdict} | {fmt_paired(v['exact'])} |")
-    carried = "pending" if pending else ablation_interpretation(verdicts, settings["ablation"])
+    carried = ("pending" if pending else ablation_interpretation(verdicts, settings["ablation"])
+               if task_learned(length, settings)["any"] else "no power (no arm learned the task)")
     lines += ["", f"Which part of SSA carries it: {carried}.", ""]
     lines += ["| arm | exact match per length (mean over seeds and depths) |", "|---|---|"]
     for arm, rows in length.items():

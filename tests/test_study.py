@@ -3,6 +3,7 @@ registration check, and the leakage test (no validation text of the study shares
 training text of its experiment)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,18 +133,39 @@ def cells(log_likelihood, exact=0.0):
 
 
 def test_length_rule_reports_no_power_when_the_positive_control_shows_nothing():
-    settings = {"far": [256], "margin": 0.5, "inference_arms": {"logn": {"of": "vanilla"}}}
+    settings = {"far": [256], "margin": 0.5, "inference_arms": {"logn": {"of": "vanilla"}}, "lengths": [128, 256]}
 
-    def vanilla(control):
-        return [record(s, **cells(-10.0), **{"inference:logn": cells(-10.0 + control)}) for s in (1, 2, 3)]
+    def vanilla(control, exact=0.9):
+        control_cells = {"inference:logn": cells(-10.0 + control, exact)}
+        return [record(s, **cells(-10.0, exact), **control_cells) for s in (1, 2, 3)]
 
-    flat = [record(s, **cells(-10.0 + 0.1 * s)) for s in (1, 2, 3)]
+    flat = [record(s, **cells(-10.0 + 0.1 * s, 0.9)) for s in (1, 2, 3)]
     v = length_verdicts({"vanilla": vanilla(control=0.0), "ssa": flat}, settings)
     assert v["logn"]["verdict"] == "no effect shown" and v["ssa"]["verdict"].startswith("no power")
     v = length_verdicts({"vanilla": vanilla(control=2.0), "ssa": flat}, settings)
     assert v["logn"]["verdict"] == "helps" and v["ssa"]["verdict"] == "no effect shown"  # the metric can move
-    gain = [record(s, **cells(-8.0)) for s in (1, 2, 3)]
+    gain = [record(s, **cells(-8.0, 0.9)) for s in (1, 2, 3)]
     assert length_verdicts({"vanilla": vanilla(control=0.0), "ssa": gain}, settings)["ssa"]["verdict"] == "helps"
+
+
+def test_length_rule_reports_no_power_when_no_arm_retrieves_at_the_training_length():
+    """D4: a gain on a task no arm learned (exact match below 0.5 at the training length) is "no power", even where
+    the positive control passes."""
+    settings = {"far": [256], "margin": 0.5, "inference_arms": {"logn": {"of": "vanilla"}}, "lengths": [128, 256]}
+    base = [record(s, **cells(-20.0, 0.04), **{"inference:logn": cells(-18.0, 0.04)}) for s in (1, 2, 3)]
+    gain = [record(s, **cells(-15.0, 0.04)) for s in (1, 2, 3)]
+    v = length_verdicts({"vanilla": base, "ssa": gain}, settings)
+    assert v["ssa"]["verdict"].startswith("no power") and v["logn"]["verdict"].startswith("no power")
+    assert v["ssa"]["mean"] == pytest.approx(5.0)  # the differences are still reported
+    learned = [record(s, **cells(-15.0, 0.6)) for s in (1, 2, 3)]
+    assert length_verdicts({"vanilla": base, "ssa": learned}, settings)["ssa"]["verdict"] == "helps"
+
+
+def test_t_quantile_matches_the_tables():
+    from study.report import t_quantile
+
+    for df, q in ((4, 2.7764), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
 
 
 def test_ablation_rule_names_the_part_that_keeps_the_gain():
@@ -197,31 +219,45 @@ def shares_a_string(validation: list[str], training: list[str]) -> str | None:
     return None
 
 
-def test_no_validation_text_shares_a_50_character_string_with_training():
-    """Every experiment of the registered grid: the corpus validation text and the Wikipedia sample against the corpus
-    training text (experiment 3), and the retrieval mix's validation split and every evaluation prompt against the
-    mix's training documents (experiments 1, 2, 4)."""
-    from lit_gpt.data.prepare import GPT2_TOKENIZER
+def keys_in(texts: list[str]) -> set[str]:
+    """Every pass key written in the texts (the digits after "The pass key is")."""
+    return {k for t in texts for k in re.findall(r"The pass key is (\d+)", t)}
+
+
+def test_no_validation_text_or_key_appears_in_training(tmp_path):
+    """Every experiment of the registered grid, with the study's own tokenizer (trained on the corpus training split,
+    as study/reproduce.py makes it): the corpus validation text and the Wikipedia sample against the corpus training
+    text (experiment 3); the retrieval mix's validation split and every evaluation prompt against the mix's training
+    documents (experiments 1, 2, 4), their text and their keys."""
     from lit_gpt.tokenizer import Tokenizer
-    from study.data import mix_texts, study_texts
-    from study.tasks import HELD_OUT_FILLER, TRAINING_FILLER, evaluation_cells, training_length_prompts
+    from study.data import mix_texts, prepare_folder, study_texts
+    from study.tasks import HELD_OUT_FILLER, TRAINING_FILLER, evaluation_cells, held_out_key, training_length_prompts
 
     grid = load_grid(GRID, quick=False)
-    texts = study_texts(grid["data"])
+    settings = grid["data"]
+    texts = study_texts(settings)
     train, val = texts["corpus"]
     assert len(val) > 0.015 * len(train) and len(texts["wiki"]) > 100
     assert shares_a_string(val + texts["wiki"], train) is None
-    tokenizer = Tokenizer(GPT2_TOKENIZER)  # the prompts' text does not depend on the tokenizer, only their lengths
-    mix_train, mix_val = mix_texts(tokenizer, grid["data"], texts["corpus"])
-    assert len(mix_train) >= grid["data"]["documents"]
+    corpus = prepare_folder(tmp_path / "corpus", train, val, dict(settings, part="corpus"),
+                            train_tokenizer=settings["vocab"])
+    tokenizer = Tokenizer(corpus)  # the study's tokenizer: the prompts' lengths, hence their filler, depend on it
+    assert tokenizer.vocab_size == settings["vocab"]
+    mix_train, mix_val = mix_texts(tokenizer, settings, texts["corpus"])
+    assert len(mix_train) >= settings["documents"]
     prompts = [tokenizer.decode(torch.cat(pair)) for pair in training_length_prompts(tokenizer, 128, 128, seed=5)]
     prompts += [tokenizer.decode(torch.cat(pair)) for cell in evaluation_cells(
         tokenizer, grid["length"]["lengths"], grid["length"]["depths"], grid["length"]["keys"], seed=0)
         for pair in cell["examples"]]
     assert shares_a_string(mix_val + prompts, mix_train) is None
     assert not set(TRAINING_FILLER) & set(HELD_OUT_FILLER)
-    leaky = mix_train[0][:LEAK]  # the check itself finds a planted leak
+    training_keys, held_out_keys = keys_in(mix_train), keys_in(mix_val + prompts)
+    assert len(training_keys) > 1000 and len(held_out_keys) > 100
+    assert not training_keys & held_out_keys
+    assert all(held_out_key(int(k)) for k in held_out_keys) and not any(held_out_key(int(k)) for k in training_keys)
+    leaky = mix_train[0][:LEAK]  # the checks themselves find a planted leak, of text and of a key
     assert shares_a_string([mix_val[0] + leaky], mix_train) == leaky
+    assert keys_in([f"The pass key is {next(iter(training_keys))}."]) & training_keys
 
 
 def test_retrieval_answers_follow_their_prompts_token_for_token(tmp_path):
