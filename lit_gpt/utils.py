@@ -248,11 +248,13 @@ def is_own_output(file: Path) -> bool:
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to, renamed to `path` when the block completes: a new file, never a
-    write through a symbolic link standing at `path` (the link itself is replaced) and never a half-written file."""
+    write through a symbolic link standing at `path` (the link itself is replaced) and never a half-written file.
+    Missing folders above `path` are made (as LitGPT's tools make their output folders)."""
     path = Path(path)
     if path.exists() and not path.is_symlink() and not path.is_file():  # a device or a pipe: written, not replaced
         yield path
         return
+    path.parent.mkdir(parents=True, exist_ok=True)  # check_writable vetted the folders before the work
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp

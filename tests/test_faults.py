@@ -839,6 +839,13 @@ def test_perplexity_never_writes_through_a_link(fx, tmp_path):
     assert not (folder / "perplexity.json").is_symlink() and "nll" in (folder / "perplexity.json").read_text()
 
 
+def test_an_output_file_in_folders_that_do_not_exist_yet_is_written_not_lost_after_the_work(fx, tmp_path):
+    """Round three, item 6: the scores are written, the folders made, rather than a failure after minutes of work."""
+    target = tmp_path / "no" / "such" / "dir" / "x.json"
+    run_cli(cli("perplexity"), ["--checkpoint_dir", str(fx.ssa), "--max_tokens", "40", "--output_file", str(target)])
+    assert "nll" in target.read_text()
+
+
 def test_checkpoints_are_staged_on_the_outputs_own_disk(fx, tmp_path, monkeypatch):
     """A system temporary folder that cannot be written (a small TMPDIR, full) does not stop the checkpoints."""
     import tempfile
