@@ -42,6 +42,12 @@ def training_windows(training: list[str]) -> np.ndarray:
     return np.sort(np.concatenate([window_hashes(t) for t in training]), kind="stable")
 
 
+def token_stream(tokenizer, documents: list[str]) -> np.ndarray:
+    """Documents as one token array, EOS after each (as the prepared files hold them)."""
+    ids = [np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id) for d in documents]
+    return np.concatenate(ids).astype(np.int64)
+
+
 def decontaminate(documents: list[str], seen: np.ndarray) -> tuple[list[str], int]:
     """`documents` without every line that holds or touches a window of SHARED_CHARS characters found in the training
     text (a window that spans lines drops each line it touches); repeated until none is left. Returns the documents

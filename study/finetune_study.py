@@ -35,8 +35,9 @@ from lit_gpt.config import read_yaml
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import run_cli
-from study.data import decontaminate, prepare_folder, training_windows
+from lit_gpt.utils import run_cli, write_file
+from study.data import decontaminate, prepare_folder, token_stream, training_windows
+from study.report import brief, wilcoxon_greater
 from study.report import sign_rule_power as rule_power
 from study.reproduce import code_commit, learned_parameters, registered, settings_name, window_loss
 
@@ -64,12 +65,6 @@ def split_articles(settings: dict) -> dict:
     val, val_dropped = decontaminate(val, seen)
     test, test_dropped = decontaminate(test, seen)
     return dict(train=train, val=val, test=test, dropped_lines=dict(val=val_dropped, test=test_dropped))
-
-
-def token_stream(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
-    """Documents as one token array, EOS after each (as the prepared files hold them)."""
-    ids = [np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id) for d in documents]
-    return np.concatenate(ids).astype(np.int64)
 
 
 # ---- the study ------------------------------------------------------------------------------------------------------
@@ -181,10 +176,7 @@ class FinetuneStudy:
 
 
 def write(path: Path, record: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    write_file(path, json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -247,22 +239,8 @@ def sign_test_p(d: list[float]) -> float:
 
 
 def wilcoxon_p(d: list[float]) -> float:
-    """Exact one-sided Wilcoxon signed-rank test of 'below zero' (zeros dropped, ties of |d| given mean ranks):
-    P(W- >= observed) over all 2^n sign assignments."""
-    d = [x for x in d if x != 0]
-    order = sorted(range(len(d)), key=lambda i: abs(d[i]))
-    ranks = [0.0] * len(d)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and abs(d[order[j + 1]]) == abs(d[order[i]]):
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    observed = sum(r for r, x in zip(ranks, d) if x < 0)
-    totals = [sum(r for r, bit in zip(ranks, range(len(d))) if mask >> bit & 1) for mask in range(2 ** len(d))]
-    return sum(t >= observed - 1e-12 for t in totals) / len(totals)
+    """Exact one-sided Wilcoxon signed-rank test of 'below zero': the study's exact test, on the mirrored values."""
+    return wilcoxon_greater([-x for x in d])
 
 
 def interval(d: list[float], t: float) -> tuple[float, float, float]:
@@ -291,8 +269,8 @@ def power_table(pilot: Path = ROOT / "study" / "runs" / "finetune", n: int = 5, 
     paired spread (SD of SSA over full minus 1, per seed) and the unpaired one (SD of full's perplexity over its mean),
     and 3x the unpaired one for a longer run drifting further apart."""
     def ppl(arm):
-        return {json.loads(f.read_text())["seed"]: json.loads(f.read_text())["ppl_after"]
-                for f in sorted(pilot.glob(f"{arm}-seed*.json"))}
+        records = [json.loads(f.read_text()) for f in sorted(pilot.glob(f"{arm}-seed*.json"))]
+        return {r["seed"]: r["ppl_after"] for r in records}
 
     full, ssa = ppl("full"), ppl("full_ssa")
     paired = statistics.stdev([ssa[s] / full[s] - 1 for s in full if s in ssa])
@@ -365,29 +343,12 @@ def report(study: FinetuneStudy, tuned: dict, scored: dict[str, dict[int, dict]]
     for arm, runs in scored.items():
         for s, r in sorted(runs.items()):
             if not r["failed"] and arm != "vanilla":
-                lines.append(f"- {arm} seed {s}: {describe_learned(r['learned'])}")
+                lines.append(f"- {arm} seed {s}: {brief(r, '.3g')}")
     return "\n".join(lines) + "\n"
 
 
 def fmt_rates(rates: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(rates.items()))
-
-
-def describe_learned(learned: dict) -> str:
-    """Ranges over layers and heads: the position slopes per side, the token weights' norms, a constant's scale,
-    the gate weights' norms."""
-    parts = []
-    for side in ("query", "key", "value"):
-        values = [v for layer in learned["slopes"] for v in layer.get(side, [])]
-        if values:
-            parts.append(f"{side} slopes {min(values):.2e} to {max(values):.2e}")
-    for label, key in (("query token-weight norms", "query_temperature.token_weight"),
-                       ("value token-weight norms", "value_temperature.token_weight"),
-                       ("constant temperatures", "query_temperature.scale"), ("gate weight norms", "gate.proj")):
-        values = [v for name, vs in learned.items() if key in name for v in vs]
-        if values:
-            parts.append(f"{label} {min(values):.4g} to {max(values):.4g}")
-    return "; ".join(parts) or "nothing"
 
 
 def main(checkpoint_dir: Path | None = None, arms: list[str] | None = None,

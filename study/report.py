@@ -339,9 +339,9 @@ def speed_section(speed: dict, settings: dict, folder: Path, pending: bool = Fal
     return lines + ["", "![exact match against step](speed.png)", ""]
 
 
-def brief(record: dict) -> str:
+def brief(record: dict, fmt: str = ".3f") -> str:
     """The range over layers and heads of each kind of learned parameter: slopes per side, token-weight norms,
-    gate-weight norms, Scalable-Softmax's scales."""
+    gate-weight norms, Scalable-Softmax's and the constant temperature's scales; each figure in format `fmt`."""
     if record["failed"]:
         return "failed"
     learned, kinds = record["learned"], {}
@@ -354,7 +354,7 @@ def brief(record: dict) -> str:
                              ("temperature.scale", "scale")):
             if name.endswith(suffix):
                 kinds.setdefault(kind, []).extend(values)
-    return "; ".join(f"{kind} {min(v):.3f}-{max(v):.3f}" for kind, v in kinds.items() if v) or "-"
+    return "; ".join(f"{kind} {min(v):{fmt}}-{max(v):{fmt}}" for kind, v in kinds.items() if v) or "-"
 
 
 def lm_section(lm: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:
@@ -366,13 +366,14 @@ def lm_section(lm: dict, settings: dict, folder: Path, pending: bool = False) ->
         lines.append(f"| {arm} | {', '.join(val)} | {', '.join(wiki)} | {brief(rows[-1])} |")
     lines += ["", "| arm against vanilla | validation: paired difference | verdict | Wikipedia: paired difference |"
               " verdict |", "|---|---|---|---|---|"]
-    for arm, v in lm_verdicts(lm, settings["margin"]).items():
+    verdicts = lm_verdicts(lm, settings["margin"])
+    for arm, v in verdicts.items():
         val, wiki = (pending_verdict(len(v[k]["differences"]), settings) if pending
                      else v[k]["verdict"] for k in ("val_loss", "wiki_loss"))
         lines.append(f"| {arm} | {fmt_paired(v['val_loss'], 4)} | {val} | {fmt_paired(v['wiki_loss'], 4)} | {wiki} |")
     lines += ["", f"Power of the rule at the paper's GPT-2 fine-tuning effect ({PAPER_GPT2_EFFECT:.4f} nats: perplexity"
               " 36.50 -> 34.62), from each arm's measured spread of paired differences (validation):", ""]
-    for arm, v in lm_verdicts(lm, settings["margin"]).items():
+    for arm, v in verdicts.items():
         d = v["val_loss"]["differences"]
         if len(d) > 1:
             sd = statistics.stdev(d)

@@ -31,7 +31,7 @@ from lit_gpt.data.tokens import TokenData
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
-from study.data import mix_texts, prepare_folder, study_texts
+from study.data import mix_texts, prepare_folder, study_texts, token_stream
 from study.report import report, tuned_rates
 from study.tasks import evaluation_cells, score_answers, training_length_prompts
 from study.toys import DILUTION_ARMS, FIXED_SLOPE, dilution_errors, oracle_errors, train_dilution, value_errors
@@ -165,9 +165,7 @@ class Study:
     def wiki_tokens(self) -> np.ndarray:
         """The Wikipedia sample in the study's tokens, documents separated by EOS: tokenized once, by the first run
         of experiment 3 that needs it."""
-        tokenizer = self.data()["tokenizer"]
-        return np.concatenate([np.append(tokenizer.encode(d, bos=False).numpy(), tokenizer.eos_id)
-                               for d in self.data()["wiki"]])
+        return token_stream(self.data()["tokenizer"], self.data()["wiki"])
 
     def record_path(self, part: str, name: str) -> Path:
         return self.records / part / f"{name}.json"
