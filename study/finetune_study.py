@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -119,8 +120,18 @@ class FinetuneStudy:
         return write(path, dict(self.score(self.checkpoint_dir), **self.provenance()))
 
     def provenance(self) -> dict:
-        return dict(self.hashes, code_commit=code_commit(), torch=torch.__version__,
-                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return dict(self.hashes, code_commit=code_commit(), torch=torch.__version__, cpu=cpu_model(),
+                    threads=self.grid["threads"], finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def check_hashes(self, path: Path, record: dict) -> None:
+        """A reused record must come from this plan's registered part and from this grid or an earlier version of it
+        that the plan's deviations keep valid (the grid's `earlier_grids`)."""
+        grids = {self.hashes["grid_sha256"], *self.grid.get("earlier_grids", [])}
+        if record.get("plan_sha256") != self.hashes["plan_sha256"] or record.get("grid_sha256") not in grids:
+            raise ValueError(f"{path} was made under plan {str(record.get('plan_sha256'))[:12]} and grid"
+                             f" {str(record.get('grid_sha256'))[:12]}; expected plan {self.hashes['plan_sha256'][:12]}"
+                             f" and grid {self.hashes['grid_sha256'][:12]} or one of `earlier_grids`: restore the plan"
+                             " and grid it was made under, list the change as a deviation, or pass another --records.")
 
     def run(self, part: str, arm: str, seed: int, rates: dict, steps: int, train: bool = True) -> dict | None:
         """The record of one run: read when there, else (with train) fine-tuned, scored and written."""
@@ -132,13 +143,14 @@ class FinetuneStudy:
             if record["spec"] != spec:
                 raise ValueError(f"{path} was made with other settings ({record['spec']}) than {spec}: a deviation to"
                                  " list in study/finetune_plan.md, or pass another --records folder.")
+            self.check_hashes(path, record)
             return record
         if not train:
             return None
         folder = self.out_dir / part / name
         start = time.perf_counter()
         for attempt in (1, 2):  # the plan: a failed run is run again once from the start
-            threads = str(max(1, (os.cpu_count() or 1) // self.workers))
+            threads = str(self.grid["threads"])  # every run alike, however many run at a time (deviation D3)
             env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             done = subprocess.run(self.command(arm, seed, rates, steps, folder), env=env).returncode == 0
             if done:
@@ -173,6 +185,15 @@ class FinetuneStudy:
         return [sys.executable, str(ROOT / "finetune" / "full.py"), "--checkpoint_dir", str(self.checkpoint_dir),
                 "--data", str(self.data_dir()), "--out_dir", str(folder), "--seed", str(seed), "--resume", "auto",
                 *flags, *self.grid["arms"][arm]]
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def write(path: Path, record: dict) -> dict:
@@ -210,10 +231,8 @@ def tune(study: FinetuneStudy, arm: str, train: bool) -> tuple[dict | None, list
     if vanilla is None:
         return None, []
     chosen, records = dict(vanilla), []
-    for stage in settings["sweeps"][arm]:
-        grid = [dict(chosen)]
-        for key, values in stage.items():
-            grid = [dict(g, **{key: v}) for g in grid for v in values]
+    for i, stage in enumerate(settings["sweeps"][arm]):
+        grid = stage_grid(chosen, stage, carried=i > 0)
         chosen, done = sweep(grid)
         records += done
         if chosen is None:
@@ -221,6 +240,16 @@ def tune(study: FinetuneStudy, arm: str, train: bool) -> tuple[dict | None, list
     others = [dict(chosen, learning_rate=lr) for lr in settings["backbone"] if lr != chosen["learning_rate"]]
     final, done = sweep([chosen, *others])
     return final, records + [r for r in done if r not in records]
+
+
+def stage_grid(chosen: dict, stage: dict, carried: bool) -> list[dict]:
+    """One sweep stage's rates: `chosen` with every combination of the stage's values; with `carried` (every stage
+    after the first), `chosen` itself too, so that the rate carried from the stage before competes (its record is
+    reused) - deviation D1."""
+    grid = [dict(chosen)]
+    for key, values in stage.items():
+        grid = [dict(g, **{key: v}) for g in grid for v in values]
+    return [dict(chosen), *grid] if carried and chosen not in grid else grid
 
 
 # ---- the rule -------------------------------------------------------------------------------------------------------

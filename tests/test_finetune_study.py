@@ -2,6 +2,7 @@
 independent reference written from its definition."""
 
 import itertools
+import json
 import math
 import statistics
 
@@ -10,12 +11,14 @@ import pytest
 from lit_gpt.config import read_yaml
 from study.finetune_study import (
     GRID,
+    FinetuneStudy,
     best,
     interval,
     relative_differences,
     rule_power,
     sign_test_p,
     split_articles,
+    tune,
     verdict,
     wilcoxon_p,
 )
@@ -91,6 +94,76 @@ def test_tuning_picks_the_lowest_loss_and_the_smaller_rate_within_the_tie():
     assert best([rec(1e-5, 3.0), rec(3e-5, 2.9), rec(1e-4, 2.95)], tie=0.0005) == dict(learning_rate=3e-5)
     assert best([rec(1e-5, 2.9003), rec(3e-5, 2.9), rec(1e-4, 2.8, failed=True)], tie=0.0005) == \
         dict(learning_rate=1e-5)
+
+
+class SweepStudy:
+    """Stands in for FinetuneStudy in `tune`: the validation loss of a run is a given function of its rates, and every
+    run asked for is logged (a record asked for twice is made once, as the real runner reuses records)."""
+
+    def __init__(self, loss):
+        self.grid, self.loss, self.made = read_yaml(GRID, "grid"), loss, {}
+
+    def run(self, part, arm, seed, rates, steps, train=True):
+        key = (arm, tuple(sorted(rates.items())))
+        if key not in self.made:
+            self.made[key] = dict(spec=dict(arm=arm, seed=seed, rates=rates, max_steps=steps), failed=False,
+                                  val_loss=self.loss(arm, rates))
+        return self.made[key]
+
+    def in_parallel(self, jobs):
+        return [job() for job in jobs]
+
+
+def test_ssa_second_stage_compares_the_carried_token_rate():
+    """Deviation D1: with the token rate carried from stage 1 (1e-4) best, stage 2 keeps it; at b3cc8df it could only
+    pick 1e-3 or 1e-2."""
+    def loss(arm, rates):
+        base = abs(math.log10(rates["learning_rate"]) + 4)  # vanilla's and every closing sweep's best: 1e-4
+        if arm == "vanilla":
+            return 3.0 + base
+        return 2.9 + base + abs(math.log10(rates["ssa_position_lr"]) + 2) + abs(math.log10(rates["ssa_token_lr"]) + 4)
+
+    study = SweepStudy(loss)
+    rates, records = tune(study, "ssa", train=True)
+    assert rates == dict(learning_rate=1e-4, ssa_position_lr=1e-2, ssa_token_lr=1e-4)
+    token_rates = sorted({r["spec"]["rates"]["ssa_token_lr"] for r in records})
+    assert token_rates == [1e-4, 1e-3, 1e-2]
+    # the carried run is reused, not run again: 3 (stage 1) + 2 (stage 2) + 3 (the other backbone rates) SSA runs
+    assert sum(arm == "ssa" for arm, _ in study.made) == 3 + 2 + len(study.grid["tuning"]["backbone"]) - 1
+
+
+def test_every_backbone_sweep_includes_3e4_deviation_d2():
+    """Deviation D2: vanilla's sweep and each arm's closing backbone sweep include 3e-4, which wins here."""
+    def loss(arm, rates):
+        return 3.0 - rates["learning_rate"] * 100 + sum(v for k, v in rates.items() if k != "learning_rate")
+
+    for arm in ("vanilla", "constant", "gate"):
+        study = SweepStudy(loss)
+        rates, records = tune(study, arm, train=True)
+        assert rates["learning_rate"] == 3e-4
+        assert 3e-4 in {r["spec"]["rates"]["learning_rate"] for r in records if r["spec"]["arm"] == arm}
+
+
+def test_reused_records_must_carry_the_registered_plan_and_a_known_grid(tmp_path):
+    """Deviation D3: a record made under another plan or grid is refused; one from the registered grid version is
+    reused."""
+    grid = read_yaml(GRID, "grid")
+    study = FinetuneStudy(grid, tmp_path, tmp_path / "out", tmp_path / "records")
+    spec = dict(arm="vanilla", seed=0, rates=dict(learning_rate=1e-4), max_steps=100)
+    path = tmp_path / "records" / "tuning" / "vanilla-learning_rate=0.0001-seed0.json"
+    path.parent.mkdir(parents=True)
+
+    def reuse(**hashes):
+        path.write_text(json.dumps(dict(spec=spec, failed=False, val_loss=3.0, **hashes)))
+        return study.run("tuning", "vanilla", 0, dict(learning_rate=1e-4), 100, train=False)
+
+    plan = study.hashes["plan_sha256"]
+    assert reuse(plan_sha256=plan, grid_sha256=study.hashes["grid_sha256"])["val_loss"] == 3.0
+    assert reuse(plan_sha256=plan, grid_sha256=grid["earlier_grids"][0])["val_loss"] == 3.0
+    with pytest.raises(ValueError, match="grid"):
+        reuse(plan_sha256=plan, grid_sha256="0" * 64)
+    with pytest.raises(ValueError, match="plan"):
+        reuse(plan_sha256="0" * 64, grid_sha256=study.hashes["grid_sha256"])
 
 
 def test_the_grid_registers_five_paired_seeds_disjoint_from_the_tuning_seed():
