@@ -170,6 +170,10 @@ class FinetuneStudy:
               f" ({train_s:.0f} s)", flush=True)
         return write(path, record)
 
+    def all_records(self, part: str) -> list[dict]:
+        """Every record in one part's folder."""
+        return [json.loads(f.read_text()) for f in sorted((self.records / part).glob("*.json"))]
+
     def in_parallel(self, jobs: list) -> list:
         """Run the jobs `workers` at a time (each training process with its share of the cores); results in order."""
         if self.workers == 1:
@@ -303,15 +307,27 @@ def power_table(pilot: Path = ROOT / "study" / "runs" / "finetune", n: int = 5, 
 
     full, ssa = ppl("full"), ppl("full_ssa")
     paired = statistics.stdev([ssa[s] / full[s] - 1 for s in full if s in ssa])
-    unpaired = statistics.stdev([v / statistics.mean(full.values()) - 1 for v in full.values()])
-    lines = [f"Pilot: {len(full)} seeds; paired SD {paired:.4%}, unpaired SD {unpaired:.4%}.", "",
-             "| SD of the paired relative differences | " + " | ".join(f"power at {e:.2%}" for e in effects)
+    unpaired = spread(full)
+    rows = [("paired, measured", paired), ("unpaired, measured", unpaired), ("3x unpaired", 3 * unpaired)]
+    return "\n".join([f"Pilot: {len(full)} seeds; paired SD {paired:.4%}, unpaired SD {unpaired:.4%}.", "",
+                      *power_lines(rows, n, margin, effects)]) + "\n"
+
+
+def spread(ppl: dict) -> float:
+    """One arm's seed spread: the SD of its perplexities over their mean, minus 1."""
+    return statistics.stdev([v / statistics.mean(ppl.values()) - 1 for v in ppl.values()])
+
+
+def power_lines(rows: list[tuple[str, float]], n: int, margin: float,
+                effects: tuple = (0.001, 0.0015, 0.002, 0.0064)) -> list[str]:
+    """The rule's power table: a row per (label, SD of the paired relative differences)."""
+    lines = ["| SD of the paired relative differences | " + " | ".join(f"power at {e:.2%}" for e in effects)
              + " | false 'lower' at 0 | smallest effect at 80% power |", "|---" * (len(effects) + 3) + "|"]
-    for label, sd in (("paired, measured", paired), ("unpaired, measured", unpaired), ("3x unpaired", 3 * unpaired)):
+    for label, sd in rows:
         cells = [f"{rule_power(e, sd, n, margin):.2f}" for e in effects]
         lines.append(f"| {label} {sd:.3%} | " + " | ".join(cells) + f" | {rule_power(0.0, sd, n, margin):.4f} |"
                      f" {smallest_detectable(sd, n, margin):.3%} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def smallest_detectable(sd: float, n: int, margin: float, power: float = 0.8) -> float:
@@ -340,19 +356,35 @@ def report(study: FinetuneStudy, tuned: dict, scored: dict[str, dict[int, dict]]
              f" {len(study.scored_tokens('test')):,} tokens ({t['dropped_lines']['test']} lines dropped as shared"
              f" with training); validation {len(t['val'])} articles ({t['dropped_lines']['val']} lines dropped).",
              f"The checkpoint before fine-tuning: test perplexity {base['test_ppl']:.4f}.", "",
+             "What the controls control: under full fine-tuning the constant arm's per-head temperature (270"
+             " parameters) is a per-head query scale the query weights could absorb, trained at its own faster rate;"
+             " it controls for a fast per-head scale, not for added capacity. SSA adds 23,400 parameters, the gate"
+             " 155,520.", "",
              "## Tuning (seed 0)", "",
-             "| arm | rates | validation loss |", "|---|---|---|"]
+             "| arm | rates | validation loss | machine | learned |", "|---|---|---|---|---|"]
+    used = []
     for arm, (rates, records) in tuned.items():
         for r in sorted(records, key=lambda r: sorted(r["spec"]["rates"].items())):
+            used.append(r)
             mark = " **chosen**" if rates is not None and r["spec"]["rates"] == rates else ""
             lines.append(f"| {arm} | {fmt_rates(r['spec']['rates'])}{mark} |"
-                         f" {'failed' if r['failed'] else format(r['val_loss'], '.5f')} |")
-    lines += ["", "## Every scored run", "", "| arm | seed | test perplexity | validation loss | train s |",
-              "|---|---|---|---|---|"]
+                         f" {'failed' if r['failed'] else format(r['val_loss'], '.5f')} | {machine(r)} |"
+                         f" {learned_brief(r)} |")
+    lines += ["", "## Every scored run", "", "| arm | seed | test perplexity | validation loss | train s | machine |",
+              "|---|---|---|---|---|---|"]
     for arm, runs in scored.items():
         for s, r in sorted(runs.items()):
+            used.append(r)
             lines.append(f"| {arm} | {s} | {'failed' if r['failed'] else format(r['test_ppl'], '.4f')} |"
-                         f" {r.get('val_loss', float('nan')):.5f} | {r.get('wall_s', {}).get('train', 0):.0f} |")
+                         f" {r.get('val_loss', float('nan')):.5f} | {r.get('wall_s', {}).get('train', 0):.0f} |"
+                         f" {machine(r)} |")
+    unused = [(part, r) for part in ("tuning", "scored") for r in study.all_records(part) if r not in used]
+    if unused:
+        lines += ["", "Records not used by the verdicts as the sweeps stand (a sweep still pending, a record superseded"
+                  " by a deviation, or one made ahead of a sweep that did not choose its rates): " + "; ".join(
+                      f"{part} {r['spec']['arm']} {fmt_rates(r['spec']['rates'])} seed {r['spec']['seed']}"
+                      f" ({'failed' if r['failed'] else format(r['test_ppl'], '.4f')} test perplexity)"
+                      for part, r in unused) + "."]
     vanilla = scored.get("vanilla", {})
     power = len(vanilla) == len(seeds) and all(r["test_ppl"] < base["test_ppl"] for r in vanilla.values())
     lines += ["", "## Verdicts (the registered rule)", "",
@@ -368,12 +400,42 @@ def report(study: FinetuneStudy, tuned: dict, scored: dict[str, dict[int, dict]]
         lines.append(f"| {x} - {y} | {what} | {', '.join(f'{v:+.4%}' for v in values)} | {mean:+.4%}"
                      f" [{low:+.4%}, {high:+.4%}] | {sign_test_p(values):.4f} | {wilcoxon_p(values):.4f} |"
                      f" {verdict(values, rule, len(seeds), power)} |")
+    lines += ["", *measured_power(scored, grid)]
     lines += ["", "## What the added parameters learned (every scored run)", ""]
     for arm, runs in scored.items():
         for s, r in sorted(runs.items()):
             if not r["failed"] and arm != "vanilla":
                 lines.append(f"- {arm} seed {s}: {brief(r, '.3g')}")
     return "\n".join(lines) + "\n"
+
+
+def measured_power(scored: dict[str, dict[int, dict]], grid: dict) -> list[str]:
+    """The rule's power recomputed from the scored runs' own spread (the plan's table came from a 30-step pilot on
+    other text): vanilla's seed spread, as the plan's "unpaired" row and times sqrt(2) for two arms whose seeds did not
+    move together, and each arm's measured paired spread against vanilla."""
+    vanilla = {s: r["test_ppl"] for s, r in scored.get("vanilla", {}).items()}
+    if len(vanilla) < 2:
+        return []
+    n, margin = len(grid["seeds"]), grid["rule"]["margin"]
+    single = spread(vanilla)
+    rows = [("vanilla's seed spread", single), ("independent arms, sqrt(2) x vanilla's", math.sqrt(2) * single)]
+    for arm, runs in scored.items():
+        d = list(relative_differences(runs, scored["vanilla"]).values()) if arm != "vanilla" else []
+        if len(d) >= 2:
+            rows.append((f"{arm} - vanilla, measured paired", statistics.stdev(d)))
+    return ["## Power from the measured spread", "",
+            f"The rule's power (Monte Carlo as in the plan) from the 200-step runs' own spread ({len(vanilla)} vanilla"
+            " seeds). The smallest effect this design detects is the last column of the measured paired row; before"
+            " an arm is scored, the vanilla rows bound it.", "", *power_lines(rows, n, margin)]
+
+
+def machine(record: dict) -> str:
+    """The CPU and thread count a record ran on (deviation D3: not recorded before it)."""
+    return f"{record['cpu']}, {record['threads']} thread(s)" if "cpu" in record else "not recorded"
+
+
+def learned_brief(record: dict) -> str:
+    return "-" if record["failed"] or record["spec"]["arm"] == "vanilla" else brief(record, ".3g")
 
 
 def fmt_rates(rates: dict) -> str:

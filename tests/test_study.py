@@ -3,7 +3,9 @@ registration check, and the leakage test (no validation text of the study shares
 training text of its experiment)."""
 
 import json
+import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from study.report import (
     length_verdicts,
     lm_verdicts,
     report,
+    speed_rule_faster,
     speed_verdict,
     tuned_rates,
     wilcoxon_greater,
@@ -161,6 +164,20 @@ def test_length_rule_reports_no_power_when_no_arm_retrieves_at_the_training_leng
     assert length_verdicts({"vanilla": base, "ssa": learned}, settings)["ssa"]["verdict"] == "helps"
 
 
+def test_speed_rule_power_matches_the_rule_applied_draw_by_draw():
+    """The vectorised power of experiment 1's "learns faster" against the rule itself (median and the exact Wilcoxon
+    test of wilcoxon_greater) applied to each of the same draws; no effect gives about the test's own level."""
+    import numpy as np
+
+    rule = {"faster": {"median_ratio": 1.25, "p": 0.05}}
+    for ratio, sd, n in ((1.25, 0.49, 6), (1.45, 0.3, 5), (1.0, 0.4, 6)):
+        logs = np.random.default_rng(0).normal(math.log(ratio), sd, size=(2000, n))
+        direct = statistics.mean(float(np.median(np.exp(row)) >= 1.25 and wilcoxon_greater(list(row)) <= 0.05)
+                                 for row in logs)
+        assert speed_rule_faster(ratio, sd, n, rule, draws=2000) == pytest.approx(direct, abs=1e-12)
+    assert speed_rule_faster(1.0, 0.49, 6, rule) < 0.05 < speed_rule_faster(1.45, 0.49, 6, rule)
+
+
 def test_t_quantile_matches_the_tables():
     from study.report import t_quantile
 
@@ -257,7 +274,9 @@ def test_no_validation_text_or_key_appears_in_training(tmp_path):
     assert all(held_out_key(int(k)) for k in held_out_keys) and not any(held_out_key(int(k)) for k in training_keys)
     leaky = mix_train[0][:LEAK]  # the checks themselves find a planted leak, of text and of a key
     assert shares_a_string([mix_val[0] + leaky], mix_train) == leaky
-    assert keys_in([f"The pass key is {next(iter(training_keys))}."]) & training_keys
+    held_out = sorted(held_out_keys)[0]  # a held-out key planted into one training document is caught
+    planted = [mix_train[0] + f" The pass key is {held_out}. Remember it.", *mix_train[1:]]
+    assert keys_in(planted) & held_out_keys == {held_out}
 
 
 def test_retrieval_answers_follow_their_prompts_token_for_token(tmp_path):
