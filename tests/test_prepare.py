@@ -106,18 +106,24 @@ def test_refuses_to_overwrite_prepared_data(tmp_path):
 def test_interrupted_preparation_leaves_nothing_that_passes_as_complete(tmp_path, monkeypatch):
     source = tmp_path / "corpus.txt"
     source.write_text(SAMPLE[:20_000])
-    original = prepare_module.write_tokens
+    original = prepare_module.assemble
 
-    def interrupted(rows, tokenizer, path, dtype, num_proc):
-        original(rows, tokenizer, path, dtype, num_proc)
+    def interrupted(shards, order, path, *args):
+        original(shards, order, path, *args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_module, "write_tokens", interrupted)
+    monkeypatch.setattr(prepare_module, "assemble", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(source), tmp_path / "out", val_fraction=0.2)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial").is_dir()
     with pytest.raises(FileNotFoundError, match="No prepared data"):
         TokenData(tmp_path / "out")
+    monkeypatch.setattr(prepare_module, "assemble", original)
+    prepare(str(source), tmp_path / "out", val_fraction=0.2)  # the same command continues, to the same bytes
+    prepare(str(source), tmp_path / "again", val_fraction=0.2)
+    assert not (tmp_path / ".out.partial").exists()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
 
 def test_truncated_token_file_is_detected(tmp_path):
@@ -159,3 +165,142 @@ def test_document_windows_start_at_document_starts():
     offsets = train_offsets(len(tokens), 3, 64, seed=1, step=0, starts=starts)
     assert set(offsets.tolist()) == {0, 3, 7}
     assert torch.equal(offsets, train_offsets(len(tokens), 3, 64, seed=1, step=0, starts=starts))  # resumable
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64])
+def test_text_read_in_pieces_is_cut_as_the_whole_text_is(tmp_path, piece):
+    """Documents from a file read `piece` bytes at a time equal split_documents of the whole text, whatever line
+    breaks (\\r\\n split across pieces, \\r, \\u2028, \\x85) and multi-byte characters straddle the pieces."""
+    def line(i):
+        end = ("\r\n" if i % 3 else "\r") + ("\u2028" if i % 7 == 0 else "") + ("\x85" if i % 11 == 0 else "")
+        return f"line {i} caf\u00e9 \u4e2d\u6587" + end + "x" * (i % 50) + "\n"
+
+    text = "".join(line(i) for i in range(400)) + "tail without break"
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode())
+    whole = split_documents(text, size=300)
+    assert len(whole) > 10
+    assert list(split_documents(prepare_module.text_pieces(path, size=piece), size=300)) == whole
+    assert prepare_module.read_text(path) == text
+
+
+def test_a_byte_that_is_not_utf8_is_named_at_its_offset_across_pieces(tmp_path):
+    path = tmp_path / "b.txt"
+    path.write_bytes("\u00e9".encode() * 1000 + b"\xff" + b"x" * 10)
+    with pytest.raises(ValueError, match=r"not valid UTF-8 \(byte 2000: b'\\xff"):
+        list(prepare_module.text_pieces(path, size=7))
+
+
+def test_split_is_datasets_own_train_test_split():
+    import datasets
+
+    for n, fraction, seed in ((2, 0.5, 0), (10, 0.1, 1), (1001, 0.02, 2357), (57, 0.33, 7)):
+        rows = datasets.Dataset.from_dict({"i": list(range(n))})
+        reference = rows.train_test_split(test_size=fraction, seed=seed)
+        train, val = prepare_module.split_indices(n, fraction, seed)
+        assert train.tolist() == reference["train"]["i"] and val.tolist() == reference["test"]["i"]
+    with pytest.raises(ValueError, match="leaves 0 for training"):
+        prepare_module.split_indices(2, 0.9, 0)
+
+
+def test_prepared_files_hold_the_split_documents_in_the_split_order(tmp_path):
+    """An independent reference: datasets' own split of the documents, each tokenized directly, concatenated."""
+    import datasets
+
+    documents = split_documents(SAMPLE, size=1500)
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n".join(json.dumps({"text": d}) for d in documents))
+    out = prepare(str(source), tmp_path / "out", val_fraction=0.15, seed=3, shard_documents=4, num_proc=2)
+    split = datasets.Dataset.from_dict({"text": documents}).train_test_split(test_size=0.15, seed=3)
+    tokenizer = Tokenizer(GPT2_TOKENIZER)
+    for name, rows in (("train", split["train"]), ("val", split["test"])):
+        expected = np.concatenate([np.append(tokenizer.encode(d, bos=False).numpy(), 50256) for d in rows["text"]])
+        assert np.array_equal(read_tokens(out, name)[0], expected.astype(np.uint16))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] == len(documents) and not list(tmp_path.glob(".out.*"))
+
+
+KILL_AFTER_SHARDS = """
+import os, signal, sys
+from lit_gpt.data import prepare as module
+closed = []
+original = module.ShardWriter.close
+def close(self):
+    original(self)
+    closed.append(1)
+    if len(closed) == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer or `kill -9` would
+module.ShardWriter.close = close
+module.prepare(sys.argv[1], sys.argv[2], val_fraction=0.1, shard_documents=5, num_proc=int(sys.argv[4]))
+"""
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_killed_preparation_continues_to_the_same_bytes(tmp_path, num_proc):
+    import subprocess
+    import sys
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n".join(json.dumps({"text": d}) for d in split_documents(SAMPLE, size=1500)))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_SHARDS)
+    killed = subprocess.run([sys.executable, str(script), str(source), str(tmp_path / "out"), "3", str(num_proc)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -9
+    work = tmp_path / ".out.partial"
+    assert prepare_module.finished_shards(work) == 3 and not (tmp_path / "out").exists()
+    original = prepare_module.encode_documents
+    encoded = []
+    prepare_module.encode_documents = lambda texts, *a: encoded.append(len(texts)) or original(texts, *a)
+    try:  # the same command, in this process: only the documents after the finished shards are tokenized
+        prepare(str(source), tmp_path / "out", val_fraction=0.1, shard_documents=5, num_proc=1)
+    finally:
+        prepare_module.encode_documents = original
+    n = json.loads((tmp_path / "out" / "meta.json").read_text())["documents"]
+    assert sum(encoded) == n - 15 and not work.exists()  # 3 shards of 5 documents were reused, not tokenized again
+    prepare(str(source), tmp_path / "fresh", val_fraction=0.1, shard_documents=5, num_proc=1)
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+
+
+MEMORY_LIMITED = """
+import resource, sys
+import datasets  # imported before the limit, so that what is limited is the work on the data alone
+from lit_gpt.data.prepare import GPT2_TOKENIZER, prepare
+from lit_gpt.tokenizer import Tokenizer
+Tokenizer(GPT2_TOKENIZER).encode("warm up the tokenizer", bos=False)
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[3]) * 2**20, resource.RLIM_INFINITY))
+prepare(sys.argv[1], sys.argv[2], val_fraction=0.01, num_proc=1)
+"""
+
+
+def test_preparation_runs_in_bounded_memory(tmp_path):
+    """A 24 MB text prepared with 96 MiB of address space beyond what the imports took: the earlier in-memory
+    preparation (whole file read, every document listed, np.bincount of the whole token file) needed several times
+    the file's size and failed here with MemoryError."""
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "corpus.txt"
+    with open(source, "w") as f:
+        for _ in range(400):
+            f.write(SAMPLE)
+    assert source.stat().st_size > 23_000_000
+    script = tmp_path / "limited.py"
+    script.write_text(MEMORY_LIMITED)
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script), str(source), str(tmp_path / "out"), "96"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] > 6_000_000
+
+
+def test_a_corpus_of_white_space_is_refused(tmp_path):
+    source = tmp_path / "blank.jsonl"
+    source.write_text("\n".join(json.dumps({"text": " \n\t "}) for _ in range(5)))
+    with pytest.raises(ValueError, match="holds no text: its 5 documents are all white space"):
+        prepare(str(source), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.jsonl"]
