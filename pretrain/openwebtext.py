@@ -8,6 +8,7 @@ With no arguments it trains GPT-2 124M on OpenWebText prepared by scripts/prepar
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ import torch
 from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
 from lit_gpt.config import Config, with_ssa_flag
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
-from lit_gpt.data.tokens import TokenBatches, TokenData
+from lit_gpt.data.tokens import BinShardData, TokenBatches, TokenData
 from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
 from lit_gpt.model import GPT
 from lit_gpt.training import (
@@ -47,6 +48,10 @@ class DataArgs:
         train_tokenizer: instead, train a byte-level BPE of this many tokens on the training split.
         val_fraction: share of the documents held out for validation.
         window_start: `random`: training windows start anywhere; `document`: only at the start of a document.
+        train_bin: instead of `dir`, pre-tokenized llm.c / modded-nanogpt `.bin` shards (a glob pattern, e.g.
+            fineweb10B/fineweb_train_*.bin: a 256-int32 header, then GPT-2 uint16 tokens); the checkpoints take their
+            tokenizer from `tokenizer_dir`.
+        val_bin: the validation shards that go with `train_bin` (e.g. fineweb10B/fineweb_val_*.bin).
     """
 
     dir: Path = Path("data/prepared/openwebtext")
@@ -55,6 +60,8 @@ class DataArgs:
     train_tokenizer: int | None = None  # or train a byte-level BPE of this size on the training split
     val_fraction: float = 0.0005
     window_start: Literal["random", "document"] = "random"  # training windows start anywhere, or at documents
+    train_bin: str | None = None  # llm.c .bin shards instead of `dir`: a glob pattern
+    val_bin: str | None = None
 
 
 def setup(
@@ -102,10 +109,10 @@ def setup(
         train = dataclasses.replace(train, compile=True)
     train.check()
     eval.check()
-    check_apart(Path(out_dir), "--out_dir", data.dir, "--data.dir")
     config = load_config(model_name, with_ssa_flag(ssa, model or {}), model_config)
     run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
     check_launch(run, train)
+    check_data(data, Path(out_dir), run.devices * run.num_nodes)
     job = PretrainJob(config, data, Path(out_dir), train, eval, seed, resume)
     hparams = hyperparameters(model_name=model_name, **{f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
                               run=run)
@@ -132,16 +139,44 @@ def load_config(model_name: str, overrides: dict | None, model_config: Path | No
     return Config.from_name(model_name, **(overrides or {}))
 
 
-def ensure_prepared(data: DataArgs) -> Path:
+def check_data(data: DataArgs, out_dir: Path, world_size: int) -> None:
+    """Before any process starts: .bin shards given in pairs, the output apart from the data, and the data prepared;
+    a single process prepares it now, a multi-process launch is refused with the command to run first (rank 0 would
+    prepare while the others waited past the process group's timeout)."""
+    if (data.train_bin is None) != (data.val_bin is None):
+        raise ValueError("--data.train_bin and --data.val_bin go together (llm.c writes both, e.g."
+                         " fineweb_train_*.bin and fineweb_val_*.bin): pass both, or neither to read --data.dir.")
+    if data.train_bin is not None:
+        for pattern, flag in ((data.train_bin, "--data.train_bin"), (data.val_bin, "--data.val_bin")):
+            check_apart(out_dir, "--out_dir", Path(pattern).expanduser().parent, flag)
+        return
+    check_apart(out_dir, "--out_dir", data.dir, "--data.dir")
     if (data.dir / META_FILENAME).is_file():
-        return data.dir
+        return
     if data.source is None:
         raise FileNotFoundError(
             f"No prepared data in {str(data.dir)!r}: prepare OpenWebText with `python scripts/prepare_openwebtext.py`"
             " (needs internet), or run the bundled demo: `python pretrain/openwebtext.py --config configs/demo.yaml`."
         )
-    return prepare(data.source, data.dir, tokenizer_dir=data.tokenizer_dir, train_tokenizer=data.train_tokenizer,
-                   val_fraction=data.val_fraction)
+    if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        tokenizer = (f"--train_tokenizer {data.train_tokenizer}" if data.train_tokenizer is not None
+                     else f"--tokenizer_dir {data.tokenizer_dir}")
+        raise FileNotFoundError(
+            f"No prepared data in {str(data.dir)!r}, and a run of {world_size} processes does not prepare it (the"
+            f" others would time out waiting): run `python scripts/prepare_openwebtext.py --source {data.source}"
+            f" --output_dir {data.dir} {tokenizer} --val_fraction {data.val_fraction}` first, then this command.")
+    prepare(data.source, data.dir, tokenizer_dir=data.tokenizer_dir, train_tokenizer=data.train_tokenizer,
+            val_fraction=data.val_fraction)
+
+
+def open_data(data: DataArgs) -> TokenData | BinShardData:
+    if data.train_bin is not None:
+        return BinShardData(data.train_bin, data.val_bin, data.tokenizer_dir)
+    tokens = TokenData(data.dir)
+    tokens.check_own_tokenizer()
+    if data.tokenizer_dir != GPT2_TOKENIZER and data.train_tokenizer is None:  # asked for by name
+        tokens.check_tokenizer(data.tokenizer_dir)
+    return tokens
 
 
 def main(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
@@ -152,11 +187,7 @@ def main(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
 def pretrain(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
     config, data_args, train = job.config, job.data, job.train
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, job.out_dir, job.resume)
-    on_rank_zero(fabric, ensure_prepared, data_args)
-    data = TokenData(data_args.dir)
-    data.check_own_tokenizer()
-    if data_args.tokenizer_dir != GPT2_TOKENIZER and data_args.train_tokenizer is None:  # asked for by name
-        data.check_tokenizer(data_args.tokenizer_dir)
+    data = open_data(data_args)
     block_size = check_window(train.max_seq_length, config)
     data.check(config.padded_vocab_size, block_size)
 
@@ -166,14 +197,18 @@ def pretrain(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters ({num_parameters(model, True):,} trainable),"
                  f" attention_temperature={config.attention_temperature!r}")
     model, optimizer, state = setup_training(fabric, model, train, resume_dir, job.out_dir)
-    fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
-                 f" {data.meta['unigram_loss']:.3f} on validation")
+    if "unigram_loss" in data.meta:
+        fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
+                     f" {data.meta['unigram_loss']:.3f} on validation")
+    else:
+        fabric.print(f"Data: {data.meta['train_tokens']:,} training and {data.meta['val_tokens']:,} validation tokens"
+                     f" in {data.meta['train_shards']} + {data.meta['val_shards']} .bin shards")
 
     batches = TokenBatches(data, block_size, job.seed, train.global_batch_size, train.micro_batch_size,
                            job.eval.max_iters, data_args.window_start)
 
     def save(name: str) -> None:
-        save_checkpoint(fabric, state, job.out_dir / name, data_args.dir, hparams, keep_last=train.keep_last)
+        save_checkpoint(fabric, state, job.out_dir / name, data.folder, hparams, keep_last=train.keep_last)
 
     fit(fabric, model, optimizer, state, batches, train, job.eval, block_size, save,
         flops_per_micro_batch=micro_batch_flops(config, train.micro_batch_size, block_size))

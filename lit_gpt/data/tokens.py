@@ -1,6 +1,7 @@
 """Reading prepared token files: random training windows chosen by the step number alone (so a resumed run and a
 run on any number of processes see the same global batches) and fixed validation windows."""
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,114 @@ class TokenData:
             )
 
 
+# ---- llm.c / modded-nanogpt `.bin` shards ----------------------------------------------------------------------------
+
+# magic -> (version, token dtype, the tokenizer's vocabulary): GPT-2 (FineWeb-10B, llm.c's GPT-2 runs) and Llama 3
+BIN_FORMATS = {20240520: (1, np.dtype("<u2"), 50257), 20240801: (7, np.dtype("<u4"), 128256)}
+BIN_HEADER_INTS = 256  # a header of 256 little-endian int32: magic, version, token count, then zeros
+
+
+def read_bin_header(path: Path) -> tuple[int, np.dtype, int]:
+    """(token count, token dtype, vocabulary) of one llm.c `.bin` shard, its header checked against the file: a file
+    of another kind, version or size is one line naming what was expected and what was found."""
+    path = Path(path)
+    size = path.stat().st_size
+    header = np.fromfile(path, dtype="<i4", count=BIN_HEADER_INTS)
+    if len(header) < BIN_HEADER_INTS:
+        raise ValueError(f"{str(path)!r} has {size} bytes, fewer than the {4 * BIN_HEADER_INTS}-byte header of an llm.c"
+                         " .bin shard: a truncated or foreign file; download it again.")
+    magic, version, count = (int(x) for x in header[:3])
+    if magic not in BIN_FORMATS:
+        raise ValueError(f"{str(path)!r} is not an llm.c .bin shard: its header starts with {magic}, expected one of"
+                         f" {sorted(BIN_FORMATS)} (GPT-2 or Llama 3 tokens); pass shards written by llm.c's or"
+                         " modded-nanogpt's data scripts.")
+    expected_version, dtype, vocab = BIN_FORMATS[magic]
+    if version != expected_version:
+        raise ValueError(f"{str(path)!r}: header version {version}, expected {expected_version} for magic {magic}:"
+                         " a shard format this reader does not know.")
+    expected = 4 * BIN_HEADER_INTS + count * dtype.itemsize
+    if count < 0 or size != expected:
+        raise ValueError(f"{str(path)!r}: its header counts {count:,} tokens ({expected:,} bytes with the header) but"
+                         f" the file has {size:,} bytes: truncated or damaged; download it again.")
+    return count, dtype, vocab
+
+
+class ConcatenatedTokens:
+    """Memory-mapped shards read as one token sequence (slices may cross a shard boundary, as they cross documents
+    within a shard); `len` and `[start:stop]` are all the batches need."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.parts, self.dtype = [], None
+        for path in paths:
+            count, dtype, _ = read_bin_header(path)
+            if self.dtype is not None and dtype != self.dtype:
+                raise ValueError(f"{str(path)!r} holds {dtype.name} tokens, {str(paths[0])!r} {self.dtype.name}: mixed"
+                                 " shard formats; pass shards of one tokenizer.")
+            self.dtype = dtype
+            self.parts.append(np.memmap(path, dtype=dtype, mode="r", offset=4 * BIN_HEADER_INTS, shape=(count,)))
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, _ = index.indices(len(self))
+        pieces = []
+        while start < stop:
+            shard = int(np.searchsorted(self.ends, start, side="right"))
+            first = int(self.ends[shard - 1]) if shard else 0
+            end = min(stop, int(self.ends[shard]))
+            pieces.append(self.parts[shard][start - first:end - first])
+            start = end
+        return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
+
+    def chunks(self, size: int = 1 << 24):
+        """(first token's position, tokens) over the whole sequence, a chunk at a time."""
+        for first, part in zip([0, *self.ends[:-1].tolist()], self.parts):
+            for i in range(0, len(part), size):
+                yield first + i, np.asarray(part[i:i + size])
+
+
+def shard_paths(pattern: str, flag: str) -> list[Path]:
+    """The files a glob pattern names, sorted (llm.c's shard names sort in order)."""
+    paths = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser())))
+    if not paths:
+        raise FileNotFoundError(f"{flag} {pattern}: no file matches; expected llm.c .bin shards, e.g."
+                                " fineweb10B/fineweb_train_*.bin (data/fineweb.py in llm.c, or modded-nanogpt's"
+                                " cached_fineweb10B.py, writes them).")
+    return paths
+
+
+class BinShardData:
+    """Pre-tokenized llm.c `.bin` shards (a 256-int32 header, then the tokens) as training and validation data: the
+    same interface as TokenData, the tokenizer taken from `tokenizer_dir` (the shards carry none)."""
+
+    def __init__(self, train_pattern: str, val_pattern: str, tokenizer_dir: Path) -> None:
+        from lit_gpt.tokenizer import Tokenizer
+
+        self.folder = Path(tokenizer_dir)  # what checkpoints copy their tokenizer files from
+        self.train = ConcatenatedTokens(shard_paths(train_pattern, "--data.train_bin"))
+        self.val = ConcatenatedTokens(shard_paths(val_pattern, "--data.val_bin"))
+        if self.train.dtype != self.val.dtype:
+            raise ValueError(f"--data.train_bin holds {self.train.dtype.name} tokens, --data.val_bin"
+                             f" {self.val.dtype.name}: pass shards of one tokenizer.")
+        vocab = next(v for _, d, v in BIN_FORMATS.values() if d == self.train.dtype)
+        tokenizer = Tokenizer(tokenizer_dir)
+        if tokenizer.vocab_size != vocab:
+            raise ValueError(f"The .bin shards hold tokens of a {vocab:,}-token vocabulary but --data.tokenizer_dir"
+                             f" {tokenizer_dir} has {tokenizer.vocab_size:,}: pass the tokenizer the shards were made"
+                             " with (data/tokenizers/gpt2 for GPT-2 shards).")
+        self.meta = dict(dtype=self.train.dtype.name, vocab_size=vocab, eos_id=tokenizer.eos_id,
+                         max_token_id=vocab - 1, train_tokens=len(self.train), val_tokens=len(self.val),
+                         train_shards=len(self.train.parts), val_shards=len(self.val.parts))
+
+    def check_own_tokenizer(self) -> None:
+        pass  # the tokenizer is the one named, checked against the shards' vocabulary above
+
+    def check(self, vocab_size: int, block_size: int) -> None:
+        TokenData.check(self, vocab_size, block_size)
+
+
 def windows(data: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, (len(offsets), block_size) each."""
     rows = np.stack([data[o : o + block_size + 1].astype(np.int64) for o in offsets.tolist()])
@@ -97,10 +206,11 @@ def train_offsets(n_tokens: int, block_size: int, count: int, seed: int, step: i
     return torch.randint(n_tokens - block_size, (count,), generator=generator)
 
 
-def document_starts(tokens: np.ndarray, eos_id: int, block_size: int) -> torch.Tensor:
+def document_starts(tokens, eos_id: int, block_size: int) -> torch.Tensor:
     """The first token of every document (the file's start and each token after an end-of-text) whose window of
-    block_size + 1 tokens fits in the file."""
-    starts = np.concatenate(([0], np.flatnonzero(np.asarray(tokens) == eos_id) + 1))
+    block_size + 1 tokens fits in the file (read a chunk at a time for shards)."""
+    chunks = tokens.chunks() if hasattr(tokens, "chunks") else [(0, np.asarray(tokens))]
+    starts = np.concatenate([[0], *(np.flatnonzero(chunk == eos_id) + 1 + first for first, chunk in chunks)])
     return torch.from_numpy(starts[starts + block_size + 1 <= len(tokens)].astype(np.int64))
 
 
