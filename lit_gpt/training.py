@@ -22,7 +22,7 @@ from lit_gpt.config import Config
 from lit_gpt.fabric import finish_logging
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
-from lit_gpt.utils import UserFacingError, at_least, progress_bar, set_interrupt_note
+from lit_gpt.utils import Terminated, UserFacingError, at_least, progress_bar, set_interrupt_note
 
 
 @dataclass
@@ -277,10 +277,17 @@ def fit(
                      flops_per_step)
             if is_due(state["step"], eval_args.interval, max_steps):
                 log_validation(fabric, model, batches, state)
-            if is_due(state["step"], args.save_interval, max_steps):
+            saved = is_due(state["step"], args.save_interval, max_steps)
+            if saved:
                 save(f"step-{state['step']:08d}")
-            if interrupted():  # Ctrl-C: stop here, between steps, with every checkpoint whole
-                raise KeyboardInterrupt
+            signum = interrupted()
+            if fabric.world_size > 1:  # every rank stops at the same step, or the others would wait forever
+                anyone = fabric.strategy.reduce_boolean_decision(bool(signum), all=False)
+                signum = signum or (signal.SIGINT if anyone else 0)
+            if signum:  # Ctrl-C or SIGTERM: stop here, between steps, with this step saved
+                if not saved:
+                    save(f"step-{state['step']:08d}")
+                raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     if eval_args.final_validation:
         log_validation(fabric, model, batches, state)
     save("final")
@@ -288,24 +295,26 @@ def fit(
 
 
 @contextlib.contextmanager
-def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
-    """Within the block the first SIGINT (Ctrl-C) only asks the loop to stop at its next safe point (the end of a
-    step, after any checkpoint it writes); a second one stops at once. Yields the question "was it asked?"."""
+def stop_on_interrupt() -> Iterator[Callable[[], int]]:
+    """Within the block the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) only asks the loop to stop at its
+    next safe point (the end of a step, where it saves a checkpoint); a second one stops at once. Yields the question
+    "which signal asked?" (0: none)."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
     asked = []
 
     def handler(signum, frame) -> None:
         if asked:
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         asked.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: bool(asked)
+        yield lambda: asked[0] if asked else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def optimizer_step(fabric: L.Fabric, model, optimizer, batches: Batches, step: int, args: TrainArgs, max_steps: int,

@@ -29,6 +29,30 @@ USER_ERRORS = (ValueError, OSError, ConnectionError, UserFacingError)
 _interrupt_note = {"text": "nothing was saved."}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes and systemd send before they kill), handled as Ctrl-C is: exit status 143."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated in the main thread, so every entry point stops as on Ctrl-C (one
+    line, temporary files removed, a run's checkpoint saved) instead of dying at once."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def set_interrupt_note(text: str) -> None:
     """The one line that Ctrl-C prints after "Interrupted: ", e.g. where the last checkpoint is."""
     _interrupt_note["text"] = text
@@ -85,17 +109,20 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
             stream.reconfigure(errors="backslashreplace")
     args = expand_bare_flags(sys.argv[1:] if args is None else args, bool_flags(function))
     try:
-        return auto_cli(function, args=args, as_positional=False, formatter_class=ReadableHelpFormatter,
-                        exit_on_error=False)
+        with terminate_as_interrupt():
+            return auto_cli(function, args=args, as_positional=False, formatter_class=ReadableHelpFormatter,
+                            exit_on_error=False)
     except ArgumentError as error:
         print(f"error: {argument_error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except USER_ERRORS as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print(f"\nInterrupted: {_interrupt_note['text']}", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as error:
+        terminated = isinstance(error, Terminated)
+        print(f"\n{'Terminated (SIGTERM)' if terminated else 'Interrupted'}: {_interrupt_note['text']}",
+              file=sys.stderr)
+        raise SystemExit(143 if terminated else 130) from None
 
 
 def error_line(error: BaseException) -> str:

@@ -554,21 +554,44 @@ def test_overwrite_replaces_only_this_projects_output(fx, tmp_path):
     convert_lit_checkpoint(fx.vanilla, tmp_path / "out", overwrite=True)
 
 
-def test_ctrl_c_prints_one_line_naming_the_last_checkpoint(fx, tmp_path):
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "Interrupted"),
+                                                   (signal.SIGTERM, 143, "Terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_save_the_step_and_print_one_line(fx, tmp_path, signum, status, word):
+    """Ctrl-C, or SIGTERM as Slurm, Kubernetes and systemd send it: the run stops after the step in progress, saves
+    it (no checkpoint was due: save_interval is far away) and says in one line where it is; --resume auto goes on."""
     run = tmp_path / "run"
-    args = train_args(fx, run, "--train.max_steps", "100000", "--train.save_interval", "2", "--eval.interval", "1000")
+    args = train_args(fx, run, "--train.max_steps", "100000", "--train.save_interval", "1000", "--eval.interval",
+                      "1000")
     process = subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "openwebtext.py"), *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
-    while not (run / "step-00000002").is_dir() and time.time() < deadline:
+    while not (run / "history.jsonl").is_file() and time.time() < deadline:  # training has begun
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == status
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    last = [line for line in err.splitlines() if line.startswith("Interrupted")]
-    assert len(last) == 1 and "the last checkpoint is" in last[0] and "--resume auto" in last[0], err
+    last = [line for line in err.splitlines() if line.startswith(word)]
+    saved = sorted(run.glob("step-*"))
+    assert len(saved) == 1 and len(last) == 1, err
+    assert f"the last checkpoint is {saved[0]}" in last[0] and "--resume auto" in last[0], err
     assert not (run / ".lock").exists()
+    step = int(saved[0].name.split("-")[1])
+    resumed = run_cli(cli("pretrain"), [*train_args(fx, run, "--train.max_steps", str(step + 1)), "--resume",
+                                           "auto"])
+    assert resumed is None and (run / "final").is_dir()
+
+
+def test_sigterm_stops_a_tool_in_one_line(fx, tmp_path):
+    """Outside a training loop too (here generation, with a long output): exit 143, one line, no traceback."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "generate" / "base.py"), "--checkpoint_dir", str(fx.ssa),
+                                "--prompt", "The", "--max_new_tokens", "20", "--num_samples", "1000000"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(8)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Terminated (SIGTERM)")
 
 
 def test_a_process_without_validation_windows_gets_no_empty_batch(fx):

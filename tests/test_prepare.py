@@ -304,3 +304,80 @@ def test_a_corpus_of_white_space_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds no text: its 5 documents are all white space"):
         prepare(str(source), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.jsonl"]
+
+
+def test_a_script_dataset_is_read_from_the_hubs_parquet_conversion(monkeypatch):
+    """datasets >= 4 refuses script datasets such as openwebtext; the loader then streams the Parquet files the Hub
+    converted it to. The Hub is not reachable here, so load_dataset is replaced by a stand-in that refuses scripts."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, split, streaming, revision=None):
+        calls.append((name, split, streaming, revision))
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+        return iter([{"text": "first document"}, {"text": ""}, {"text": "second document"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(prepare_module, "check_hub_reachable", lambda what: None)
+    assert list(prepare_module.iter_documents("openwebtext")) == ["first document", "second document"]
+    assert calls == [("Skylion007/openwebtext", "train", True, None),
+                     ("Skylion007/openwebtext", "train", True, "refs/convert/parquet")]
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_local_alternatives(monkeypatch):
+    def offline(what):
+        raise ConnectionError(f"Cannot reach the Hugging Face Hub for {what}")
+
+    monkeypatch.setattr(prepare_module, "check_hub_reachable", offline)
+    with pytest.raises(ConnectionError, match="Could not load the dataset 'Skylion007/openwebtext'.*--source bundled"):
+        list(prepare_module.iter_documents("openwebtext"))
+
+
+SLOW_PREPARE = """
+import sys, time
+from lit_gpt.data import prepare as module
+from lit_gpt.utils import run_cli
+original = module.encode_documents
+
+
+def slow(texts, *args):
+    time.sleep(0.2)
+    return original(texts, *args)
+
+
+module.encode_documents = slow  # the workers are forked with it
+run_cli(module.prepare, sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signum, status, word", [(2, 130, "Interrupted"), (15, 143, "Terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_with_workers_is_one_line_and_the_rerun_continues(tmp_path, signum, status, word):
+    import subprocess
+    import sys
+    import time
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n".join(json.dumps({"text": d}) for d in split_documents(SAMPLE, size=500)))
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_PREPARE)
+    args = ["--source", str(source), "--output_dir", str(tmp_path / "out"), "--num_proc", "2", "--shard_documents",
+            "2", "--val_fraction", "0.1"]
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(script), *args], stdout=out, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while "shard 3:" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == status and err.strip().splitlines() == [
+        f"{word}: the finished shards are kept in {tmp_path / '.out.partial'}; run the same command again to continue."]
+    done = prepare_module.finished_shards(tmp_path / ".out.partial")
+    assert 3 <= done < len(split_documents(SAMPLE, size=500)) // 2
+    from lit_gpt.utils import run_cli
+
+    run_cli(prepare, args)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == len(split_documents(SAMPLE, size=500)) and not (tmp_path / ".out.partial").exists()

@@ -261,13 +261,6 @@ def hub_rows(source: str):
         ) from None
 
 
-def load_documents(source: str, text_column: str = "text", num_proc: int | None = None):
-    """A `datasets.Dataset` with one document per row in column "text" (small sources: it holds them all)."""
-    import datasets
-
-    return datasets.Dataset.from_dict({"text": list(iter_documents(source, text_column))})
-
-
 def train_bpe(texts, vocab_size: int, folder: Path) -> None:
     """A byte-level BPE with one special token, <|endoftext|>, trained on `texts`."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -651,11 +644,11 @@ def build(output_dir: Path, documents, split, tokenizer_dir: Path | None, train_
             meta = prepare_in(work, documents, split, tokenizer_dir, train_tokenizer, num_proc, about,
                               shard_documents, count_about)
         except Exception as error:  # bad input: the shards are worth nothing; a kill or a full disk keeps them
+            set_interrupt_note("nothing was saved.")
             if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
                 shutil.rmtree(work, ignore_errors=True)
             raise
-        finally:
-            set_interrupt_note("nothing was saved.")
+        set_interrupt_note("nothing was saved.")
         for name in list(work.iterdir()):
             if name.name.startswith("shard-") or name.name in ("settings.json", "tokenized.json"):
                 name.unlink()
