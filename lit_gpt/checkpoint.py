@@ -16,6 +16,7 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -184,7 +185,9 @@ def check_replaceable(target: Path, overwrite: bool) -> None:
 
 def remove_stale_temporaries(target: Path) -> None:
     """Delete the temporary folders that an interrupted write into `target` left beside it (`.NAME.tmp-PID`,
-    `.NAME.old-PID`) when their process is gone."""
+    `.NAME.old-PID`) when their process is gone; an old `target` set aside by a replacement that was killed before the
+    new one took its place is put back first (recover_replaced)."""
+    recover_replaced(target)
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)$")
     for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
         match = pattern.match(path.name)
@@ -256,16 +259,50 @@ def staged_output_dir(target: Path) -> Iterator[Path]:
 
 
 def move_into_place(tmp: Path, target: Path) -> None:
-    """Rename a complete temporary folder to `target`. An existing target is renamed aside first and deleted after,
-    so `target` always names a complete folder, the old one or the new one (but for the instant between the two
-    renames), and an interruption never leaves a half-deleted checkpoint."""
-    if target.exists():
+    """Rename a complete temporary folder to `target`, so that `target` always names a complete folder, the old one or
+    the new one. An existing target is swapped with the new folder in one atomic step where the system can (Linux's
+    renameat2 RENAME_EXCHANGE), and the old one deleted after; elsewhere it is renamed aside first (`.NAME.old-PID`),
+    and a kill between the two renames is undone by `recover_replaced` the next time anything looks for `target`."""
+    if not target.exists():
+        tmp.rename(target)
+    elif exchange(tmp, target):
+        shutil.rmtree(tmp)  # it now holds the old folder
+    else:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old)
-    else:
-        tmp.rename(target)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2, RENAME_EXCHANGE); False where the system or file system cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def recover_replaced(target: Path) -> Path | None:
+    """Where `target` is missing but a replacement killed between its two renames left the old folder aside
+    (`.NAME.old-PID`, its process gone), rename it back: the old checkpoint is complete, the new one may not be.
+    Returns the folder put back, if any."""
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        return None
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.old-(\d+)$")
+    aside = [p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
+             if pattern.match(p.name) and p.is_dir() and not process_alive(int(pattern.match(p.name).group(1)))]
+    if not aside:
+        return None
+    newest = max(aside, key=lambda p: p.stat().st_mtime)
+    newest.rename(target)
+    print(f"Recovered {target} from {newest.name}, set aside by a replacement that was interrupted.")
+    return target
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
@@ -545,23 +582,25 @@ class RunLock:
         self.created = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]  # deepest first
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / LOCK_FILENAME
-        self.file = open(self.path, "a+")
+        # the lock is the operating system's, on the folder itself: deleting .lock (which only names the holder)
+        # cannot let a second run in
+        self.folder = os.open(self.out_dir, os.O_RDONLY)
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
+            os.close(self.folder)
+            try:
+                holder = self.path.read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
             raise FileExistsError(f"{str(self.out_dir)!r} is in use by another run (process {holder}): wait for it"
                                   " to finish, or choose another --out_dir.") from None
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        self.path.write_text(str(os.getpid()))
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+        fcntl.flock(self.folder, fcntl.LOCK_UN)
+        os.close(self.folder)
         for folder in self.created:  # a run refused before it wrote anything leaves no folder behind
             if any(folder.iterdir()):
                 break
@@ -602,6 +641,7 @@ def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path)
     """The checkpoint to resume from: the latest in out_dir for "auto" (final/ counts, and is the latest), or the
     given folder."""
     if resume is False or resume is None:
+        recover_replaced(Path(out_dir) / "final")
         if Path(out_dir).is_dir() and any(p.name != LOCK_FILENAME for p in Path(out_dir).iterdir()):
             raise FileExistsError(
                 f"{str(out_dir)!r} holds an earlier run: pass --resume auto to continue it, or choose another"
@@ -609,6 +649,7 @@ def find_resume_checkpoint(out_dir: Path, resume: bool | Literal["auto"] | Path)
             )
         return None
     if resume == "auto" or resume is True:
+        recover_replaced(Path(out_dir) / "final")
         candidates = [*step_checkpoints(out_dir), Path(out_dir) / "final"]
         candidates = [p for p in candidates if (p / STATE_FILENAME).is_file()]
         for later, candidate in zip([None, *candidates[::-1]], candidates[::-1]):

@@ -967,3 +967,56 @@ def test_a_terminal_that_cannot_show_a_character_gets_an_escape(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env=dict(os.environ, PYTHONIOENCODING="ascii"))
     assert result.returncode == 0 and result.stdout.strip() == "caf\\xe9", result.stderr
+
+
+def test_replacing_a_folder_leaves_the_old_or_the_new_one_at_every_instant(tmp_path):
+    """The swap is atomic where renameat2 exists (Linux); a replacement killed between the fallback's two renames
+    leaves `.NAME.old-PID`, which the next look for the folder puts back instead of deleting it as stale."""
+    from lit_gpt.checkpoint import exchange, move_into_place, recover_replaced, remove_stale_temporaries
+
+    target, new = tmp_path / "final", tmp_path / ".final.tmp"
+    target.mkdir()
+    (target / "which").write_text("old")
+    new.mkdir()
+    (new / "which").write_text("new")
+    if sys.platform == "linux":
+        assert exchange(new, target) and (target / "which").read_text() == "new"
+        assert (new / "which").read_text() == "old"
+        exchange(new, target)
+    move_into_place(new, target)
+    assert (target / "which").read_text() == "new" and not new.exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".final.old-{dead.pid}"  # the fallback killed between its renames: no final/ at all
+    target.rename(aside)
+    remove_stale_temporaries(target)
+    assert (target / "which").read_text() == "new" and not aside.exists()
+    assert recover_replaced(target) is None  # nothing to do when the folder is there
+
+
+def test_resume_after_a_kill_between_the_renames_of_final_continues_the_run(fx, tmp_path, capsys):
+    """The continued run's final/ was set aside and the new one not yet in place: --resume auto must find the old
+    final/, keep the history and continue from its step, not start again from step 0."""
+    run = tmp_path / "run"
+    run_cli(cli("pretrain"), train_args(fx, run, "--train.max_steps", "2"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "final").rename(run / f".final.old-{dead.pid}")
+    (run / ".final.tmp").mkdir()  # the new one, half written
+    capsys.readouterr()
+    run_cli(cli("pretrain"), [*train_args(fx, run, "--train.max_steps", "3"), "--resume", "auto"])
+    assert f"Resuming from {run / 'final'}" in capsys.readouterr().out  # not a new run from step 0
+    history = json.loads((run / "history.json").read_text())
+    assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3]
+    assert torch.load(run / "final" / "training_state.pth", weights_only=True)["step"] == 3
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path):
+    from lit_gpt.checkpoint import RunLock
+
+    first = RunLock(tmp_path / "run")
+    (tmp_path / "run" / ".lock").unlink()  # someone tidies the folder while the run goes on
+    with pytest.raises(FileExistsError, match="is in use by another run"):
+        RunLock(tmp_path / "run")
+    first.release()
+    RunLock(tmp_path / "run").release()
