@@ -12,7 +12,7 @@ own API and command work too once that module is imported.
 import json
 from pathlib import Path
 
-from lit_gpt.utils import check_output_files, check_writable, resolve_device, run_cli, write_file
+from lit_gpt.utils import check_output_files, check_seed, check_writable, resolve_device, run_cli, write_file
 
 
 def main(
@@ -51,6 +51,7 @@ def main(
         raise ValueError(f"--limit must be above 0 (documents per task, or a fraction below 1), got {limit}.")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be 1 or more, got {batch_size}.")
+    check_seed(seed)
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"--num_fewshot must be 0 or more, got {num_fewshot}.")
     if include_path is not None and not Path(include_path).is_dir():

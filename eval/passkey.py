@@ -14,7 +14,7 @@ from pathlib import Path
 from lit_gpt.evaluation import passkey_min_length, run_passkey_grid, summarize_passkey
 from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import plot_passkey_heatmap
-from lit_gpt.utils import at_least, atomic_file, check_output_files, check_writable, run_cli, write_file
+from lit_gpt.utils import at_least, atomic_file, check_output_files, check_seed, check_writable, run_cli, write_file
 
 
 def passkey_lengths(model, tokenizer, lengths: list[int] | None, max_new_tokens: int) -> list[int]:
@@ -66,6 +66,7 @@ def main(
             kept in float32); default the checkpoint's own.
     """
     at_least(1, trials=trials, max_new_tokens=max_new_tokens)
+    check_seed(seed)
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"--depths must be a non-empty list of values in [0, 1], got {depths}.")
     output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "passkey"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lit_gpt.generation import check_sampling, load_for_inference, prepare_prompt, stream_text
-from lit_gpt.utils import at_least, run_cli
+from lit_gpt.utils import at_least, check_seed, run_cli
 
 
 def main(
@@ -52,6 +52,7 @@ def main(
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     at_least(1, num_samples=num_samples)
+    check_seed(seed)
     model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)
     if compile:
         model.compile_blocks()

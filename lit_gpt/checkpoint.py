@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import ADDED_MODULES, GPT, WEIGHTS_FILENAME, slope_parameter
 from lit_gpt.tokenizer import TOKENIZER_FILES
-from lit_gpt.utils import set_interrupt_note
+from lit_gpt.utils import process_alive, set_interrupt_note
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -193,16 +193,6 @@ def remove_stale_temporaries(target: Path) -> None:
         match = pattern.match(path.name)
         if match and path.is_dir() and not process_alive(int(match.group(2))):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def readable_by_all(path: Path) -> None:

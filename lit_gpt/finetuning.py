@@ -29,7 +29,7 @@ from lit_gpt.training import (
     setup_training,
     write_history,
 )
-from lit_gpt.utils import check_apart, num_parameters
+from lit_gpt.utils import check_apart, check_seed, num_parameters
 
 FINETUNE_SSA_INIT = 6e-4  # the position slope at the start of fine-tuning, as in the official fine-tuning scripts
 FINETUNE_POSITION_LR = 1e-2  # peak learning rate of the position slopes (the README says how it was chosen)
@@ -43,6 +43,7 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     """Check everything, then start the processes: the part of `setup` that finetune/lora.py shares."""
     train = dataclasses.replace(train, compile=run.compile)
     train.check()
+    check_seed(seed)
     eval.check()
     if lora is not None:
         lora.check()

@@ -115,6 +115,10 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
     except ArgumentError as error:
         print(f"error: {argument_error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool killed by SIGPIPE does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush does not complain either
+        raise SystemExit(141) from None
     except USER_ERRORS as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -213,6 +217,16 @@ def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
     return value
 
 
+SEED_RANGE = (0, 2**32 - 1)  # what numpy and Lightning's seed_everything accept
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed the random generators accept, refused before any work with the flag named."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ValueError(f"{flag} must be a whole number from {low} to {high:,}, got {seed!r}.")
+
+
 def at_least(low: float, **values: float | None) -> None:
     """Each named value (a flag, `--NAME`) must be at least `low` where given."""
     for name, value in values.items():
@@ -239,6 +253,9 @@ def check_writable(path: Path, flag: str, is_dir: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: a file where a folder is expected (or the other
     way round), or a read-only place. Creates nothing."""
     path = Path(path)
+    if not is_dir and path.is_fifo():
+        raise ValueError(f"{flag} {path} is a named pipe: writing would wait for a reader forever; expected a regular"
+                         f" file, choose another {flag}.")
     if path.exists() and path.is_dir() != is_dir:
         what = "a folder" if is_dir else "a file"
         raise ValueError(f"{flag} {path} should be {what} but {'a file' if is_dir else 'a folder'} is there:"
@@ -278,17 +295,52 @@ def atomic_file(path: Path) -> Iterator[Path]:
     write through a symbolic link standing at `path` (the link itself is replaced) and never a half-written file.
     Missing folders above `path` are made (as LitGPT's tools make their output folders)."""
     path = Path(path)
-    if path.exists() and not path.is_symlink() and not path.is_file():  # a device or a pipe: written, not replaced
+    if path.is_fifo():
+        raise ValueError(f"{path} is a named pipe: writing would wait for a reader forever; write to a regular file.")
+    if path.exists() and not path.is_symlink() and not path.is_file():  # a device (/dev/null): written, not replaced
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)  # check_writable vetted the folders before the work
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_files(path)
+    tmp = path.with_name(temporary_name(path.name, os.getpid()))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temporary_name(name: str, pid: int) -> str:
+    """`.NAME.tmp-PID`, or where that would pass the file system's 255 bytes (a legal name of 240 bytes or more), a
+    name from a hash of NAME that fits."""
+    tmp = f".{name}.tmp-{pid}"
+    if len(tmp.encode()) <= 255:
+        return tmp
+    import hashlib
+
+    return f".{hashlib.sha256(name.encode()).hexdigest()[:32]}.tmp-{pid}"
+
+
+def remove_stale_files(path: Path) -> None:
+    """Delete the temporary files an interrupted write of `path` left beside it (their process is gone)."""
+    import glob
+
+    prefix = temporary_name(path.name, 0)[:-1]  # ".NAME.tmp-"
+    for candidate in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = candidate.name[len(prefix):]
+        if pid.isdigit() and candidate.is_file() and not candidate.is_symlink() and not process_alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_file(path: Path, text: str) -> None:

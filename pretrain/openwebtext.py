@@ -32,7 +32,7 @@ from lit_gpt.training import (
     setup_training,
     write_history,
 )
-from lit_gpt.utils import check_apart, num_parameters, run_cli
+from lit_gpt.utils import check_apart, check_seed, num_parameters, run_cli
 
 
 @dataclass
@@ -108,6 +108,7 @@ def setup(
     if compile:
         train = dataclasses.replace(train, compile=True)
     train.check()
+    check_seed(seed)
     eval.check()
     config = load_config(model_name, with_ssa_flag(ssa, model or {}), model_config)
     run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)

@@ -190,6 +190,15 @@ def other_architecture_run(fx, tmp: Path) -> Path:
 # (tool, arguments built from the fixtures and the test's folder, words the message must hold)
 CASES: dict[str, tuple[str, Callable, str]] = {
     # generate/base.py
+    "pretrain: seed past 2**32": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--seed", str(2**70)),
+                                  "--seed must be a whole number from 0 to 4,294,967,295"),
+    "pretrain: negative seed": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--seed", "-1"),
+                                "--seed must be a whole number from 0"),
+    "finetune: negative seed": ("finetune", lambda fx, t: tune_args(fx, t / "run", "--seed", "-1"),
+                                "--seed must be a whole number from 0"),
+    "generate: seed past 2**32": ("generate", lambda fx, t: gen(fx.ssa, "--seed", str(2**70)), "--seed must be"),
+    "prepare: negative seed": ("prepare", lambda fx, t: ["--source", str(fx.corpus), "--output_dir", str(t / "o"),
+                                                         "--seed", "-1"], "--seed must be a whole number"),
     "generate: top_k 0": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "0"), "--top_k must be at least 1"),
     "generate: top_k negative": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "-3"), "--top_k must be at least 1"),
     "generate: top_p 0": ("generate", lambda fx, t: gen(fx.ssa, "--top_p", "0"), "--top_p must lie in (0, 1]"),
@@ -1020,3 +1029,35 @@ def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path):
         RunLock(tmp_path / "run")
     first.release()
     RunLock(tmp_path / "run").release()
+
+
+def test_generate_piped_into_head_stops_quietly(fx):
+    """`generate | head -c 5`: the reader goes away; no "Broken pipe" message, no traceback (exit 141, as SIGPIPE)."""
+    command = (f"{sys.executable} {ROOT / 'generate' / 'base.py'} --checkpoint_dir {fx.ssa} --prompt The"
+               " --max_new_tokens 20 --num_samples 200 | head -c 5")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, cwd=ROOT)
+    assert len(result.stdout) == 5 and result.returncode == 141, result.stderr
+    assert "Broken pipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_named_pipe_as_output_file_is_refused_before_the_work(fx, tmp_path):
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SystemExit) as error:
+        run_cli(cli("perplexity"), ["--checkpoint_dir", str(fx.ssa), "--max_tokens", "64", "--output_file", str(fifo)])
+    assert error.value.code == 1 and fifo.is_fifo()
+
+
+def test_a_legal_long_output_name_is_written_and_a_stale_temporary_removed(tmp_path):
+    from lit_gpt.utils import write_file
+
+    long = tmp_path / ("p" * 245 + ".json")  # 250 bytes: legal; ".NAME.tmp-PID" would not be
+    write_file(long, "{}")
+    assert long.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == [long.name]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, alive = tmp_path / f".perplexity.json.tmp-{dead.pid}", tmp_path / f".perplexity.json.tmp-{os.getppid()}"
+    stale.write_text("half")
+    alive.write_text("being written")
+    write_file(tmp_path / "perplexity.json", "{}")
+    assert not stale.exists() and alive.exists()  # a live writer's temporary is never touched
