@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import ADDED_MODULES, GPT, WEIGHTS_FILENAME, slope_parameter
 from lit_gpt.tokenizer import TOKENIZER_FILES
-from lit_gpt.utils import process_alive, set_interrupt_note
+from lit_gpt.utils import check_fits, process_alive, set_interrupt_note
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -63,6 +63,10 @@ def load_checkpoint(
     initialisation (the start that reproduces the checkpoint). Nothing else may be missing or left over."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_file(checkpoint_dir / CONFIG_FILENAME)
+    parameters = sum(config.estimated_parameters().values())
+    check_fits(f"The model of {str(checkpoint_dir)!r} (model_config.yaml: n_layer {config.n_layer}, n_embd"
+               f" {config.n_embd}, {parameters:,} parameters)", 2 * parameters, "check that model_config.yaml is the"
+               " checkpoint's own (copy it again), or use a machine with more memory")
     weights = checkpoint_dir / WEIGHTS_FILENAME
     if not weights.is_file():
         raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")

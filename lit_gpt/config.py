@@ -157,6 +157,16 @@ class Config:
     def rope_n_elem(self) -> int:
         return int(self.rotary_percentage * self.head_size) if self.position_embedding == "rope" else 0
 
+    def estimated_parameters(self) -> dict[str, int]:
+        """The backbone's parameter count by part, from the fields alone (no tensor is made; the attention's additions,
+        norms and biases are left out: a lower bound within a few percent): `embedding` (and an untied output layer)
+        and `blocks`."""
+        d, heads, groups, size = self.n_embd, self.n_head, self.n_query_groups, self.head_size
+        attention = d * (heads + 2 * groups) * size + heads * size * d
+        mlp = (3 if self.mlp_class_name == "LLaMAMLP" else 2) * d * self.intermediate_size
+        embedding = self.padded_vocab_size * d * (1 if self.tie_embeddings else 2)
+        return dict(embedding=embedding, blocks=self.n_layer * (attention + mlp))
+
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
         if name not in name_to_config:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from lit_gpt.checkpoint import find_resume_checkpoint, module_of, run_lock, save_checkpoint
 from lit_gpt.config import ATTENTION_FIELDS, Config, with_ssa_flag
@@ -22,6 +23,7 @@ from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import (
     EvalArgs,
     TrainArgs,
+    check_training_fits,
     check_window,
     fit,
     freeze_backbone,
@@ -53,6 +55,10 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
     check_launch(run, train)
+    check_training_fits(config, train, lora.rank if lora is not None else None,
+                        len(lora.targets) if lora is not None else 0, prefix="the checkpoint's ",
+                        device="cuda" if torch.cuda.is_available() else "cpu",
+                        shards=run.devices * run.num_nodes if run.strategy == "fsdp" else 1)
     job = FinetuneJob(Path(checkpoint_dir), base, config, ssa_only, Path(data), data_source, val_fraction, truncate,
                       Path(out_dir), train, eval, seed, resume, lora)
     hparams = hyperparameters(**{f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "base"},

@@ -22,7 +22,7 @@ from lit_gpt.config import Config
 from lit_gpt.fabric import finish_logging
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
-from lit_gpt.utils import Terminated, UserFacingError, at_least, progress_bar, set_interrupt_note
+from lit_gpt.utils import Terminated, UserFacingError, at_least, check_fits, progress_bar, set_interrupt_note
 
 
 @dataclass
@@ -137,6 +137,30 @@ def check_batch(args: TrainArgs, world_size: int) -> int:
             f" {args.micro_batch_size} times the number of processes {world_size}."
         )
     return per_rank // args.micro_batch_size
+
+
+def check_training_fits(config, args: "TrainArgs", lora_rank: int | None = None, lora_targets: int = 0,
+                        prefix: str = "--model.", device: str = "cpu", shards: int = 1) -> None:
+    """Refuse, before any process starts, a run whose weights, gradients and AdamW state (16 bytes a trained
+    parameter, 4 a frozen one, over `shards` processes under FSDP) or one micro-batch's activations (2 bytes a value,
+    as under bf16) cannot fit one process's device: a lower bound, so only what surely fails is refused, with the
+    fields to lower named."""
+    parts = config.estimated_parameters()
+    params = sum(parts.values())
+    if lora_rank is None:
+        state = 16 * params
+        fields = (f"{prefix}vocab_size" if parts["embedding"] > parts["blocks"]
+                  else f"{prefix}n_layer or {prefix}n_embd")
+    else:
+        adapters = config.n_layer * lora_targets * lora_rank * 2 * config.n_embd
+        state = 4 * params + 16 * adapters
+        fields = "--lora.rank" if 16 * adapters > 4 * params else f"the model ({config.name})"
+    check_fits(f"Training {config.name or 'this model'} ({params:,} parameters)", state // shards, f"lower {fields}",
+               device)
+    tokens = args.micro_batch_size * min(args.max_seq_length or config.block_size, config.block_size)
+    activations = 2 * tokens * (8 * config.n_layer * config.n_embd + config.padded_vocab_size)
+    check_fits(f"A micro-batch of {args.micro_batch_size} x {tokens // args.micro_batch_size} tokens", activations,
+               "lower --train.micro_batch_size or --train.max_seq_length", device)
 
 
 def schedule(args: TrainArgs, tokens_per_step: int, world_size: int) -> tuple[int, int]:
@@ -288,9 +312,9 @@ def fit(
                 if not saved:
                     save(f"step-{state['step']:08d}")
                 raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    save("final")  # before the last validation, so that a failure there cannot lose the trained weights
     if eval_args.final_validation:
         log_validation(fabric, model, batches, state)
-    save("final")
     finish_logging(fabric)
 
 

@@ -217,6 +217,31 @@ def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
     return value
 
 
+def machine_memory(device: str = "cpu") -> int:
+    """Bytes of memory the work can use: the GPU's for cuda, else the machine's physical memory (or a cgroup's limit
+    where lower)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def check_fits(what: str, needed: int, advice: str, device: str = "cpu") -> None:
+    """Refuse, before anything is allocated, work whose memory estimate (a lower bound) exceeds what the machine has,
+    with what to do (naming the fields that make it so)."""
+    have = machine_memory(device)
+    if needed > have:
+        raise ValueError(f"{what} needs at least {needed / 2**30:,.1f} GiB but this machine has {have / 2**30:,.1f} GiB"
+                         f" ({'GPU' if device.startswith('cuda') else 'RAM'}): {advice}.")
+
+
 SEED_RANGE = (0, 2**32 - 1)  # what numpy and Lightning's seed_everything accept
 
 

@@ -25,6 +25,7 @@ from lit_gpt.model import GPT
 from lit_gpt.training import (
     EvalArgs,
     TrainArgs,
+    check_training_fits,
     check_window,
     fit,
     hyperparameters,
@@ -113,6 +114,8 @@ def setup(
     config = load_config(model_name, with_ssa_flag(ssa, model or {}), model_config)
     run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
     check_launch(run, train)
+    check_training_fits(config, train, device="cuda" if torch.cuda.is_available() else "cpu",
+                        shards=run.devices * run.num_nodes if strategy == "fsdp" else 1)
     check_data(data, Path(out_dir), run.devices * run.num_nodes)
     job = PretrainJob(config, data, Path(out_dir), train, eval, seed, resume)
     hparams = hyperparameters(model_name=model_name, **{f.name: getattr(job, f.name) for f in dataclasses.fields(job)},

@@ -47,6 +47,7 @@ CLIS = {
     "lm_eval": ("eval/lm_eval_harness.py", "main"),
     "pretrain": ("pretrain/openwebtext.py", "setup"),
     "finetune": ("finetune/full.py", "setup"),
+    "lora": ("finetune/lora.py", "setup"),
     "download": ("scripts/download.py", "download"),
     "reproduce": ("study/reproduce.py", "main"),
 }
@@ -199,6 +200,25 @@ CASES: dict[str, tuple[str, Callable, str]] = {
     "generate: seed past 2**32": ("generate", lambda fx, t: gen(fx.ssa, "--seed", str(2**70)), "--seed must be"),
     "prepare: negative seed": ("prepare", lambda fx, t: ["--source", str(fx.corpus), "--output_dir", str(t / "o"),
                                                          "--seed", "-1"], "--seed must be a whole number"),
+    # resource bombs: refused from the config before anything is allocated, naming the field
+    "pretrain: 60,000 layers": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--model.n_layer", "60000",
+                                                                     "--model.n_embd", "4096"),
+                                "lower --model.n_layer or --model.n_embd"),
+    "pretrain: ten billion tokens of vocabulary": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--model.vocab_size", "10000000000"),
+        "lower --model.vocab_size"),
+    "pretrain: a micro-batch of a million": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--train.micro_batch_size", "1000000",
+                                             "--train.global_batch_size", "1000000"), "lower --train.micro_batch_size"),
+    "pretrain: a billion validation batches": (
+        "pretrain", lambda fx, t: train_args(fx, t / "run", "--eval.max_iters", "1000000000"),
+        "lower --eval.max_iters"),
+    "finetune: LoRA of rank a billion": ("lora", lambda fx, t: tune_args(fx, t / "run", "--lora.rank", "1000000000"),
+                                         "lower --lora.rank"),
+    "generate: a model_config.yaml of a million layers": (
+        "generate", lambda fx, t: gen(with_file(fx.ssa, t, "model_config.yaml", (fx.ssa / "model_config.yaml")
+                                                .read_text().replace("n_layer: 2", "n_layer: 1000000"))),
+        "model_config.yaml: n_layer 1000000"),
     "generate: top_k 0": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "0"), "--top_k must be at least 1"),
     "generate: top_k negative": ("generate", lambda fx, t: gen(fx.ssa, "--top_k", "-3"), "--top_k must be at least 1"),
     "generate: top_p 0": ("generate", lambda fx, t: gen(fx.ssa, "--top_p", "0"), "--top_p must lie in (0, 1]"),

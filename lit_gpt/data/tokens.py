@@ -226,6 +226,11 @@ class TokenBatches:
                  eval_iters: int, window_start: str = "random") -> None:
         self.data, self.block_size, self.seed = data, block_size, seed
         self.global_batch, self.micro_batch, self.eval_iters = global_batch, micro_batch, eval_iters
+        windows = eval_iters * micro_batch
+        if windows > len(data.val):
+            raise ValueError(f"--eval.max_iters {eval_iters} asks for {windows:,} validation windows but the validation"
+                             f" text has {len(data.val):,} tokens: lower --eval.max_iters (every window is scored at"
+                             " each validation).")
         self.starts = None  # "random": a training window may start anywhere
         if window_start == "document":
             self.starts = document_starts(data.train, data.meta["eos_id"], block_size)
