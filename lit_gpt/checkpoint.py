@@ -300,11 +300,18 @@ def recover_replaced(target: Path) -> Path | None:
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    copied = []
+    """The tokenizer files of `source` that are regular files inside it, copied (a symbolic link is followed only
+    where it stays inside the folder: a link out of it could carry a private file into an export meant for upload)."""
+    copied, inside = [], Path(source).resolve()
     for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(destination) / name)
-            copied.append(name)
+        path = Path(source) / name
+        if not path.is_file():
+            continue
+        if path.is_symlink() and inside not in path.resolve().parents:
+            print(f"Skipping {path}: a symbolic link to {path.resolve()}, outside {source}.")
+            continue
+        shutil.copy2(path, Path(destination) / name)
+        copied.append(name)
     return copied
 
 

@@ -209,6 +209,9 @@ def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{str(path)!r} is not valid JSON ({error}); restore or recreate the file.") from None
+    except RecursionError:  # a nesting bomb: [[[[...]]]] deeper than the parser's stack
+        raise ValueError(f"{str(path)!r} is nested too deeply to be one of this project's JSON files; restore or"
+                         " recreate the file.") from None
     if not isinstance(value, dict):
         raise ValueError(f"{str(path)!r} should hold a JSON object, found {type(value).__name__}.")
     missing = [key for key in required if key not in value]

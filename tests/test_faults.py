@@ -1081,3 +1081,24 @@ def test_a_legal_long_output_name_is_written_and_a_stale_temporary_removed(tmp_p
     alive.write_text("being written")
     write_file(tmp_path / "perplexity.json", "{}")
     assert not stale.exists() and alive.exists()  # a live writer's temporary is never touched
+
+
+def test_an_export_never_copies_a_linked_file_from_outside_the_folder(fx, tmp_path):
+    private = tmp_path / "secrets.json"
+    private.write_text('{"token": "hf_private"}')
+    source = copy_of(fx.vanilla, tmp_path)
+    (source / "special_tokens_map.json").symlink_to(private)
+    convert_lit_checkpoint(source, tmp_path / "export")
+    assert not (tmp_path / "export" / "special_tokens_map.json").exists()
+    assert "hf_private" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "export").iterdir()
+                                       if p.is_file())
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "meta.json"])
+def test_a_json_nesting_bomb_is_one_line(fx, tmp_path, name):
+    from lit_gpt.data.tokens import TokenData
+    from lit_gpt.tokenizer import Tokenizer
+
+    folder = with_file(fx.prepared if name == "meta.json" else fx.vanilla, tmp_path, name, "[" * 200_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        TokenData(folder) if name == "meta.json" else Tokenizer(folder)
