@@ -69,7 +69,8 @@ def main(
         text_column: its text column.
         start_char: skip this many characters of the text.
         max_chars: evaluate at most this many characters.
-        max_tokens: evaluate at most this many tokens (after tokenizing).
+        max_tokens: evaluate at most this many tokens (after tokenizing); default all of them (the bundled
+            Wikipedia sample is about 820k GPT-2 tokens, minutes on a CPU: --max_tokens 50000 for a quick look).
         window: tokens the model reads at once; default its context, at most 1024.
         stride: how far the window advances; default half the window.
         output_file: where to write the JSON result; default <checkpoint_dir>/perplexity.json.
@@ -91,6 +92,10 @@ def main(
     window = window or min(model.max_seq_length, 1024)
     if window > model.max_seq_length:
         raise ValueError(f"--window {window} exceeds the model's context of {model.max_seq_length} tokens.")
+    windows = max(1, math.ceil((len(ids) - window) / (stride or max(1, window // 2))) + 1)
+    if max_tokens is None and len(ids) > 100_000:  # the whole default text: say what it costs before it starts
+        print(f"Scoring all {len(ids):,} tokens ({windows:,} windows of {window}); --max_tokens scores fewer.",
+              flush=True)
     nll, count = sliding_window_nll(model, ids, window, stride or max(1, window // 2))
     if not math.isfinite(nll):
         raise ValueError(f"The log-likelihood came out {nll}: the model's outputs are NaN or infinite (its weights, or"
