@@ -110,9 +110,10 @@ def main(tokens: float = 1e9, folder: Path = Path("/tmp/prepare-bench"), num_pro
          "peak RSS parent MiB", "peak RSS largest worker MiB", "train.bin GB"], rows),
         "", f"OpenWebText's 9.0e9 tokens at {per_cpu:,.0f} tokens per CPU second take about"
         f" {9.0e9 / per_cpu / 3600:.1f} CPU hours: {9.0e9 / per_cpu / 3600 / 8:.1f} hours with 8 workers on 8 free"
-        " cores. Memory does not grow with the corpus (the work is done in pieces). Peak RSS from getrusage (ru_maxrss"
-        " of the preparing process, and of its largest worker); CPU seconds are user + system time of both (they"
-        " depend little on what else the machine runs, wall time does); every figure varies with the machine.", ""])
+        " cores. The text, the tokens and the statistics pass in pieces; what grows with the corpus is 20 bytes a"
+        " document (the split and the shard index). Peak RSS from getrusage (ru_maxrss of the preparing process, and"
+        " of its largest worker); CPU seconds are user + system time of both (they depend little on what else the"
+        " machine runs, wall time does); every figure varies with the machine.", ""])
     print(text)
     if output is not None:
         Path(output).write_text(text)
