@@ -238,7 +238,7 @@ def tune(study: FinetuneStudy, arm: str, train: bool) -> tuple[dict | None, list
     for i, stage in enumerate(settings["sweeps"][arm]):
         grid = stage_grid(chosen, stage, carried=i > 0)
         chosen, done = sweep(grid)
-        records += done
+        records += [r for r in done if r not in records]  # a carried record competes again but is listed once
         if chosen is None:
             return None, records
     others = [dict(chosen, learning_rate=lr) for lr in settings["backbone"] if lr != chosen["learning_rate"]]
