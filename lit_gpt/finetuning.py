@@ -4,6 +4,7 @@ finetune/lora.py (adapters on a frozen backbone): the checks before launch, the 
 
 import dataclasses
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     train = dataclasses.replace(train, compile=run.compile)
     train.check()
     check_seed(seed)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val_fraction must lie in (0, 1) (the share of the records held out for validation), got"
+                         f" {val_fraction}.")
     eval.check()
     if lora is not None:
         lora.check()
@@ -55,6 +59,8 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
     check_launch(run, train)
+    if data_source is not None and Path(data).suffix not in (".json", ".jsonl"):
+        prepare_before_launch(Path(data), data_source, Path(checkpoint_dir), val_fraction, run.devices * run.num_nodes)
     check_training_fits(config, train, lora.rank if lora is not None else None,
                         len(lora.targets) if lora is not None else 0, prefix="the checkpoint's ",
                         device="cuda" if torch.cuda.is_available() else "cpu",
@@ -145,9 +151,18 @@ def instruction_batches(path: Path, tokenizer: Tokenizer, block_size: int, trunc
                               train.micro_batch_size, eval.max_iters, pad_id)
 
 
-def ensure_prepared(folder: Path, source: str, checkpoint_dir: Path, val_fraction: float) -> None:
-    if not (folder / META_FILENAME).is_file():
-        prepare(source, folder, tokenizer_dir=checkpoint_dir, val_fraction=val_fraction)
+def prepare_before_launch(folder: Path, source: str, checkpoint_dir: Path, val_fraction: float,
+                          world_size: int) -> None:
+    """Token data is prepared by the single process before it starts; a multi-process run is refused with the command
+    to run first (rank 0 would prepare while the other ranks waited past the process group's timeout)."""
+    if (folder / META_FILENAME).is_file():
+        return
+    if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FileNotFoundError(
+            f"No prepared data in {str(folder)!r}, and a run of {world_size} processes does not prepare it (the others"
+            f" would time out waiting): run `python scripts/prepare_openwebtext.py --source {source} --output_dir"
+            f" {folder} --tokenizer_dir {checkpoint_dir} --val_fraction {val_fraction}` first, then this command.")
+    prepare(source, folder, tokenizer_dir=checkpoint_dir, val_fraction=val_fraction)
 
 
 def token_batches(folder: Path, checkpoint_dir: Path, config: Config, block_size: int, seed: int, train: TrainArgs,
@@ -170,8 +185,6 @@ def finetune(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
         batches = instruction_batches(job.data, Tokenizer(job.checkpoint_dir), block_size, job.truncate,
                                       job.val_fraction, job.seed, job.train, job.eval)
     else:
-        if job.data_source is not None:
-            on_rank_zero(fabric, ensure_prepared, job.data, job.data_source, job.checkpoint_dir, job.val_fraction)
         batches = token_batches(job.data, job.checkpoint_dir, job.config, block_size, job.seed, job.train, job.eval)
 
     fabric.seed_everything(job.seed)

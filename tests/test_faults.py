@@ -195,6 +195,11 @@ CASES: dict[str, tuple[str, Callable, str]] = {
                                   "--seed must be a whole number from 0 to 4,294,967,295"),
     "pretrain: negative seed": ("pretrain", lambda fx, t: train_args(fx, t / "run", "--seed", "-1"),
                                 "--seed must be a whole number from 0"),
+    "finetune: two processes do not prepare data": (
+        "finetune", lambda fx, t: tune_args(fx, t / "run", "--data_source", str(fx.corpus), "--devices", "2",
+                                            data=t / "tokens"), "does not prepare it"),
+    "finetune: validation share above 1": ("finetune", lambda fx, t: tune_args(fx, t / "run", "--val_fraction", "1.5"),
+                                           "--val_fraction must lie in (0, 1)"),
     "finetune: negative seed": ("finetune", lambda fx, t: tune_args(fx, t / "run", "--seed", "-1"),
                                 "--seed must be a whole number from 0"),
     "generate: seed past 2**32": ("generate", lambda fx, t: gen(fx.ssa, "--seed", str(2**70)), "--seed must be"),
