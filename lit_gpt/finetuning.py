@@ -4,7 +4,6 @@ finetune/lora.py (adapters on a frozen backbone): the checks before launch, the 
 
 import dataclasses
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from lit_gpt.checkpoint import find_resume_checkpoint, module_of, run_lock, save_checkpoint
 from lit_gpt.config import ATTENTION_FIELDS, Config, with_ssa_flag
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
-from lit_gpt.data.prepare import META_FILENAME, prepare
+from lit_gpt.data.prepare import META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import TokenBatches, TokenData
 from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
 from lit_gpt.lora import LoRAArgs, add_lora, lora_files
@@ -59,8 +58,10 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     check_data_argument(Path(data), data_source)
     config = finetune_config(base, ssa, model or {})
     check_launch(run, train)
-    if data_source is not None and Path(data).suffix not in (".json", ".jsonl"):
-        prepare_before_launch(Path(data), data_source, Path(checkpoint_dir), val_fraction, run.devices * run.num_nodes)
+    tokens_missing = Path(data).suffix not in (".json", ".jsonl") and not (Path(data) / META_FILENAME).is_file()
+    if data_source is not None and tokens_missing:
+        prepare_before_launch(data_source, Path(data), run.devices * run.num_nodes, Path(checkpoint_dir),
+                              val_fraction=val_fraction)
     check_training_fits(config, train, lora.rank if lora is not None else None,
                         len(lora.targets) if lora is not None else 0, prefix="the checkpoint's ",
                         device="cuda" if torch.cuda.is_available() else "cpu",
@@ -149,20 +150,6 @@ def instruction_batches(path: Path, tokenizer: Tokenizer, block_size: int, trunc
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     return InstructionBatches(examples[n_val:], examples[:n_val], seed, train.global_batch_size,
                               train.micro_batch_size, eval.max_iters, pad_id)
-
-
-def prepare_before_launch(folder: Path, source: str, checkpoint_dir: Path, val_fraction: float,
-                          world_size: int) -> None:
-    """Token data is prepared by the single process before it starts; a multi-process run is refused with the command
-    to run first (rank 0 would prepare while the other ranks waited past the process group's timeout)."""
-    if (folder / META_FILENAME).is_file():
-        return
-    if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FileNotFoundError(
-            f"No prepared data in {str(folder)!r}, and a run of {world_size} processes does not prepare it (the others"
-            f" would time out waiting): run `python scripts/prepare_openwebtext.py --source {source} --output_dir"
-            f" {folder} --tokenizer_dir {checkpoint_dir} --val_fraction {val_fraction}` first, then this command.")
-    prepare(source, folder, tokenizer_dir=checkpoint_dir, val_fraction=val_fraction)
 
 
 def token_batches(folder: Path, checkpoint_dir: Path, config: Config, block_size: int, seed: int, train: TrainArgs,

@@ -8,7 +8,6 @@ With no arguments it trains GPT-2 124M on OpenWebText prepared by scripts/prepar
 """
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ import torch
 
 from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
 from lit_gpt.config import Config, with_ssa_flag
-from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare
+from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import BinShardData, TokenBatches, TokenData
 from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
 from lit_gpt.model import GPT
@@ -162,15 +161,8 @@ def check_data(data: DataArgs, out_dir: Path, world_size: int) -> None:
             f"No prepared data in {str(data.dir)!r}: prepare OpenWebText with `python scripts/prepare_openwebtext.py`"
             " (needs internet), or run the bundled demo: `python pretrain/openwebtext.py --config configs/demo.yaml`."
         )
-    if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        tokenizer = (f"--train_tokenizer {data.train_tokenizer}" if data.train_tokenizer is not None
-                     else f"--tokenizer_dir {data.tokenizer_dir}")
-        raise FileNotFoundError(
-            f"No prepared data in {str(data.dir)!r}, and a run of {world_size} processes does not prepare it (the"
-            f" others would time out waiting): run `python scripts/prepare_openwebtext.py --source {data.source}"
-            f" --output_dir {data.dir} {tokenizer} --val_fraction {data.val_fraction}` first, then this command.")
-    prepare(data.source, data.dir, tokenizer_dir=data.tokenizer_dir, train_tokenizer=data.train_tokenizer,
-            val_fraction=data.val_fraction)
+    prepare_before_launch(data.source, data.dir, world_size, data.tokenizer_dir, data.train_tokenizer,
+                          data.val_fraction)
 
 
 def open_data(data: DataArgs) -> TokenData | BinShardData:

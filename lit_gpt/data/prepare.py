@@ -610,6 +610,21 @@ def prepare(
                  num_proc, overwrite, about, shard_documents)
 
 
+def prepare_before_launch(source: str, output_dir: Path, world_size: int, tokenizer_dir: Path = GPT2_TOKENIZER,
+                          train_tokenizer: int | None = None, val_fraction: float = 0.0005) -> None:
+    """What a training script does with missing data before its processes start: one process prepares it; a run of
+    several is refused with the command to run first (rank 0 would prepare while the other ranks waited past the
+    process group's timeout)."""
+    if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        tokenizer = (f"--train_tokenizer {train_tokenizer}" if train_tokenizer is not None
+                     else f"--tokenizer_dir {tokenizer_dir}")
+        raise FileNotFoundError(
+            f"No prepared data in {str(output_dir)!r}, and a run of {world_size} processes does not prepare it (the"
+            f" others would time out waiting): run `python scripts/prepare_openwebtext.py --source {source}"
+            f" --output_dir {output_dir} {tokenizer} --val_fraction {val_fraction}` first, then this command.")
+    prepare(source, output_dir, tokenizer_dir=tokenizer_dir, train_tokenizer=train_tokenizer, val_fraction=val_fraction)
+
+
 def write_prepared(train_rows, val_rows, output_dir: Path, tokenizer_dir: Path | None, train_tokenizer: int | None,
                    num_proc: int | None, overwrite: bool, about: dict) -> Path:
     """Tokenize a split already made (two `datasets.Dataset`s with a "text" column, or lists of texts) into train.bin /
