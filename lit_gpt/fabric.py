@@ -67,17 +67,30 @@ class RunArgs:
 
 
 def check_launch(run: RunArgs, train) -> None:
-    """Before any process starts: the batch fits the processes, and a multi-node run was started by a launcher (one
-    process on one machine would wait forever for the other nodes)."""
+    """Before any process starts: the batch fits the processes, and a multi-node run knows how to find its nodes (one
+    process that lacks them would wait forever for nodes that never come)."""
     from lit_gpt.training import check_batch
 
     at_least(1, devices=run.devices, num_nodes=run.num_nodes)
     check_batch(train, run.devices * run.num_nodes)
-    launched = any(key in os.environ for key in ("NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "MASTER_ADDR"))
-    if run.num_nodes > 1 and not launched:
-        raise ValueError(f"--num_nodes {run.num_nodes}: this is a single process with no launcher around it, so it"
-                         " would wait forever for the other nodes; start it on every node with NODE_RANK,"
-                         " MASTER_ADDR and MASTER_PORT set (or under srun / torchrun), or pass --num_nodes 1.")
+    if run.num_nodes > 1:
+        check_nodes(run.num_nodes, os.environ)
+
+
+NODE_VARIABLES = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT")  # what Lightning reads outside SLURM and torchrun
+
+
+def check_nodes(num_nodes: int, environ) -> None:
+    """Under SLURM (srun) or torchrun the launcher tells each process where the others are; otherwise every node
+    needs NODE_RANK, MASTER_ADDR and MASTER_PORT, or it would wait forever (for node 0 on its own address)."""
+    if "SLURM_PROCID" in environ or "TORCHELASTIC_RUN_ID" in environ:
+        return
+    missing = [name for name in NODE_VARIABLES if not environ.get(name)]
+    if missing:
+        raise ValueError(f"--num_nodes {num_nodes}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not"
+                         " set, so this process cannot find the other nodes and would wait forever; start it on every"
+                         " node with NODE_RANK (0 .. num_nodes-1), MASTER_ADDR (node 0's address) and MASTER_PORT set,"
+                         " or under srun or torchrun, or pass --num_nodes 1.")
 
 
 def build_fabric(run: RunArgs, out_dir: Path) -> L.Fabric:

@@ -221,6 +221,14 @@ def freeze_backbone(model: GPT) -> None:
         p.requires_grad = id(p) in added
 
 
+def seed_ranks(fabric: L.Fabric, seed: int) -> None:
+    """Once the model is built (the same on every process, from `seed`): every process but rank 0 reseeds its
+    generator with a seed of its own, so that dropout masks (LoRA's) differ across processes as they do across the
+    sequences of one process's batch. One process, and rank 0, draw as before."""
+    if fabric.global_rank > 0:
+        torch.manual_seed(seed + fabric.global_rank * 2**32)  # seeds lie below 2**32: no two (seed, rank) collide
+
+
 def build_optimizer(model: GPT, args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW over `parameter_groups`.
 
@@ -250,13 +258,22 @@ def training_step(fabric: L.Fabric, model, inputs: torch.Tensor, targets: torch.
 
 @torch.no_grad()
 def validate(fabric: L.Fabric, model, batches: Batches) -> float:
-    """Mean loss over every validation token of every process; a process with no batches adds nothing."""
+    """Mean loss over every validation token of every process. Every process runs as many forward passes as the
+    busiest one (a forward pass under DDP or FSDP is a collective: one process with fewer batches would leave the
+    others waiting forever); the extra passes have no targets and add nothing."""
     model.eval()
+    mine = batches.val(fabric.global_rank, fabric.world_size)
+    passes = len(mine)
+    if fabric.world_size > 1:
+        passes = int(fabric.all_reduce(torch.tensor(passes, device=fabric.device), reduce_op="max").item())
+    if len(mine) < passes:  # one token, no target: the smallest pass that takes part in the collectives
+        mine += [(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -100))] * (passes - len(mine))
     total = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # summed loss, tokens
-    for x, y in batches.val(fabric.global_rank, fabric.world_size):
+    for x, y in mine:
         y = y.to(fabric.device)
         tokens = (y != -100).sum()
-        total += torch.stack((model(x.to(fabric.device), targets=y).double() * tokens, tokens.double()))
+        loss = model(x.to(fabric.device), targets=y).double()
+        total += torch.stack((torch.where(tokens > 0, loss * tokens, 0.0), tokens.double()))
     model.train()
     total = fabric.all_reduce(total, reduce_op="sum")
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")

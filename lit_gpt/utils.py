@@ -122,11 +122,34 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
     except USER_ERRORS as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except RuntimeError as error:
+        line = lost_process_line(error)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt as error:
         terminated = isinstance(error, Terminated)
         print(f"\n{'Terminated (SIGTERM)' if terminated else 'Interrupted'}: {_interrupt_note['text']}",
               file=sys.stderr)
         raise SystemExit(143 if terminated else 130) from None
+
+
+def lost_process_line(error: RuntimeError) -> str | None:
+    """One line for a collective that failed because another process of the run went away (killed, out of memory,
+    crashed): this process only sees a broken connection or a timeout, and its traceback says nothing useful. None
+    for any other error."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(error)
+    reason = re.search(r"(Connection (?:reset|closed|refused)[a-z ]*|[Tt]imed out[^.\n]*|NCCL[^.\n]*)", text)
+    if reason is None and not isinstance(error, dist.DistError):
+        return None
+    reason = reason.group(1) if reason else text.splitlines()[0][:200] if text else type(error).__name__
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} lost another process of the run ({reason}): that"
+            f" process stopped first, and its own output above says why; {_interrupt_note['text']}")
 
 
 def error_line(error: BaseException) -> str:

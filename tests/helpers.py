@@ -88,6 +88,15 @@ def trained_checkpoint(folder, text_file):
     return folder
 
 
+def bf16_copy(base, target):
+    """The checkpoint as a real download ships it (Llama, Qwen, SmolLM2): every weight in bf16."""
+    from lit_gpt import GPT
+    from lit_gpt.checkpoint import save_model_dir
+
+    save_model_dir(GPT.from_checkpoint(base).to(torch.bfloat16), target, tokenizer_dir=base)
+    return target
+
+
 def assert_attention_matches(model, reference, T: int = 12):
     """The first attention layer of a float64 `model` against `reference(attn, config, x, cos, sin)`, written from
     the method's formula: outputs and the gradients of the input and of every parameter agree to 1e-9 relative.

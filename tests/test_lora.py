@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILIES
+from helpers import FAMILIES, bf16_copy
 from safetensors.torch import load_file
 
 from finetune.lora import setup
@@ -209,3 +209,12 @@ def test_an_adapter_of_another_base_is_refused(base, text_file, tmp_path, capsys
                              str(tmp_path / "merged")])
     assert "n_layer is 2 there and 3" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+def test_adapters_and_ssa_train_in_float32_on_a_bf16_checkpoint(base, text_file, tmp_path):
+    """Adapters used to be made in their layer's dtype: bf16 on every real download, where most updates round away."""
+    bf16 = bf16_copy(base, tmp_path / "bf16")
+    setup(**run_args(bf16, tmp_path / "data", tmp_path / "run", max_steps=1), data_source=str(text_file), ssa=True)
+    adapter = load_file(tmp_path / "run" / "final" / "lora.safetensors")
+    assert any("lora_A" in k for k in adapter) and any("temperature" in k for k in adapter)
+    assert {tensor.dtype for tensor in adapter.values()} == {torch.float32}

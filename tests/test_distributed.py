@@ -1,0 +1,176 @@
+"""Several processes on the CPU (gloo), as a multi-GPU or multi-node run would have them: no hangs, one line when a
+process is lost, dropout of its own on each process, a multi-node start that cannot find its nodes refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_gpt import GPT, Config
+from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.data.prepare import GPT2_TOKENIZER
+from lit_gpt.fabric import check_nodes
+from lit_gpt.lora import LoRAArgs, add_lora
+from lit_gpt.training import seed_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = str(ROOT / "finetune" / "full.py")
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("base") / "debug"
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("debug", vocab_size=50257, block_size=64))
+    save_model_dir(model, folder, tokenizer_dir=GPT2_TOKENIZER)
+    return folder
+
+
+def records(folder: Path, count: int) -> Path:
+    path = folder / "records.json"
+    path.write_text(json.dumps([{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i % 7 + 1)))}
+                                for i in range(count)]))
+    return path
+
+
+def finetune_cli(base: Path, data: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, FINETUNE, "--checkpoint_dir", str(base), "--data", str(data), "--out_dir", str(out_dir),
+            "--train.global_batch_size", "4", "--train.micro_batch_size", "1", "--train.max_seq_length", "64",
+            "--train.learning_rate", "1e-3", "--train.warmup_steps", "1", "--eval.max_iters", "100", *extra]
+
+
+def val_losses(run: Path) -> list[float]:
+    return [h["val_loss"] for h in json.loads((run / "history.json").read_text()) if "val_loss" in h]
+
+
+@pytest.mark.slow
+def test_a_rank_with_fewer_validation_batches_does_not_hang_the_run(small_base, tmp_path):
+    """16 records hold out one for validation: rank 0 has one batch, rank 1 none. A forward pass under DDP is a
+    collective, so rank 0 used to wait forever; now the validation equals one process's."""
+    data = records(tmp_path, 16)
+    steps = ["--train.max_steps", "2", "--eval.interval", "1", "--eval.initial_validation", "true"]
+    one = subprocess.run(finetune_cli(small_base, data, tmp_path / "one", *steps), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(finetune_cli(small_base, data, tmp_path / "two", *steps, "--devices", "2"),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(val_losses(tmp_path / "two")) == 3  # before, after step 1, after the last step
+    torch.testing.assert_close(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), rtol=1e-5, atol=1e-5)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_others_in_one_line(small_base, tmp_path):
+    """Rank 1 killed mid-run (out of memory, a node lost): rank 0 sees only a broken connection. It says so in one
+    line, naming itself and where the run can continue from, not in a 60-line traceback."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(finetune_cli(small_base, records(tmp_path, 64), run, "--devices", "2",
+                                            "--train.max_steps", "10000", "--train.save_interval", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(run.glob("step-*")) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        assert list(run.glob("step-*")), "the run did not reach its first checkpoint"
+        (rank_one,) = children(process.pid)
+        os.kill(rank_one, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("training:")]
+    assert lines[-1].startswith("error: rank 0 of 2 lost another process of the run (Connection"), lines[-1]
+    assert "continue the run with --resume auto" in lines[-1]
+    assert "Traceback" not in stderr
+
+
+def draw_masks(fabric: L.Fabric) -> list:
+    fabric.seed_everything(7)
+    model = GPT(Config.from_name("debug", vocab_size=64, block_size=8))
+    add_lora(model, LoRAArgs(rank=2, dropout=0.5))
+    seed_ranks(fabric, 7)
+    mask = model.transformer.h[0].attn.qkv.dropout(torch.ones(64)) > 0
+    return fabric.all_gather(mask).tolist()  # a list: a tensor would not survive its process
+
+
+def test_each_process_draws_its_own_dropout_masks():
+    """Every process used to draw the same LoRA dropout masks (one seed for all): now rank 0 draws what one process
+    draws and rank 1 draws others."""
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    ranks = fabric.launch(draw_masks)
+    single = draw_masks(L.Fabric(accelerator="cpu", devices=1))
+    assert ranks[0] == single
+    assert ranks[0] != ranks[1]
+
+
+def test_a_multi_node_start_that_cannot_find_its_nodes_is_refused():
+    for environ in ({}, {"MASTER_ADDR": "10.0.0.1"}, {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}):
+        with pytest.raises(ValueError, match="would wait forever") as error:
+            check_nodes(2, environ)
+        missing = [name for name in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in environ]
+        assert all(name in str(error.value) for name in missing)
+    check_nodes(2, {"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    check_nodes(2, {"SLURM_PROCID": "3"})  # srun tells every process where the others are
+    check_nodes(2, {"TORCHELASTIC_RUN_ID": "x"})  # so does torchrun
+
+
+@pytest.mark.slow
+def test_num_nodes_with_only_master_addr_is_one_line_before_any_work(small_base, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_PORT", "SLURM_PROCID")}
+    result = subprocess.run(finetune_cli(small_base, records(tmp_path, 16), tmp_path / "run", "--num_nodes", "2",
+                                         "--train.max_steps", "1"),
+                            capture_output=True, text=True, timeout=120, env=dict(env, MASTER_ADDR="127.0.0.1"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --num_nodes 2: NODE_RANK, MASTER_PORT are not")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_saves_one_step_and_resumes(small_base, tmp_path):
+    """What Slurm does at the end of a job's time: SIGTERM to every process. Both stop at the same step, that step is
+    saved once, the run says so in one line and exits 143; --resume auto continues from it."""
+    run, data = tmp_path / "run", records(tmp_path, 64)
+    args = finetune_cli(small_base, data, run, "--devices", "2", "--train.save_interval", "1000")
+    process = subprocess.Popen([*args, "--train.max_steps", "10000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None and not (
+                (run / "history.jsonl").exists() and len((run / "history.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, stderr[-2000:]
+    (saved,) = run.glob("step-*")
+    step = int(saved.name.removeprefix("step-"))
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last == f"Terminated (SIGTERM): the last checkpoint is {saved}; continue the run with --resume auto."
+    assert "Traceback" not in stderr
+    resumed = subprocess.run([*args, "--train.max_steps", str(step + 1), "--resume", "auto"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [h["step"] for h in json.loads((run / "history.json").read_text()) if "train_loss" in h]
+    assert steps == list(range(1, step + 2))
