@@ -17,7 +17,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -483,29 +482,19 @@ class SafetensorsStreamWriter:
 
 
 def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
-    """The unsharded weights on rank 0 (None elsewhere), a tied lm_head stored once."""
-    from lightning.fabric.strategies import FSDPStrategy
+    """The unsharded weights on rank 0 (None elsewhere), a tied lm_head stored once. Under FSDP2 every rank takes
+    part in gathering them."""
+    from lightning.fabric.strategies import ModelParallelStrategy
 
-    module = model.module if hasattr(model, "module") else model
-    if isinstance(fabric.strategy, FSDPStrategy):
+    module = module_of(model)
+    if isinstance(fabric.strategy, ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if module.config.tie_embeddings:
             state.pop("lm_head.weight", None)
         return state if fabric.global_rank == 0 else None
     return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
-
-
-@contextmanager
-def temporary_files_in(folder: Path) -> Iterator[None]:
-    """Within the block, Python's temporary files go to `folder` instead of the system's temporary folder."""
-    before = tempfile.tempdir
-    tempfile.tempdir = str(folder)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = before
 
 
 def module_of(model) -> GPT:
@@ -530,8 +519,9 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
     try:
         # the per-step history is not in here: it grows with the run and lives in history.jsonl beside the logs
-        with temporary_files_in(tmp):  # Fabric stages the file in the temporary folder: on the output's own disk
-            fabric.save(tmp / STATE_FILENAME, {**{k: v for k, v in state.items() if k != "history"}, **rng})
+        training_state = whole_training_state(fabric, state)
+        if fabric.global_rank == 0:
+            torch.save({**training_state, **rng}, tmp / STATE_FILENAME)
         weights = full_state_dict(fabric, state["model"])
         if fabric.global_rank == 0:
             module = module_of(state["model"])
@@ -699,18 +689,56 @@ def check_same_architecture(checkpoint: Path, config: Config) -> None:
                          " settings, or choose another --out_dir for a new run.")
 
 
+def whole_training_state(fabric: L.Fabric, state: dict) -> dict:
+    """What training_state.pth holds, the same whatever the strategy and the number of processes: the whole weights
+    and the whole AdamW state keyed by parameter name (torch's distributed state-dict API, which gathers FSDP2's
+    shards; every rank takes part), and the counters. A run saved under DDP resumes under FSDP2 or on another number
+    of processes, and the reverse."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    module, optimizer = module_of(state["model"]), optimizer_of(state["optimizer"])
+    whole = {"model": get_model_state_dict(module, options=options),
+             "optimizer": get_optimizer_state_dict(module, optimizer, options=options)}
+    return {**whole, **{k: v for k, v in state.items() if k not in ("model", "optimizer", "history")}}
+
+
+def optimizer_of(optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside Fabric's wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def named_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, module) -> dict:
+    """An optimizer state keyed by parameter name. Checkpoints written before names were used key it by position:
+    the order of the optimizer's groups and of the parameters in each, which this run's optimizer has too."""
+    if not saved["state"] or isinstance(next(iter(saved["state"])), str):
+        return saved
+    names = {id(p): name for name, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: value for i, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                             for group in saved["param_groups"]]}
+
+
 def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> list[dict]:
-    """Restore model, optimizer, counters and RNG (only tensors and plain containers are accepted from the file).
-    Returns the history a checkpoint of an older version stored inside itself (empty for current ones)."""
-    module = state["model"].module if hasattr(state["model"], "module") else state["model"]
+    """Restore model, optimizer, counters and RNG (only tensors and plain containers are accepted from the file), on
+    any strategy and number of processes. Returns the history a checkpoint of an older version stored inside itself
+    (empty for current ones)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    module, optimizer = module_of(state["model"]), optimizer_of(state["optimizer"])
     check_same_architecture(path, module.config)
-    restored = {k: v for k, v in state.items() if k != "history"}
     try:
-        remainder = fabric.load(path / STATE_FILENAME, restored, weights_only=True)
+        saved = torch.load(path / STATE_FILENAME, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise unsafe_pickle_error(path / STATE_FILENAME, error) from None
-    state.update(restored)
-    torch.set_rng_state(remainder["rng"])
-    if torch.cuda.is_available() and "cuda_rng" in remainder:
-        torch.cuda.set_rng_state_all(remainder["cuda_rng"])
-    return remainder.get("history", [])
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(module, saved.pop("model"), options=options)
+    set_optimizer_state_dict(module, optimizer, named_optimizer_state(saved.pop("optimizer"), optimizer, module),
+                             options=options)
+    for key in [k for k in state if k not in ("model", "optimizer", "history")]:
+        state[key] = saved.pop(key)
+    torch.set_rng_state(saved["rng"])
+    if torch.cuda.is_available() and "cuda_rng" in saved:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return saved.get("history", [])

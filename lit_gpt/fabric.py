@@ -1,4 +1,4 @@
-"""Fabric set-up for the training scripts: precision, strategy (DDP, FSDP), loggers, and rank-zero helpers."""
+"""Fabric set-up for the training scripts: precision, strategy (DDP, FSDP2), loggers, and rank-zero helpers."""
 
 import os
 from dataclasses import dataclass
@@ -94,15 +94,15 @@ def check_nodes(num_nodes: int, environ) -> None:
 
 
 def build_fabric(run: RunArgs, out_dir: Path) -> L.Fabric:
-    """One process or many: DDP, or FSDP sharding whole transformer blocks, when devices * num_nodes > 1."""
+    """One process or many: DDP, or FSDP2 sharding every transformer block (and the rest) over all processes, when
+    devices * num_nodes > 1."""
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-    from lightning.fabric.strategies import FSDPStrategy
-
-    from lit_gpt.model import Block
+    from lightning.fabric.strategies import ModelParallelStrategy
 
     devices, num_nodes, strategy = run.devices, run.num_nodes, run.strategy
-    if strategy == "fsdp":
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+    if strategy == "fsdp":  # checkpoints gathered into one file: the same as DDP's, for every tool to read
+        strategy = ModelParallelStrategy(shard_blocks, data_parallel_size=devices * num_nodes, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=False)
     elif strategy == "auto" and devices * num_nodes > 1:
         strategy = "ddp"
     if run.logger_name == "csv":  # each start of a run (a resumed one too) writes its own logs/csv-N/metrics.csv
@@ -114,6 +114,22 @@ def build_fabric(run: RunArgs, out_dir: Path) -> L.Fabric:
         logger = TensorBoardLogger(out_dir, name="logs")
     return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=choose_precision(run.precision),
                     loggers=[logger])
+
+
+def shard_blocks(model, mesh):
+    """FSDP2 (torch's fully_shard, as torchtitan and LitGPT apply it): each transformer block is one unit, gathered
+    for its forward and backward and freed after; the embedding, final norm and head form the root unit. Parameters
+    stay float32 (under bf16-mixed, autocast computes in bf16), so SSA's slopes and token weights and their gradient
+    reduction are float32 too."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lit_gpt.model import Block
+
+    mesh = mesh["data_parallel"]
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def wandb_logger(out_dir: Path):

@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.throughput import ThroughputMonitor, measure_flops
 from tqdm import tqdm
 
-from lit_gpt.checkpoint import check_resume_point, load_training_state
+from lit_gpt.checkpoint import check_resume_point, load_training_state, module_of
 from lit_gpt.config import Config
 from lit_gpt.fabric import finish_logging
 from lit_gpt.model import GPT
@@ -453,11 +453,11 @@ def read_history(path: Path, until_step: int) -> list[dict]:
 
 def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None, out_dir: Path):
     """The model and optimizer set up by Fabric, and the state that checkpoints hold, restored when resuming."""
-    optimizer = build_optimizer(model, args)
     if args.compile:
         model.compile_blocks()
     model = fabric.setup_module(model)
-    optimizer = fabric.setup_optimizers(optimizer)
+    # after the set-up: FSDP2 replaces every parameter by its shard, which the optimizer must hold
+    optimizer = fabric.setup_optimizers(build_optimizer(module_of(model), args))
     state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0}
     records = []
     set_interrupt_note("no checkpoint was written yet.")

@@ -174,3 +174,128 @@ def test_sigterm_to_a_two_process_run_saves_one_step_and_resumes(small_base, tmp
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [h["step"] for h in json.loads((run / "history.json").read_text()) if "train_loss" in h]
     assert steps == list(range(1, step + 2))
+
+
+PRETRAIN = str(ROOT / "pretrain" / "openwebtext.py")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    import lzma
+
+    from lit_gpt.data.prepare import BUNDLED_CORPUS, prepare
+
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "corpus.txt").write_text(lzma.decompress(BUNDLED_CORPUS[1].read_bytes()).decode()[:200_000])
+    return prepare(str(folder / "corpus.txt"), folder / "prepared", train_tokenizer=512, val_fraction=0.05)
+
+
+def pretrain(prepared: Path, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, PRETRAIN, "--model_name", "debug", "--model.vocab_size", "512", "--ssa",
+                           "--data.dir", str(prepared), "--out_dir", str(out_dir), "--train.global_batch_size", "8",
+                           "--train.micro_batch_size", "2", "--train.max_seq_length", "64", "--train.learning_rate",
+                           "0.01", "--train.warmup_steps", "2", "--eval.interval", "2", "--eval.max_iters", "2",
+                           *extra], capture_output=True, text=True, timeout=600)
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {h["step"]: h["train_loss"] for h in json.loads((run / "history.json").read_text()) if "train_loss" in h}
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_as_one_process_and_saves_whole_weights(prepared, tmp_path):
+    """FSDP2 shards every block over the processes: the losses are one process's, and final/ holds whole tensors
+    (Lightning's FSDP wrote this rank's shards, lm_head of shape (0,)), the same as one process's, loadable by every
+    tool."""
+    from safetensors.torch import load_file
+
+    runs = {"one": (), "fsdp": ("--devices", "2", "--strategy", "fsdp")}
+    for name, extra in runs.items():
+        result = pretrain(prepared, tmp_path / name, "--train.max_steps", "4", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, fsdp = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [1, 2, 3, 4]
+    torch.testing.assert_close(list(fsdp.values()), list(one.values()), rtol=1e-5, atol=1e-5)
+    w1, w2 = (load_file(tmp_path / name / "final" / "model.safetensors") for name in runs)
+    assert {k: v.shape for k, v in w2.items()} == {k: v.shape for k, v in w1.items()}
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
+    model = GPT.from_checkpoint(tmp_path / "fsdp" / "final")
+    assert model.config.attention_temperature == "ssa"
+
+
+@pytest.mark.slow
+def test_fsdp_under_bf16_mixed_keeps_ssa_and_adamw_in_float32(prepared, tmp_path):
+    """Lightning's FSDP with bf16-mixed cast SSA's slopes and token weights, and their gradient reduction, to bf16."""
+    result = pretrain(prepared, tmp_path / "run", "--train.max_steps", "2", "--devices", "2", "--strategy", "fsdp",
+                      "--precision", "bf16-mixed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "final" / "training_state.pth", weights_only=True)
+    ssa = [name for name in state["model"] if "temperature" in name]
+    assert ssa and {state["model"][name].dtype for name in ssa} == {torch.float32}
+    moments = {name: s["exp_avg"] for name, s in state["optimizer"]["state"].items()}
+    assert {moments[name].dtype for name in ssa} == {torch.float32}
+    assert all(moments[name].abs().sum() > 0 for name in ssa)  # they trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(("--devices", "2"), ("--devices", "2", "--strategy", "fsdp")),
+                                         (("--devices", "2", "--strategy", "fsdp"), ())])
+def test_a_run_resumes_across_ddp_fsdp_and_world_sizes(prepared, tmp_path, first, then):
+    """Trained in two parts, the second under another strategy or process count: the losses of one run."""
+    whole = pretrain(prepared, tmp_path / "whole", "--train.max_steps", "4", "--train.lr_decay_steps", "4")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "parts"
+    part = pretrain(prepared, run, "--train.max_steps", "2", "--train.lr_decay_steps", "4", *first)
+    assert part.returncode == 0, part.stderr[-3000:]
+    part = pretrain(prepared, run, "--train.max_steps", "4", "--train.lr_decay_steps", "4", "--resume", "auto", *then)
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed, expected = step_losses(run), step_losses(tmp_path / "whole")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    torch.testing.assert_close(list(resumed.values()), list(expected.values()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_with_the_optimizer_keyed_by_position_still_resumes(prepared, tmp_path):
+    """Checkpoints written before the optimizer state was keyed by parameter name (every earlier run's) keep
+    resuming, with the state of each parameter where it belongs."""
+    whole = pretrain(prepared, tmp_path / "whole", "--train.max_steps", "4", "--train.lr_decay_steps", "4")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "parts"
+    assert pretrain(prepared, run, "--train.max_steps", "2", "--train.lr_decay_steps", "4").returncode == 0
+    path = run / "final" / "training_state.pth"
+    state = torch.load(path, weights_only=True)
+    order = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
+    position = {name: i for i, name in enumerate(order)}
+    state["optimizer"] = {"state": {position[k]: v for k, v in state["optimizer"]["state"].items()},
+                          "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
+                                           for g in state["optimizer"]["param_groups"]]}
+    torch.save(state, path)
+    part = pretrain(prepared, run, "--train.max_steps", "4", "--train.lr_decay_steps", "4", "--resume", "auto")
+    assert part.returncode == 0, part.stderr[-3000:]
+    torch.testing.assert_close(list(step_losses(run).values()), list(step_losses(tmp_path / "whole").values()),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_with_ssa_under_fsdp_saves_what_ddp_saves(small_base, tmp_path):
+    """Under Lightning's FSDP LoRA saved unmerged base weights and dropped SSA's parameters from lora.safetensors:
+    under FSDP2 both files equal the DDP run's."""
+    from safetensors.torch import load_file
+
+    data = records(tmp_path, 32)
+    for name, extra in {"ddp": (), "fsdp": ("--strategy", "fsdp")}.items():
+        args = finetune_cli(small_base, data, tmp_path / name, "--devices", "2", "--train.max_steps", "2", "--ssa",
+                            "--lora.dropout", "0", *extra)
+        args[1] = str(ROOT / "finetune" / "lora.py")
+        result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for filename in ("lora.safetensors", "model.safetensors"):
+        ddp, fsdp = (load_file(tmp_path / name / "final" / filename) for name in ("ddp", "fsdp"))
+        assert {k: v.shape for k, v in fsdp.items()} == {k: v.shape for k, v in ddp.items()}
+        for key in ddp:
+            torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6)
+    adapter = load_file(tmp_path / "fsdp" / "final" / "lora.safetensors")
+    assert any("temperature" in k for k in adapter) and any("lora_A" in k for k in adapter)
+    base = load_file(small_base / "model.safetensors")
+    merged = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert not torch.equal(merged["transformer.h.0.attn.qkv.weight"], base["transformer.h.0.attn.qkv.weight"])
