@@ -417,8 +417,9 @@ class SSATemperature(nn.Module):
         Under mixed precision (autocast) the temperature is still computed in float32; only the product is cast."""
         if not torch.is_grad_enabled():  # decoding, evaluation: the product alone, no autograd bookkeeping
             return (target * self.tau(x, target, log_n).unsqueeze(-1)).to(target.dtype)
-        with float32_region(target.device):
-            return ScaleByTemperature.apply(target, self.token_features(target, x), self.token_weight,
+        features = self.token_features(target, x)
+        with float32_region(target.device):  # the shared form reads target itself: passed once (see the Function)
+            return ScaleByTemperature.apply(target, None if features is target else features, self.token_weight,
                                             self.position_param, log_n, self.config.ssa_slope_form)
 
 
@@ -589,7 +590,11 @@ class ScaleByTemperature(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target, features, token_weight, position_param, log_n, form):
-        # target, features: (B, T, h, d); token_weight: (h, d); position_param: (h,) or (1,); log_n: (T,) or (B, T)
+        # target, features: (B, T, h, d); token_weight: (h, d); position_param: (h,) or (1,); log_n: (T,) or (B, T).
+        # features None with token weights: the token term reads target itself (SSA's shared form), which is passed
+        # once, since torch.compile cannot trace a Function given one tensor twice (a graph break per temperature)
+        ctx.shared = features is None and token_weight is not None
+        features = target if ctx.shared else features
         tau, token_term = ssa_temperature(features, token_weight, position_param, log_n[..., None], form)
         ctx.save_for_backward(target, features, token_weight, position_param, log_n, token_term, tau)
         ctx.form = form
@@ -612,9 +617,12 @@ class ScaleByTemperature(torch.autograd.Function):
             features = features.to(acc)
             if ctx.needs_input_grad[2]:
                 grad_weight = torch.einsum("bth,bthd->hd", d_pre, F.gelu(features)).to(token_weight.dtype)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] or ctx.shared and ctx.needs_input_grad[0]:
                 grad_features = torch.ops.aten.gelu_backward(d_pre.unsqueeze(-1) * token_weight.to(acc), features)
                 grad_features = grad_features.to(target.dtype)
+        if ctx.shared:  # target's gradient through both of its uses, as autograd would sum them
+            grad_target = None if grad_target is None else grad_target + grad_features
+            grad_features = None
         return grad_target, grad_features, grad_weight, grad_param, None, None
 
 

@@ -401,3 +401,23 @@ def test_temperatures_stay_float32_under_bf16_autocast():
     for a, b in zip(plain, mixed):
         assert b["query_temperature"].dtype == torch.float32
         torch.testing.assert_close(b["query_temperature"], a["query_temperature"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"attention_temperature": "ssa"}, {"attention_temperature": "ssa", "ssa_token_weights": "separate"},
+    {"attention_temperature": "ssa", "ssa_slope_form": "official"}, {"attention_temperature": "ssa_position"},
+    {"attention_temperature": "logn"}, {"attention_temperature": "ssmax"}, {"attention_temperature": "constant"},
+    {"attention_gate": "headwise"}, {"attention_gate": "elementwise"}, {"selective_mask": "leviathan"},
+], ids=lambda fields: "-".join(fields.values()) or "vanilla")
+def test_torch_compile_traces_each_block_as_one_graph(fields):
+    """A graph break splits a compiled block and costs a return to Python per step: SSA's default form passed one
+    tensor twice to its autograd Function, which Dynamo cannot trace (10 graphs per block). Counted in training mode,
+    where that Function runs."""
+    import torch._dynamo
+
+    model = GPT(Config.from_name("debug", vocab_size=64, block_size=16, **fields))
+    block, x = model.transformer.h[0], torch.randn(2, 16, model.config.n_embd, requires_grad=True)
+    torch._dynamo.reset()
+    positions = torch.arange(16)
+    explained = torch._dynamo.explain(block)(x, model.cos[:16], model.sin[:16], positions, positions)
+    assert explained.graph_count == 1, [str(reason.reason).splitlines()[0] for reason in explained.break_reasons]
