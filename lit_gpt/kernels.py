@@ -1,6 +1,9 @@
 """Kernels the model uses that are not part of its architecture: the chunked output layer + cross-entropy of
 training, and the oneDNN linear layer of CPU inference. Neither changes what the model computes."""
 
+import os
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -142,14 +145,67 @@ class OneDNNLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+LINEAR_PATH_VARIABLE = "LIT_GPT_LINEAR"  # onednn or torch: skip the probe and take that path
+_probed: dict[tuple, str] = {}  # (weight shape, threads) -> the faster path, once per process
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def faster_linear_path(weight: torch.Tensor, rounds: int = 5, repeats: int = 3, timer=None) -> str:
+    """"onednn" or "torch": whichever multiplies a token's vector by `weight` faster on this machine, the fastest of
+    `rounds` interleaved timings of each (a busy machine only slows a timing down). Neither path wins everywhere:
+    on a 2-core AMD EPYC oneDNN decoded pythia-70m 1.77x as fast as PyTorch's own product; on a 2-core Intel Xeon
+    with AMX, PyTorch's own was faster (0.97x against 1.02x LitGPT's speed). A few hundred milliseconds for a 50k-row
+    output layer; the answer is kept for the process. `timer(path)` replaces the measurement (tests)."""
+    forced = os.environ.get(LINEAR_PATH_VARIABLE)
+    if forced is not None:
+        if forced not in ("onednn", "torch"):
+            raise ValueError(f"{LINEAR_PATH_VARIABLE}={forced!r}: expected onednn or torch (or leave it unset to"
+                             " measure which is faster here).")
+        return forced
+    key = (tuple(weight.shape), torch.get_num_threads())
+    if timer is None and key in _probed:
+        return _probed[key]
+    x = torch.randn(1, weight.size(1))
+    run = {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""),
+           "torch": lambda: F.linear(x, weight)}
+
+    def measure(path: str) -> float:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run[path]()
+        return time.perf_counter() - started
+
+    timer = timer or measure
+    best = dict.fromkeys(run, float("inf"))
+    for path in run:
+        timer(path)  # the first call of each sets up its kernels
+    for _ in range(rounds):
+        for path in run:
+            best[path] = min(best[path], timer(path))
+    chosen = min(best, key=best.get)
+    _probed[key] = chosen
+    return chosen
+
+
 def use_onednn_linear(model: nn.Module) -> nn.Module:
-    """Run the linear layers' inference-time products (no gradient, CPU, float32) in oneDNN: each nn.Linear is
-    replaced by a `OneDNNLinear` sharing its parameters, so names, state_dict and results (to float32 rounding) stay.
-    Decoding is a chain of matrix-vector products bound by how fast the weights stream from memory: on two cores
-    PyTorch's own product reads a (50304 x 512) weight at about 16 GB/s and oneDNN's at about 48, so pythia-70m
-    decodes about twice as fast; training (gradients on) takes PyTorch's path as before. Does nothing where PyTorch
-    was built without oneDNN."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    """Run the linear layers' inference-time products (no gradient, CPU, float32) in oneDNN where that is the faster
+    path on this machine (`faster_linear_path`, measured on the model's largest weight): each nn.Linear is then
+    replaced by a `OneDNNLinear` sharing its parameters, so names, state_dict and results (to float32 rounding)
+    stay. Decoding is a chain of matrix-vector products bound by how fast the weights stream from memory: on two AMD
+    EPYC cores PyTorch's own product reads a (50304 x 512) weight at about 16 GB/s and oneDNN's at about 48, so
+    pythia-70m decodes about twice as fast, while on an Intel Xeon with AMX PyTorch's own path is the faster one.
+    Training (gradients on) takes PyTorch's path as before. Does nothing where PyTorch was built without oneDNN or
+    where the model is not float32 on the CPU."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    if not onednn_available() or not linears:
+        return model
+    largest = max(linears, key=lambda m: m.weight.numel()).weight
+    if largest.device.type != "cpu" or largest.dtype != torch.float32:
+        return model
+    if faster_linear_path(largest.detach()) != "onednn":
         return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -8,7 +8,7 @@ from helpers import FAMILIES, TEMPERATURE_MODES, randomize_temperatures
 
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import recording_attention
-from lit_gpt.kernels import LinearCrossEntropy, use_onednn_linear
+from lit_gpt.kernels import LinearCrossEntropy, faster_linear_path, onednn_available, use_onednn_linear
 
 SSA_VARIANTS = {
     "ssa-shared": dict(attention_temperature="ssa"),
@@ -343,10 +343,13 @@ def test_recording_is_switched_off_after_the_block():
 
 
 @pytest.mark.parametrize("name", ["pythia-14m", "debug"])
-def test_onednn_inference_matches_pytorchs_linear(name):
-    """use_onednn_linear runs inference products in oneDNN: the same logits to float32 rounding, the same greedy
-    tokens, the same parameters; with gradients on, exactly PyTorch's path."""
+def test_onednn_inference_matches_pytorchs_linear(name, monkeypatch):
+    """use_onednn_linear runs inference products in oneDNN (forced here: on some machines PyTorch's own is the
+    faster path and the probe keeps it): the same logits to float32 rounding, the same greedy tokens, the same
+    parameters; with gradients on, exactly PyTorch's path."""
     from lit_gpt.generation import generate
+
+    monkeypatch.setenv("LIT_GPT_LINEAR", "onednn")
 
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         pytest.skip("PyTorch was built without oneDNN: use_onednn_linear does nothing")
@@ -421,3 +424,23 @@ def test_torch_compile_traces_each_block_as_one_graph(fields):
     positions = torch.arange(16)
     explained = torch._dynamo.explain(block)(x, model.cos[:16], model.sin[:16], positions, positions)
     assert explained.graph_count == 1, [str(reason.reason).splitlines()[0] for reason in explained.break_reasons]
+
+
+@pytest.mark.skipif(not onednn_available(), reason="PyTorch was built without oneDNN: there is no choice to make")
+def test_the_linear_path_of_inference_is_the_one_measured_faster(monkeypatch):
+    """Decoding takes oneDNN's product or PyTorch's own, whichever the probe timed faster on this machine (each wins
+    on some CPU); LIT_GPT_LINEAR forces one, and a misspelt value is one line naming both."""
+    monkeypatch.delenv("LIT_GPT_LINEAR", raising=False)
+    config = Config.from_name("debug")
+    weight = torch.randn(config.padded_vocab_size, config.n_embd)  # the debug model's largest: its output layer
+    for faster, slower in (("onednn", "torch"), ("torch", "onednn")):
+        seconds = {faster: 1.0, slower: 2.0}
+        assert faster_linear_path(weight, timer=seconds.__getitem__) == faster
+        model = use_onednn_linear(GPT(config).eval())  # the probe's answer for this shape is kept per process
+        assert any(type(m).__name__ == "OneDNNLinear" for m in model.modules()) == (faster == "onednn")
+    for forced in ("onednn", "torch"):
+        monkeypatch.setenv("LIT_GPT_LINEAR", forced)
+        assert faster_linear_path(weight, timer=lambda path: pytest.fail("measured although forced")) == forced
+    monkeypatch.setenv("LIT_GPT_LINEAR", "mkl")
+    with pytest.raises(ValueError, match="expected onednn or torch"):
+        faster_linear_path(weight)
