@@ -18,6 +18,8 @@ SSA_SIDES = ("ssa_query", "ssa_key", "ssa_value")
 SSATerms = Literal["none", "position", "token", "position+token"]
 
 
+FINETUNE_SSA_INIT = 6e-4  # SSA's position slope when added to a trained model, as in the official fine-tuning scripts
+
 MAX_BLOCK_SIZE = 2**22  # 4M positions: beyond, the rotary table alone would take gigabytes
 ROPE_ADJUSTMENTS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
 

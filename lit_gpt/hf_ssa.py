@@ -1,0 +1,133 @@
+"""SSA (and the temperature baselines) inside a loaded transformers model, no conversion.
+
+    model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    add_ssa(model)                      # SSA on every attention layer, starting as the model itself
+    model.generate(..., num_beams=3)    # transformers' own cache, generation, hidden states, Trainer
+
+The temperatures are the modules of lit_gpt/model.py (`build_temperature`: one implementation for both), attached to
+each attention layer as `query_temperature`, `key_temperature` and `value_temperature`, with the same fields and
+defaults as `Config`. They run in forward hooks on the projections, so they work with every attention implementation
+transformers has (eager, sdpa, flash):
+
+- a temperature is one scalar per (token, head), which commutes with RoPE, so scaling the query and key projections
+  before RoPE (after Qwen3's q/k norm, as our model does) equals scaling after it; the token term reads the projection
+  before RoPE, as in our model;
+- the value temperature scales v_proj's output, before the cache, as in our model;
+- log(n) takes each token's absolute position: `position_ids` where the caller passes them (generate does), else from
+  the 2D attention mask (a left-padded row numbers its real tokens from 0, so its outputs equal the row unpadded),
+  else from the cache's length.
+
+Supported: the Llama family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2). Still to come (issue 45): GPT-NeoX and
+GPT-2, the gate, save_pretrained/from_pretrained, PEFT.
+"""
+
+import torch
+import torch.nn as nn
+
+from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_SSA_INIT, Config
+from lit_gpt.model import build_temperature
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SIDES = {"query": ("q_norm", "q_proj"), "key": ("k_norm", "k_proj"), "value": (None, "v_proj")}
+
+
+def add_ssa(model: nn.Module, **fields) -> nn.Module:
+    """Add SSA (attention_temperature "ssa" by default) or a temperature baseline (attention_temperature "logn",
+    "ssmax", "constant", "ssa_position") to every attention layer of a transformers causal LM, in place. `fields` are
+    Config's attention fields (ssa_token_weights, ssa_query, ssa_slope_form, ...). SSA's slope starts at the fine-tuning
+    value (6e-4) and its token weights at zero, so the model starts as itself. Returns the model; the Config used is
+    `model.ssa_config`."""
+    unknown = sorted(set(fields) - set(ATTENTION_FIELDS))
+    if unknown:
+        raise ValueError(f"add_ssa got {unknown[0]!r}, which is not an attention field; expected some of:"
+                         f" {', '.join(sorted(ATTENTION_FIELDS))}.")
+    config = ssa_config(model, fields)
+    if config.attention_gate != "none" or config.selective_mask != "none":
+        raise ValueError("add_ssa adds temperatures; the gate and selective attention in a transformers model are not"
+                         " supported yet: convert the model (scripts/convert_hf_checkpoint.py) to use them.")
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = [layer.self_attn for layer in base.layers]
+    if any(hasattr(attn, "_ssa") for attn in layers):
+        raise ValueError("This model already has SSA's temperatures (add_ssa was called on it before).")
+    weight = next(model.parameters())  # temperatures in float32 at least (bf16 weights: float32 temperatures)
+    device, dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
+    state = {}  # the positions of the current call's tokens: set by the model's pre-hook, read by every layer
+    base.register_forward_pre_hook(positions_hook(state), with_kwargs=True)
+    for attn in layers:
+        for side in SIDES:
+            module = build_temperature(config, side)
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+                module.reset_parameters()
+                attn.register_module(f"{side}_temperature", module)
+        attn._ssa_heads = {"query": config.n_head, "key": config.n_query_groups, "value": config.n_query_groups}
+        attn._ssa = {"state": state, "hooks": {}}
+        attn.register_forward_pre_hook(attention_hook, with_kwargs=True)
+    model.ssa_config = config
+    return model
+
+
+def ssa_config(model: nn.Module, fields: dict) -> Config:
+    """Our Config of the model's architecture with the attention fields added."""
+    from lit_gpt.hf import config_from_hf
+
+    hf = model.config.to_dict()
+    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"add_ssa supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}; this model is"
+                         f" {hf.get('model_type')!r}: convert it with scripts/convert_hf_checkpoint.py instead.")
+    values = config_from_hf(hf).to_dict() | {"attention_temperature": "ssa", "ssa_position_init": FINETUNE_SSA_INIT}
+    return Config.from_dict(values | fields)
+
+
+def positions_hook(state: dict):
+    """Before the decoder runs: each token's absolute position, (B or 1, T)."""
+
+    def hook(module, args, kwargs):
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        B, T = tokens.shape[:2]
+        positions = kwargs.get("position_ids")
+        mask = kwargs.get("attention_mask")
+        if positions is None and mask is not None and mask.dim() == 2:  # a padded batch: count each row's tokens
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        if positions is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it `cache`
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            positions = torch.arange(past, past + T, device=tokens.device).unsqueeze(0)
+        state["positions"] = positions
+        return None
+
+    return hook
+
+
+def attention_hook(attn: nn.Module, args, kwargs):
+    """Before each attention layer: keep its input (the token term of separate weights reads it) and make sure the
+    projections it calls now carry the temperature hooks (PEFT may have wrapped them since, and merging unwraps)."""
+    attn._ssa["x"] = kwargs.get("hidden_states", args[0] if args else None)
+    hooks = attn._ssa["hooks"]
+    for side, names in SIDES.items():
+        temperature = getattr(attn, f"{side}_temperature", None)
+        if temperature is None:
+            continue
+        target = next(getattr(attn, name) for name in names if name is not None and hasattr(attn, name))
+        if side in hooks and hooks[side][0] is target:
+            continue
+        if side in hooks:
+            hooks[side][1].remove()
+        hooks[side] = (target, target.register_forward_hook(scale_hook(attn, temperature, attn._ssa_heads[side])))
+    return None
+
+
+def scale_hook(attn: nn.Module, temperature: nn.Module, heads: int):
+    """After a projection (B, T, heads * hs), or Qwen3's norm of it (B, T, heads, hs): the output times the
+    temperature of each (token, head)."""
+
+    def hook(module, inputs, output):
+        shape = output.shape
+        target = output if output.dim() == 4 else output.view(*shape[:2], heads, -1)
+        dtype = torch.promote_types(output.dtype, torch.float32)  # log(n), n = position + 1, as our model has it
+        log_n = torch.log1p(attn._ssa["state"]["positions"].to(output.device, dtype))
+        return temperature(target, attn._ssa["x"], log_n).view(shape)
+
+    return hook

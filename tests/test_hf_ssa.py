@@ -1,0 +1,142 @@
+"""SSA inside a transformers model (lit_gpt.hf_ssa.add_ssa) against our own model with the same parameters: outputs
+and gradients in float64, cached decoding and beam search with transformers' own cache, left padding."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lit_gpt import GPT  # noqa: E402
+from lit_gpt.hf import lit_weights_from_hf  # noqa: E402
+from lit_gpt.hf_ssa import add_ssa  # noqa: E402
+from lit_gpt.model import slope_parameter  # noqa: E402
+
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+             max_position_embeddings=128, vocab_size=96)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, use_sliding_window=False),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16, use_sliding_window=False),
+}
+VARIANTS = {
+    "ssa": {},
+    "ssa separate": {"ssa_token_weights": "separate"},
+    "ssa official slope, key position+token": {"ssa_slope_form": "official", "ssa_key": "position+token"},
+    "ssa_position": {"attention_temperature": "ssa_position"},
+    "ssmax": {"attention_temperature": "ssmax"},
+    "logn": {"attention_temperature": "logn", "logn_length": 4},
+}
+
+
+def hf_model(family: str, attention: str = "eager", **fields):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attention).double()
+    with torch.no_grad():  # biases and q/k norms away from their start, so that the order of each is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "_norm" in name:
+                p.normal_(mean=1.0 if "_norm" in name else 0.0, std=0.1)
+    add_ssa(model, **fields)
+    generator = torch.Generator().manual_seed(3)
+    slope = slope_parameter(torch.tensor(0.05, dtype=torch.float64), model.ssa_config.ssa_slope_form)
+    with torch.no_grad():  # the temperatures away from their start (the model itself): slopes near 0.05, u random
+        for name, p in model.named_parameters():
+            if "temperature" in name:
+                start = slope if name.endswith("position_param") else p
+                p.copy_(start + torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+    return model.eval()
+
+
+def ours_of(model) -> GPT:
+    """Our model with the transformers model's weights and temperatures."""
+    ours = GPT(model.ssa_config).double().eval()
+    state = model.state_dict()
+    backbone = [(k, v) for k, v in state.items() if "temperature" not in k]
+    weights = dict(lit_weights_from_hf(model.ssa_config, backbone))
+    for key, value in state.items():
+        if "temperature" in key:
+            layer, rest = key.removeprefix("model.layers.").split(".self_attn.")
+            weights[f"transformer.h.{layer}.attn.{rest}"] = value
+    missing, unexpected = ours.load_state_dict(weights, strict=False)
+    assert not unexpected and not [k for k in missing if "temperature" in k]
+    return ours
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
+    model = hf_model(family, **VARIANTS[variant])
+    ours = ours_of(model)
+    has_parameters = variant != "logn"  # Qwen's logn has none
+    assert (sum("temperature" in k for k in model.state_dict()) > 0) == has_parameters
+    idx = torch.randint(0, 96, (2, 24))
+    theirs_logits, our_logits = model(idx).logits, ours(idx)
+    # transformers computes RoPE's angles in float32 (1e-8 apart from ours in float64): what the tolerance allows
+    torch.testing.assert_close(theirs_logits, our_logits, rtol=1e-6, atol=1e-6)
+    (theirs_logits**2).mean().backward()
+    (our_logits**2).mean().backward()
+    ours_params = dict(ours.named_parameters())
+    compared = 0
+    for key, p in model.named_parameters():
+        if "temperature" in key:
+            layer, rest = key.removeprefix("model.layers.").split(".self_attn.")
+            torch.testing.assert_close(p.grad, ours_params[f"transformer.h.{layer}.attn.{rest}"].grad, rtol=1e-5,
+                                       atol=1e-8)
+            compared += 1
+    assert compared >= 2 or not has_parameters
+    if not has_parameters:
+        return
+    # a model whose temperatures differ computes something else: the comparison can fail
+    with torch.no_grad():
+        next(p for k, p in model.named_parameters() if "temperature" in k).add_(0.5)
+    assert not torch.allclose(model(idx).logits, our_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_and_beam_search_equal_full_recomputation(family):
+    """With transformers' own DynamicCache, token by token: the logits of a full forward pass; beam search with the
+    cache chooses what it chooses without one."""
+    model = hf_model(family)
+    idx = torch.randint(0, 96, (1, 16))
+    full = model(idx).logits
+    cache = transformers.DynamicCache()
+    out = model(idx[:, :10], past_key_values=cache, use_cache=True)
+    steps = [out.logits]
+    for t in range(10, 16):
+        steps.append(model(idx[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
+    settings = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(idx[:, :6], use_cache=True, **settings)
+    without = model.generate(idx[:, :6], use_cache=False, **settings)
+    assert torch.equal(with_cache, without)
+    hidden = model(idx, output_hidden_states=True).hidden_states
+    assert len(hidden) == model.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_left_padded_row_equals_the_row_unpadded(family):
+    """SSA's position term is absolute: positions come from the attention mask, so three pads change nothing. (sdpa:
+    transformers' eager attention gives NaN for left-padded float64 rows, with or without SSA.)"""
+    model = hf_model(family, "sdpa")
+    row = torch.randint(1, 96, (1, 12))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], 1)
+    batch = torch.cat([padded, torch.randint(1, 96, (1, 15))])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    alone = model(row).logits[0]
+    in_batch = model(batch, attention_mask=mask).logits[0, 3:]
+    torch.testing.assert_close(in_batch, alone, rtol=1e-6, atol=1e-6)
+    generated = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[0, 3:], model.generate(row, max_new_tokens=5, do_sample=False, pad_token_id=0)[0])
+
+
+def test_bad_fields_and_unsupported_models_are_one_line():
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]())
+    with pytest.raises(ValueError, match="not an attention field"):
+        add_ssa(model, n_layer=3)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
+    with pytest.raises(ValueError, match="add_ssa supports model_type"):
+        add_ssa(gpt2)
+    add_ssa(model)
+    with pytest.raises(ValueError, match="already has SSA"):
+        add_ssa(model)
