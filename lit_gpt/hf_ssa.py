@@ -28,6 +28,12 @@ from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_SSA_INIT, Config
 from lit_gpt.model import build_temperature
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CONFIG_KEY = "lit_gpt_ssa"  # in config.json: the Config of the temperatures
+TEMPERATURE_MODULES = ("query_temperature", "key_temperature", "value_temperature")
+REMOTE_SOURCES = ("config.py", "kernels.py", "model.py", "hf_ssa.py", "remote/ssa_modeling.py")
+MODELING_FILE = "modeling_lit_gpt_hf_ssa.py"
+REMOTE_CLASSES = {"llama": "LlamaSSAForCausalLM", "mistral": "MistralSSAForCausalLM", "qwen2": "Qwen2SSAForCausalLM",
+                  "qwen3": "Qwen3SSAForCausalLM"}
 SIDES = {"query": ("q_norm", "q_proj"), "key": ("k_norm", "k_proj"), "value": (None, "v_proj")}
 
 
@@ -41,19 +47,24 @@ def add_ssa(model: nn.Module, **fields) -> nn.Module:
     if unknown:
         raise ValueError(f"add_ssa got {unknown[0]!r}, which is not an attention field; expected some of:"
                          f" {', '.join(sorted(ATTENTION_FIELDS))}.")
-    config = ssa_config(model, fields)
+    if getattr(model.config, CONFIG_KEY, None) is not None:
+        raise ValueError("This model already has SSA's temperatures (add_ssa was called on it before).")
+    return attach(model, ssa_config(model, fields))
+
+
+def attach(model: nn.Module, config: Config) -> nn.Module:
+    """The temperatures of `config` on every attention layer, with their hooks; the config goes into the model's own
+    (config.json's `lit_gpt_ssa`), so that a saved model rebuilds them when loaded."""
     if config.attention_gate != "none" or config.selective_mask != "none":
         raise ValueError("add_ssa adds temperatures; the gate and selective attention in a transformers model are not"
                          " supported yet: convert the model (scripts/convert_hf_checkpoint.py) to use them.")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = [layer.self_attn for layer in base.layers]
-    if any(hasattr(attn, "_ssa") for attn in layers):
-        raise ValueError("This model already has SSA's temperatures (add_ssa was called on it before).")
     weight = next(model.parameters())  # temperatures in float32 at least (bf16 weights: float32 temperatures)
     device, dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
     state = {}  # the positions of the current call's tokens: set by the model's pre-hook, read by every layer
     base.register_forward_pre_hook(positions_hook(state), with_kwargs=True)
-    for attn in layers:
+    for layer in base.layers:
+        attn = layer.self_attn
         for side in SIDES:
             module = build_temperature(config, side)
             if module is not None:
@@ -64,7 +75,28 @@ def add_ssa(model: nn.Module, **fields) -> nn.Module:
         attn._ssa = {"state": state, "hooks": {}}
         attn.register_forward_pre_hook(attention_hook, with_kwargs=True)
     model.ssa_config = config
+    setattr(model.config, CONFIG_KEY, config.to_dict())
+    save = model.save_pretrained  # the instance's own: Trainer and PEFT call it, and then get the remote code too
+    model.save_pretrained = lambda folder, *args, **kwargs: save_pretrained(model, folder, save, *args, **kwargs)
     return model
+
+
+def save_pretrained(model: nn.Module, folder, save=None, *args, **kwargs) -> None:
+    """transformers' save_pretrained (the weights hold the temperatures, config.json their Config), plus the remote
+    code: config.json's auto_map names the family's class with SSA, which the folder's modeling file defines."""
+    import json
+    from pathlib import Path
+
+    (save or type(model).save_pretrained.__get__(model))(folder, *args, **kwargs)
+    code = remote_code()
+    if code is None:  # a model loaded from such a folder: transformers copied its modeling file and auto_map itself
+        return
+    folder = Path(folder)
+    (folder / MODELING_FILE).write_text(code)
+    path = folder / "config.json"
+    values = json.loads(path.read_text())
+    values["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASSES[values['model_type']]}"}
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def ssa_config(model: nn.Module, fields: dict) -> Config:
@@ -131,3 +163,12 @@ def scale_hook(attn: nn.Module, temperature: nn.Module, heads: int):
         return temperature(target, attn._ssa["x"], log_n).view(shape)
 
     return hook
+
+
+def remote_code() -> str | None:
+    """The modeling file of a saved model, generated from this project's sources; None when running as that file."""
+    if not __name__.startswith("lit_gpt."):
+        return None
+    import importlib
+
+    return importlib.import_module("lit_gpt.export").modeling_source(REMOTE_SOURCES)

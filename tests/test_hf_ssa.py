@@ -140,3 +140,47 @@ def test_bad_fields_and_unsupported_models_are_one_line():
     add_ssa(model)
     with pytest.raises(ValueError, match="already has SSA"):
         add_ssa(model)
+
+
+LOADER = """
+import sys
+sys.modules["lit_gpt"] = None  # the folder must stand on its own: this project cannot be imported here
+import torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64)
+ids = torch.load(sys.argv[2])
+beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+hidden = model(ids, output_hidden_states=True).hidden_states
+torch.save({"logits": model(ids).logits, "beams": beams, "class": type(model).__name__,
+            "bases": [c.__name__ for c in type(model).__mro__], "hidden": len(hidden),
+            "temperatures": {k: v for k, v in model.state_dict().items() if "temperature" in k}}, sys.argv[3])
+loaded = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.bfloat16)
+torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" in k}, sys.argv[3] + ".dtypes")
+"""
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, tmp_path):
+    """save_pretrained writes the temperatures and remote code that subclasses the family's own class: loaded in a
+    process where lit_gpt cannot be imported, it is a Llama (or Qwen3) with SSA, computes what the saved model did,
+    runs beam search and returns hidden states; in bf16 the temperatures stay float32."""
+    import subprocess
+    import sys
+
+    model = hf_model(family)
+    model.save_pretrained(tmp_path / "saved")
+    ids = torch.randint(0, 96, (1, 10))
+    torch.save(ids, tmp_path / "ids.pt")
+    result = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "saved"), str(tmp_path / "ids.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    base_class = type(model).__name__
+    assert got["class"] == base_class.replace("ForCausalLM", "SSAForCausalLM") and base_class in got["bases"]
+    torch.testing.assert_close(got["logits"], model(ids).logits, rtol=1e-6, atol=1e-6)  # sdpa there, eager here
+    expected = {k: v for k, v in model.state_dict().items() if "temperature" in k}
+    assert got["temperatures"].keys() == expected.keys() and expected
+    assert all(torch.equal(got["temperatures"][k], v) for k, v in expected.items())
+    assert torch.equal(got["beams"], model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
+                                                    pad_token_id=0))
+    assert got["hidden"] == model.config.num_hidden_layers + 1
+    assert set(torch.load(tmp_path / "out.pt.dtypes").values()) == {torch.float32}
