@@ -21,6 +21,8 @@ Supported: the Llama family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2).
 GPT-2, the gate, save_pretrained/from_pretrained, PEFT.
 """
 
+import types
+
 import torch
 import torch.nn as nn
 
@@ -74,20 +76,22 @@ def attach(model: nn.Module, config: Config) -> nn.Module:
         attn._ssa_heads = {"query": config.n_head, "key": config.n_query_groups, "value": config.n_query_groups}
         attn._ssa = {"state": state, "hooks": {}}
         attn.register_forward_pre_hook(attention_hook, with_kwargs=True)
+        attn.register_forward_hook(forget_input)
     model.ssa_config = config
     setattr(model.config, CONFIG_KEY, config.to_dict())
-    save = model.save_pretrained  # the instance's own: Trainer and PEFT call it, and then get the remote code too
-    model.save_pretrained = lambda folder, *args, **kwargs: save_pretrained(model, folder, save, *args, **kwargs)
+    # the instance's own save_pretrained (Trainer and PEFT call it) writes the remote code too; a bound method, so a
+    # deep copy saves itself
+    model.save_pretrained = types.MethodType(save_pretrained, model)
     return model
 
 
-def save_pretrained(model: nn.Module, folder, save=None, *args, **kwargs) -> None:
+def save_pretrained(model: nn.Module, folder, *args, **kwargs) -> None:
     """transformers' save_pretrained (the weights hold the temperatures, config.json their Config), plus the remote
     code: config.json's auto_map names the family's class with SSA, which the folder's modeling file defines."""
     import json
     from pathlib import Path
 
-    (save or type(model).save_pretrained.__get__(model))(folder, *args, **kwargs)
+    type(model).save_pretrained(model, folder, *args, **kwargs)
     code = remote_code()
     if code is None:  # a model loaded from such a folder: transformers copied its modeling file and auto_map itself
         return
@@ -139,16 +143,22 @@ def attention_hook(attn: nn.Module, args, kwargs):
     attn._ssa["x"] = kwargs.get("hidden_states", args[0] if args else None)
     hooks = attn._ssa["hooks"]
     for side, names in SIDES.items():
-        temperature = getattr(attn, f"{side}_temperature", None)
+        temperature = getattr(attn, f"{side}_temperature", None)  # PEFT's modules_to_save may have wrapped it
         if temperature is None:
             continue
         target = next(getattr(attn, name) for name in names if name is not None and hasattr(attn, name))
-        if side in hooks and hooks[side][0] is target:
+        if side in hooks and hooks[side][0] is target and hooks[side][1] is temperature:
             continue
         if side in hooks:
-            hooks[side][1].remove()
-        hooks[side] = (target, target.register_forward_hook(scale_hook(attn, temperature, attn._ssa_heads[side])))
+            hooks[side][2].remove()
+        handle = target.register_forward_hook(scale_hook(attn, temperature, attn._ssa_heads[side]))
+        hooks[side] = (target, temperature, handle)
     return None
+
+
+def forget_input(attn: nn.Module, args, output) -> None:
+    """After each attention layer: its input is not kept past the call (a deep copy of the model could not take it)."""
+    attn._ssa.pop("x", None)
 
 
 def scale_hook(attn: nn.Module, temperature: nn.Module, heads: int):

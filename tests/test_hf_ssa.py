@@ -184,3 +184,91 @@ def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(fam
                                                     pad_token_id=0))
     assert got["hidden"] == model.config.num_hidden_layers + 1
     assert set(torch.load(tmp_path / "out.pt.dtypes").values()) == {torch.float32}
+
+
+def lora_model(family: str = "llama"):
+    peft = pytest.importorskip("peft")
+    from lit_gpt.hf_ssa import TEMPERATURE_MODULES
+
+    model = hf_model(family)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # B random: an update
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             modules_to_save=list(TEMPERATURE_MODULES))
+    return model, peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lora_through_peft_trains_adapters_and_temperatures_and_merges_with_ssa(family):
+    """SSA before PEFT, the temperatures in modules_to_save: the hooks scale the projection with its LoRA update (a
+    hook left on the base layer would scale the base alone), both train, and merge_and_unload keeps SSA."""
+    import copy
+
+    _, model = lora_model(family)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("temperature" in n for n in trainable)
+    assert not any("embed_tokens" in n or n.endswith("q_proj.base_layer.weight") for n in trainable)
+    idx = torch.randint(0, 96, (2, 16))
+    adapted = model(idx).logits
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert sum("temperature" in name for name, _ in merged.named_parameters()) > 0
+    torch.testing.assert_close(merged(idx).logits, adapted, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours_of(merged)(idx), adapted, rtol=1e-6, atol=1e-6)  # our model, merged weights
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(idx, labels=idx).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any("lora_B" in n for n in changed) and any("temperature" in n for n in changed)
+
+
+def test_the_trainer_trains_a_step_of_lora_with_ssa(tmp_path):
+    """transformers' Trainer on a PEFT model with SSA: a step runs, and the saved adapter holds the temperatures."""
+    from safetensors.torch import load_file
+
+    _, model = lora_model()
+    model = model.float()
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (8, 16)).tolist()]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                          save_strategy="no")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "temperature" in n and p.requires_grad}
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("temperature" in k for k in saved) and any("lora_A" in k for k in saved)
+
+
+def recipe(doc: str, heading: str) -> str:
+    """The first python block after `heading` in a doc."""
+    text = doc.split(heading, 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_peft_trainer_recipe_in_the_docs_runs_as_written(tmp_path, text_file, monkeypatch):
+    """docs/finetuning.md's recipe on a tiny Llama with the GPT-2 tokenizer instead of SmolLM2 (the three names are
+    all that change): it trains, and the merged folder loads as a Llama with SSA whose slopes moved."""
+    import shutil
+    from pathlib import Path
+
+    from lit_gpt.data.prepare import GPT2_TOKENIZER
+
+    pytest.importorskip("peft")
+    pytest.importorskip("datasets")
+    torch.manual_seed(0)
+    tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMALL, "vocab_size": 50304}))
+    tiny.save_pretrained(tmp_path / "tiny")
+    for file in Path(GPT2_TOKENIZER).iterdir():
+        shutil.copy(file, tmp_path / "tiny" / file.name)
+    code = recipe((Path(__file__).parents[1] / "docs" / "finetuning.md").read_text(), "## In transformers")
+    names = '"HuggingFaceTB/SmolLM2-135M", "my_text.txt", "out/smollm2-ssa-lora"'
+    assert names in code
+    code = code.replace(names, f'"{tmp_path / "tiny"}", "{text_file}", "{tmp_path / "out"}"')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/finetuning.md", "exec"), {})
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(loaded).__name__ == "LlamaSSAForCausalLM"
+    slopes = [p for n, p in loaded.named_parameters() if n.endswith("query_temperature.position_param")]
+    assert slopes and not torch.allclose(slopes[0].exp(), torch.full_like(slopes[0], 6e-4))
