@@ -76,10 +76,10 @@ def setup(
         logger_name: csv, tensorboard or wandb (Weights & Biases: pip install -e '.[wandb]'; WANDB_PROJECT and
             WANDB_MODE=offline as W&B reads them).
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
-        compile: torch.compile the transformer blocks (the same as --train.compile).
+        compile: torch.compile the transformer blocks.
     """
     launch(checkpoint_dir, ssa, ssa_only, model, data, data_source, val_fraction, truncate, out_dir, train, eval,
-           RunArgs(devices, num_nodes, strategy, precision, logger_name, compile or train.compile), seed, resume)
+           RunArgs(devices, num_nodes, strategy, precision, logger_name, compile), seed, resume)
 
 
 if __name__ == "__main__":

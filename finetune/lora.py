@@ -73,7 +73,7 @@ def setup(
         compile: torch.compile the transformer blocks.
     """
     launch(checkpoint_dir, ssa, False, model, data, data_source, val_fraction, truncate, out_dir, train, eval,
-           RunArgs(devices, num_nodes, strategy, precision, logger_name, compile or train.compile), seed, resume,
+           RunArgs(devices, num_nodes, strategy, precision, logger_name, compile), seed, resume,
            lora=lora)
 
 

@@ -43,7 +43,6 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
            val_fraction: float, truncate: bool, out_dir: Path, train: TrainArgs, eval: EvalArgs, run: RunArgs,
            seed: int, resume, lora: LoRAArgs | None = None) -> None:
     """Check everything, then start the processes: the part of `setup` that finetune/lora.py shares."""
-    train = dataclasses.replace(train, compile=run.compile)
     train.check()
     check_seed(seed)
     if not 0.0 < val_fraction < 1.0:
@@ -67,7 +66,7 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
                         device="cuda" if torch.cuda.is_available() else "cpu",
                         shards=run.devices * run.num_nodes if run.strategy == "fsdp" else 1)
     job = FinetuneJob(Path(checkpoint_dir), base, config, ssa_only, Path(data), data_source, val_fraction, truncate,
-                      Path(out_dir), train, eval, seed, resume, lora)
+                      Path(out_dir), train, eval, seed, resume, lora, run.compile)
     hparams = hyperparameters(**{f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "base"},
                               ssa=ssa, run=run)
     fabric = build_fabric(run, out_dir)
@@ -92,6 +91,7 @@ class FinetuneJob:
     seed: int
     resume: bool | str | Path
     lora: LoRAArgs | None = None  # finetune/lora.py: adapters on the frozen backbone
+    compile: bool = False  # torch.compile each block
 
 
 def check_data_argument(data: Path, data_source: str | None) -> None:
@@ -189,7 +189,7 @@ def finetune(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
     total = num_parameters(model)
     fabric.print(f"{job.config.name}: {total:,} parameters, {added:,} added to the attention"
                  f" ({added / max(1, total - added):.3%}); {num_parameters(model, True):,} trainable")
-    model, optimizer, state = setup_training(fabric, model, job.train, resume_dir, job.out_dir)
+    model, optimizer, state = setup_training(fabric, model, job.train, resume_dir, job.out_dir, job.compile)
 
     transform = None if job.lora is None else lora_files(job.lora, module_of(model), job.checkpoint_dir, job.base)
 

@@ -35,7 +35,8 @@ class TrainArgs:
         max_tokens: length of the run in training tokens (max_steps wins when both are set).
         max_steps: length of the run in optimizer steps; takes precedence over max_tokens.
         max_seq_length: tokens per training window; default the model's block_size.
-        learning_rate: peak learning rate of the backbone, reached after warmup.
+        learning_rate: peak learning rate of what trains (every weight; under LoRA the adapters), reached after
+            warmup.
         min_lr: learning rate at the end of the cosine decay.
         lr_decay_steps: the step where the cosine decay reaches min_lr (nanoGPT's lr_decay_iters); default
             max_steps. A run stopped before it, or continued in parts with --resume, keeps one schedule; after it
@@ -45,14 +46,12 @@ class TrainArgs:
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         max_norm: gradients are clipped to this global norm.
-        ssa_position_lr: peak learning rate of SSA's position slopes and the baselines' scales; default the backbone's.
-        ssa_token_lr: peak learning rate of SSA's token-term weights; default the backbone's.
-        gate_lr: peak learning rate of the attention gate's weights; default the backbone's.
+        ssa_position_lr: peak learning rate of SSA's position slopes and the baselines' scales (null: learning_rate).
+        ssa_token_lr: peak learning rate of SSA's token-term weights (null: learning_rate).
+        gate_lr: peak learning rate of the attention gate's weights (null: learning_rate).
         save_interval: steps between checkpoints (null: only final/).
         keep_last: keep only this many of the latest step checkpoints (null: keep all); final/ is always kept.
         log_interval: steps between logged metrics.
-        compile: torch.compile the transformer blocks (also --compile); off by default, where it does not pay (see
-            benchmarks/compile.py).
     """
 
     global_batch_size: int = 512
@@ -74,7 +73,6 @@ class TrainArgs:
     save_interval: int | None = 1000
     keep_last: int | None = None  # step checkpoints to keep, the latest ones (null: all)
     log_interval: int = 1
-    compile: bool = False
 
     def check(self) -> None:
         """Refuse impossible values before any work starts, naming the flag."""
@@ -451,9 +449,11 @@ def read_history(path: Path, until_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= until_step]
 
 
-def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None, out_dir: Path):
-    """The model and optimizer set up by Fabric, and the state that checkpoints hold, restored when resuming."""
-    if args.compile:
+def setup_training(fabric: L.Fabric, model: GPT, args: TrainArgs, resume_dir: Path | None, out_dir: Path,
+                   compile: bool = False):
+    """The model and optimizer set up by Fabric (each block compiled with `compile`), and the state that checkpoints
+    hold, restored when resuming."""
+    if compile:
         model.compile_blocks()
     model = fabric.setup_module(model)
     # after the set-up: FSDP2 replaces every parameter by its shard, which the optimizer must hold

@@ -103,20 +103,19 @@ def setup(
         logger_name: csv, tensorboard or wandb (Weights & Biases: pip install -e '.[wandb]'; WANDB_PROJECT and
             WANDB_MODE=offline as W&B reads them).
         resume: "auto" continues from the latest checkpoint in out_dir; or a checkpoint folder.
-        compile: torch.compile the transformer blocks (the same as --train.compile).
+        compile: torch.compile the transformer blocks; off by default, where it does not pay (see
+            benchmarks/compile.py).
     """
-    if compile:
-        train = dataclasses.replace(train, compile=True)
     train.check()
     check_seed(seed)
     eval.check()
     config = load_config(model_name, with_ssa_flag(ssa, model or {}), model_config)
-    run = RunArgs(devices, num_nodes, strategy, precision, logger_name, train.compile)
+    run = RunArgs(devices, num_nodes, strategy, precision, logger_name, compile)
     check_launch(run, train)
     check_training_fits(config, train, device="cuda" if torch.cuda.is_available() else "cpu",
                         shards=run.devices * run.num_nodes if strategy == "fsdp" else 1)
     check_data(data, Path(out_dir), run.devices * run.num_nodes)
-    job = PretrainJob(config, data, Path(out_dir), train, eval, seed, resume)
+    job = PretrainJob(config, data, Path(out_dir), train, eval, seed, resume, compile)
     hparams = hyperparameters(model_name=model_name, **{f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
                               run=run)
     fabric = build_fabric(run, out_dir)
@@ -134,6 +133,7 @@ class PretrainJob:
     eval: EvalArgs
     seed: int
     resume: bool | str | Path
+    compile: bool = False  # torch.compile each block
 
 
 def load_config(model_name: str, overrides: dict | None, model_config: Path | None) -> Config:
@@ -192,7 +192,7 @@ def pretrain(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
         model = GPT(config)
     fabric.print(f"{config.name}: {num_parameters(model):,} parameters ({num_parameters(model, True):,} trainable),"
                  f" attention_temperature={config.attention_temperature!r}")
-    model, optimizer, state = setup_training(fabric, model, train, resume_dir, job.out_dir)
+    model, optimizer, state = setup_training(fabric, model, train, resume_dir, job.out_dir, job.compile)
     if "unigram_loss" in data.meta:
         fabric.print(f"Data: {data.meta['train_tokens']:,} training tokens; a context-free (unigram) model scores"
                      f" {data.meta['unigram_loss']:.3f} on validation")

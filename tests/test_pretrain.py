@@ -442,3 +442,23 @@ def test_wandb_logger_without_wandb_installed_is_one_line(data_dir, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --logger_name wandb needs the wandb package")
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_compile_is_one_flag_and_reaches_the_blocks(data_dir, tmp_path, monkeypatch, capsys):
+    """--compile compiles each block (recorded here instead of compiled, which takes a minute on a CPU); the help of
+    every training script lists it once (there was a second one, --train.compile) and says what a null rate means."""
+    from finetune.lora import setup as lora_setup
+
+    compiled = []
+    monkeypatch.setattr(GPT, "compile_blocks", lambda self, **kwargs: compiled.append(True) or self)
+    setup(**tiny(data_dir, tmp_path / "run", max_steps=1), compile=True)
+    assert compiled == [True]
+    setup(**tiny(data_dir, tmp_path / "plain", max_steps=1))
+    assert compiled == [True]
+    for function in (setup, lora_setup):
+        with pytest.raises(SystemExit):
+            run_cli(function, ["--help"])
+        text = capsys.readouterr().out
+        assert "--compile" in text and "--train.compile" not in text
+        assert "default the backbone's" not in text and "(null: learning_rate)" in text.replace("\n", " ").replace(
+            "  ", " ")
