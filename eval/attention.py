@@ -1,7 +1,7 @@
 """Look inside the attention: per-layer and per-head entropy and spikiness, the query and value temperatures against
 position, selective attention's mask F, and attention maps; for one checkpoint or two side by side (vanilla vs SSA).
 
-    python eval/attention.py --checkpoint_dir out/demo/final --compare_dir out/demo-ssa/final --max_tokens 256
+    python eval/attention.py --checkpoint_dir out/demo-ssa/final --compare_dir out/demo/final --max_tokens 256
 
 Writes attention.json, attention_stats.png, temperatures.png, selective_mask.png and attention_maps.png (the
 temperatures and the mask where the model has them) to the output folder.
@@ -191,7 +191,8 @@ def main(
 
     Args:
         checkpoint_dir: a checkpoint folder.
-        compare_dir: a second checkpoint to show beside the first (they should share a tokenizer).
+        compare_dir: a second checkpoint to show beside the first, usually its vanilla baseline (they should share a
+            tokenizer).
         text_file: the text to read; default the start of the bundled Wikipedia sample.
         max_tokens: how many tokens of it.
         head: the head whose maps are drawn.

@@ -312,3 +312,16 @@ def test_lm_eval_unknown_task_is_one_line(checkpoint):
     result = run("eval/lm_eval_harness.py", "--checkpoint_dir", str(checkpoint), "--tasks", "[not_a_task_x]")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: Unknown lm-evaluation-harness task")
+
+
+def test_the_docs_agree_on_which_model_goes_in_compare_dir():
+    """README, docs/evaluation.md and eval/attention.py's own help put the SSA model in --checkpoint_dir and its vanilla
+    baseline in --compare_dir (they once said the opposite of each other)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    commands = []
+    for path in [root / "README.md", root / "eval" / "attention.py", *sorted((root / "docs").glob("*.md"))]:
+        commands += re.findall(r"eval/attention\.py --checkpoint_dir (\S+) --compare_dir (\S+)", path.read_text())
+    assert len(commands) >= 3
+    assert all("ssa" in first and "ssa" not in second for first, second in commands), commands
