@@ -28,6 +28,7 @@ from lit_gpt.checkpoint import (
     safe_torch_load,
 )
 from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.export import family_weights_to_lit
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
 from lit_gpt.utils import check_apart, parse_dtype, progress_bar, read_json
@@ -87,8 +88,9 @@ def source_dtype(files: list[Path]) -> torch.dtype:
     return torch.float32
 
 
-def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> tuple[Config, bool]:
-    """The model's Config, and whether the folder is one this project exported (remote code, our weight names)."""
+def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> tuple[Config, bool | str]:
+    """The model's Config, and whether the folder is one this project exported: True for the wrapper (remote code,
+    our weight names), "family" for a family's own folder with SSA's temperatures (lit_gpt.hf_ssa)."""
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(
             f"Expected a Hugging Face model folder at {str(checkpoint_dir)!r}, found nothing there."
@@ -97,6 +99,8 @@ def load_hf_config(checkpoint_dir: Path, model_name: str | None) -> tuple[Config
     if not config_file.is_file():
         raise FileNotFoundError(f"Expected {str(config_file)!r} (the Hugging Face config), found nothing there.")
     hf_config = read_json(config_file)
+    if isinstance(hf_config, dict) and isinstance(hf_config.get("lit_gpt_ssa"), dict):  # a family with SSA (hf_ssa)
+        return Config.from_dict(hf_config["lit_gpt_ssa"]), "family"
     if hf_config.get("model_type") == "lit_gpt_ssa":  # exported by this project: its own config, whole
         if not isinstance(hf_config.get("lit_config"), dict):
             raise ValueError(f"{str(config_file)!r} lacks the lit_config that an exported lit_gpt_ssa model holds.")
@@ -137,7 +141,7 @@ def convert_hf_checkpoint(
         writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec)
         items = (item for f in files for item in iter_weight_file(f))
         progress = progress_bar(total=count_tensors(files), desc="converting", unit="tensor")
-        to_lit = remote_weights_to_lit if exported else lit_weights_from_hf
+        to_lit = {True: remote_weights_to_lit, False: lit_weights_from_hf, "family": family_weights_to_lit}[exported]
         try:
             for name, tensor in to_lit(config, progress_of(items, progress), dtype=target_dtype):
                 writer.write(name, tensor)
@@ -234,10 +238,18 @@ def export_remote_model(checkpoint_dir: Path, output_dir: Path, config: Config, 
                         overwrite: bool) -> Path:
     """A model with a temperature, gate or selective mask: a remote-code folder that transformers loads with
     trust_remote_code."""
-    from lit_gpt.export import write_remote_model
+    from lit_gpt.export import exports_as_family, write_family_model, write_remote_model
+    from lit_gpt.hf import ARCHITECTURES, hf_model_type
 
+    family = exports_as_family(config)
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        count = write_remote_model(checkpoint_dir, config, tmp, dtype)
+        count = (write_family_model if family else write_remote_model)(checkpoint_dir, config, tmp, dtype)
+    if family:  # transformers' own class of the family, with the temperatures of lit_gpt.hf_ssa
+        name = ARCHITECTURES[hf_model_type(config)].replace("ForCausalLM", "SSAForCausalLM")
+        print(f"Wrote {output_dir} ({name}, a {ARCHITECTURES[hf_model_type(config)]} with remote code for the"
+              f" temperatures, {count} tensors, attention_temperature={config.attention_temperature!r}): load it with"
+              " AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+        return output_dir
     print(f"Wrote {output_dir} (LitGPTSSAForCausalLM, remote code, {count} tensors, attention_temperature="
           f"{config.attention_temperature!r}, attention_gate={config.attention_gate!r}, selective_mask="
           f"{config.selective_mask!r}): load it with AutoModelForCausalLM.from_pretrained(..., "

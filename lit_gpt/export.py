@@ -7,6 +7,7 @@ by the wrapper in lit_gpt/remote/modeling.py, so the exported model runs exactly
 
 import ast
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +145,106 @@ def write_remote_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     return len(spec)
 
 
+def exports_as_family(config: Config) -> bool:
+    """Whether transformers' own class of the model's family, with lit_gpt.hf_ssa's temperatures on it, computes this
+    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3) with a temperature and neither a gate nor selective
+    attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
+    from lit_gpt.hf import hf_family, hf_model_type
+    from lit_gpt.hf_ssa import SUPPORTED_MODEL_TYPES
+
+    if config.vanilla_attention or config.attention_gate != "none" or config.selective_mask != "none":
+        return False
+    try:
+        return hf_family(config) == "llama" and hf_model_type(config) in SUPPORTED_MODEL_TYPES
+    except ValueError:
+        return False
+
+
+TEMPERATURE_NAME = re.compile(r"transformer\.h\.(\d+)\.attn\.((?:query|key|value)_temperature\..+)$")
+HF_TEMPERATURE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.((?:query|key|value)_temperature\..+)$")
+
+
+def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype: torch.dtype | None) -> int:
+    """The family's own folder (config.json of LlamaForCausalLM, ..., its weight names) with SSA's temperatures
+    beside the weights, their Config as config.json's `lit_gpt_ssa`, and the remote code of lit_gpt.hf_ssa, whose
+    class is the family's own with the temperatures (LlamaSSAForCausalLM is a LlamaForCausalLM). The temperatures
+    stay float32 at least. Returns the number of tensors."""
+    from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
+    from lit_gpt.hf_ssa import CONFIG_KEY, REMOTE_CLASSES, REMOTE_SOURCES
+    from lit_gpt.hf_ssa import MODELING_FILE as HF_SSA_MODELING_FILE
+
+    backbone = Config.from_dict({**config.to_dict(), "attention_temperature": "none"})
+    weights = checkpoint_dir / WEIGHTS_FILENAME
+    header, _ = read_safetensors_header(weights)
+    stored = {name: TORCH_DTYPES[info["dtype"]] for name, info in header.items()}
+    with torch.device("meta"):
+        expected = model_state_dict(GPT(config))
+
+    def hf_name(name: str) -> str | None:
+        match = TEMPERATURE_NAME.match(name)
+        return None if match is None else f"model.layers.{match[1]}.self_attn.{match[2]}"
+
+    def out_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
+        chosen = dtype or stored.get(name, tensor.dtype)
+        return torch.promote_types(chosen, torch.float32) if hf_name(name) else chosen
+
+    spec = {}
+    for name, tensor in expected.items():
+        if hf_name(name):
+            spec[hf_name(name)] = (tuple(tensor.shape), out_dtype(name, tensor))
+        else:
+            for key, value in hf_weights_from_lit(backbone, [(name, tensor)]):
+                spec[key] = (tuple(value.shape), out_dtype(name, tensor))
+    writer = SafetensorsStreamWriter(folder / WEIGHTS_FILENAME, spec, {"ssa_slope_form": config.ssa_slope_form})
+    try:
+        for name, tensor in iter_safetensors(weights):
+            check_floating(weights, name, tensor)
+            if hf_name(name):
+                writer.write(hf_name(name), tensor.to(out_dtype(name, tensor)))
+                continue
+            for key, value in hf_weights_from_lit(backbone, [(name, tensor)]):
+                writer.write(key, value.to(dtype) if dtype is not None else value)
+    finally:
+        writer.file.close()
+    writer.close()
+    (folder / HF_SSA_MODELING_FILE).write_text(modeling_source(REMOTE_SOURCES))
+    copied = copy_tokenizer_files(checkpoint_dir, folder)
+    tokenizer = load_tokenizer(folder)
+    special = special_token_ids(tokenizer)
+    hf_config = hf_config_from_lit(backbone)
+    written_dtype = dtype or next(d for n, d in stored.items() if not hf_name(n))
+    hf_config.update(dtype=str(written_dtype).removeprefix("torch."), **special, **{CONFIG_KEY: config.to_dict()},
+                     auto_map={"AutoModelForCausalLM":
+                               f"{HF_SSA_MODELING_FILE[:-3]}.{REMOTE_CLASSES[hf_config['model_type']]}"})
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if "generation_config.json" not in copied:
+        (folder / "generation_config.json").write_text(json.dumps(dict(special, _from_model_config=True), indent=2))
+    write_tokenizer_config(folder, copied, special, tokenizer)
+    (folder / "README.md").write_text(model_card(checkpoint_dir, config, written_dtype, HF_SSA_MODELING_FILE))
+    return len(spec)
+
+
+def family_weights_to_lit(config: Config, items, dtype: torch.dtype | None = None):
+    """The tensors of a folder written by `write_family_model` as ours: the backbone through the family's mapping,
+    the temperatures renamed."""
+    from lit_gpt.hf import lit_weights_from_hf
+
+    backbone = Config.from_dict({**config.to_dict(), "attention_temperature": "none"})
+    temperatures = []
+
+    def others():
+        for name, tensor in items:
+            match = HF_TEMPERATURE_NAME.match(name)
+            if match is None:
+                yield name, tensor
+            else:
+                temperatures.append((f"transformer.h.{match[1]}.attn.{match[2]}", tensor))
+
+    yield from lit_weights_from_hf(backbone, others(), dtype=dtype)
+    for name, tensor in temperatures:
+        yield name, tensor if dtype is None else tensor.to(dtype)
+
+
 def write_tokenizer_config(folder: Path, copied: list[str], special: dict, tokenizer: Tokenizer | None) -> None:
     """Name the tokenizer class in tokenizer_config.json (AutoTokenizer otherwise asks config.json, whose model type
     only the remote code knows) and its special tokens where the file lacks them."""
@@ -162,7 +263,7 @@ def write_tokenizer_config(folder: Path, copied: list[str], special: dict, token
     path.write_text(json.dumps(settings, indent=2))
 
 
-def model_card(checkpoint_dir: Path, config: Config, dtype: torch.dtype) -> str:
+def model_card(checkpoint_dir: Path, config: Config, dtype: torch.dtype, modeling_file: str = MODELING_FILE) -> str:
     ssa = {k: getattr(config, k) for k in ATTENTION_FIELDS if k != "attention_temperature"}
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in ssa.items())
     return f"""---
@@ -180,7 +281,7 @@ Architecture: {config.n_layer} layers, {config.n_head} heads ({config.n_query_gr
 
 Its attention layers carry the temperatures of Selective Self-Attention ("Selective Attention: Enhancing Transformer
 through Principled Context Control", NeurIPS 2024) or the baseline named above, which no built-in `transformers`
-class implements, so the model code comes with the weights (`{MODELING_FILE}`, generated from lit-gpt-ssa's own
+class implements, so the model code comes with the weights (`{modeling_file}`, generated from lit-gpt-ssa's own
 model file):
 
 ```python

@@ -32,6 +32,7 @@ def main(request_file: str, result_file: str) -> None:
                 short_logits=model(short).logits[0],
                 batch_greedy=batch_greedy[:, batch.size(1):], short_greedy=short_greedy[:, short.size(1):],
                 module=type(model).__module__, class_name=type(model).__name__,
+                bases=[c.__name__ for c in type(model).__mro__],
             )
     results["imported lit_gpt"] = any(name.startswith("lit_gpt") and module is not None
                                       for name, module in sys.modules.items())

@@ -91,7 +91,8 @@ def test_ssa_checkpoint_exports_remote_code_or_its_backbone_when_dropped(tmp_pat
 
     save_model_dir(ssa, tmp_path / "ssa", tokenizer_dir=lit_dir)
     convert_lit_checkpoint(tmp_path / "ssa", tmp_path / "remote")  # tests/test_hf_export.py runs such folders
-    assert json.loads((tmp_path / "remote" / "config.json").read_text())["model_type"] == "lit_gpt_ssa"
+    exported = json.loads((tmp_path / "remote" / "config.json").read_text())
+    assert exported["model_type"] == "llama" and exported["lit_gpt_ssa"]["attention_temperature"] == "ssa"
     with pytest.warns(UserWarning, match="Dropping attention_temperature='ssa'"):
         convert_lit_checkpoint(tmp_path / "ssa", tmp_path / "back", drop_ssa=True)
     side = load_file(tmp_path / "back" / "ssa_parameters.safetensors")

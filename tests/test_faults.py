@@ -981,7 +981,7 @@ def test_a_tiktoken_file_replaced_in_place_is_read_again(tmp_path):
 def test_reexport_onto_an_earlier_ssa_export_with_overwrite(fx, tmp_path):
     convert_lit_checkpoint(fx.ssa, tmp_path / "hf")
     convert_lit_checkpoint(fx.ssa, tmp_path / "hf", overwrite=True)
-    assert (tmp_path / "hf" / "modeling_lit_gpt_ssa.py").is_file()
+    assert (tmp_path / "hf" / "modeling_lit_gpt_hf_ssa.py").is_file()  # the debug layout: a Llama with SSA
 
 
 def test_an_unknown_key_in_an_exports_lit_config_names_the_file(fx, tmp_path):

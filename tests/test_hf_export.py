@@ -14,7 +14,9 @@ from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint
 from lit_gpt.data.prepare import GPT2_TOKENIZER
+from lit_gpt.export import exports_as_family
 from lit_gpt.generation import generate, load_for_inference
+from lit_gpt.hf import ARCHITECTURES, hf_model_type
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +71,20 @@ def exported(tmp_path_factory):
 def test_the_export_loads_without_this_project(exported):
     folders, results, _ = exported
     assert results["imported lit_gpt"] is False
-    for case, (_, hf) in folders.items():
-        assert results[str(hf)]["class_name"] == "LitGPTSSAForCausalLM"
+    for case, (lit, hf) in folders.items():
+        config = Config.from_file(lit)
+        if exports_as_family(config):  # transformers' own class of the family, with the temperatures (hf_ssa)
+            family = ARCHITECTURES[hf_model_type(config)]
+            assert results[str(hf)]["class_name"] == family.replace("ForCausalLM", "SSAForCausalLM"), case
+            assert family in results[str(hf)]["bases"], case
+            code = {"modeling_lit_gpt_hf_ssa.py"}
+        else:
+            assert results[str(hf)]["class_name"] == "LitGPTSSAForCausalLM", case
+            code = {"configuration_lit_gpt_ssa.py", "modeling_lit_gpt_ssa.py"}
         assert results[str(hf)]["module"].startswith("transformers_modules")
         names = {p.name for p in hf.iterdir()}
-        assert {"config.json", "configuration_lit_gpt_ssa.py", "modeling_lit_gpt_ssa.py", "model.safetensors",
-                "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= names, case
+        assert code | {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                       "generation_config.json", "README.md"} <= names, case
         card = (hf / "README.md").read_text()
         assert "attention_temperature" in card and f"`{folders[case][0].name}`" in card
         assert str(folders[case][0].parent) not in card  # the folder's name, never the machine's path
@@ -104,7 +114,15 @@ def test_left_padded_rows_equal_the_unpadded_ones(exported, case):
     assert torch.equal(got["batch_greedy"][:1], got["greedy"][:, :8])
 
 
-@pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa"])
+def test_llama_layouts_with_temperatures_export_as_their_family_and_the_rest_as_the_wrapper(exported):
+    """What transformers' family classes with lit_gpt.hf_ssa can express goes out that way; a gate, selective
+    attention, GPT-2 and GPT-NeoX go out as the wrapper."""
+    kinds = {case: exports_as_family(Config.from_file(lit)) for case, (lit, _) in exported[0].items()}
+    assert kinds["llama gqa rope-scaling ssa"] and kinds["llama logn"]
+    assert not kinds["llama gqa selective elementwise gate"] and not kinds["gpt2 ssa"] and not kinds["pythia ssa"]
+
+
+@pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa", "llama logn"])
 def test_round_trip_gives_identical_weights(exported, tmp_path, case):
     from safetensors.torch import load_file
 
