@@ -44,8 +44,8 @@ STATE_FILENAME = "training_state.pth"
 # every file name this project writes into an output folder: --overwrite replaces a folder holding only these
 OUTPUT_NAMES = {WEIGHTS_FILENAME, CONFIG_FILENAME, STATE_FILENAME, "hyperparameters.yaml", "meta.json", "train.bin",
                 "val.bin", "config.json", "README.md", "ssa_parameters.safetensors", "configuration_lit_gpt_ssa.py",
-                "modeling_lit_gpt_ssa.py", "generation_config.json", "tokenizer_config.json", "lora.safetensors",
-                "lora.yaml", *TOKENIZER_FILES}
+                "modeling_lit_gpt_ssa.py", "modeling_lit_gpt_hf_ssa.py", "generation_config.json",
+                "tokenizer_config.json", "lora.safetensors", "lora.yaml", *TOKENIZER_FILES}
 
 
 def load_checkpoint(
