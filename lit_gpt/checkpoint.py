@@ -481,22 +481,6 @@ class SafetensorsStreamWriter:
             raise ValueError(f"Missing tensor(s) {missing[:5]}{more} in the source checkpoint.")
 
 
-def full_state_dict(fabric: L.Fabric, model) -> dict[str, torch.Tensor] | None:
-    """The unsharded weights on rank 0 (None elsewhere), a tied lm_head stored once. Under FSDP2 every rank takes
-    part in gathering them."""
-    from lightning.fabric.strategies import ModelParallelStrategy
-
-    module = module_of(model)
-    if isinstance(fabric.strategy, ModelParallelStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if module.config.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        return state if fabric.global_rank == 0 else None
-    return {k: v.cpu() for k, v in model_state_dict(module).items()} if fabric.global_rank == 0 else None
-
-
 def module_of(model) -> GPT:
     """The model inside Fabric's wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
@@ -519,12 +503,13 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
     try:
         # the per-step history is not in here: it grows with the run and lives in history.jsonl beside the logs
-        training_state = whole_training_state(fabric, state)
+        training_state = whole_training_state(fabric, state)  # gathered once: the weights below are its own
         if fabric.global_rank == 0:
             torch.save({**training_state, **rng}, tmp / STATE_FILENAME)
-        weights = full_state_dict(fabric, state["model"])
-        if fabric.global_rank == 0:
             module = module_of(state["model"])
+            weights = {k: v.contiguous() for k, v in training_state["model"].items()}
+            if module.config.tie_embeddings:  # a tied lm_head is the embedding, stored once
+                weights.pop("lm_head.weight", None)
             if transform is not None:
                 weights = transform(weights, tmp)
             write_model_files(module, tmp, state=weights)

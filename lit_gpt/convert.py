@@ -28,7 +28,7 @@ from lit_gpt.checkpoint import (
     safe_torch_load,
 )
 from lit_gpt.config import CONFIG_FILENAME, Config
-from lit_gpt.export import family_weights_to_lit
+from lit_gpt.export import family_weights_to_lit, without_temperature
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
 from lit_gpt.utils import check_apart, parse_dtype, progress_bar, read_json
@@ -273,4 +273,4 @@ def check_temperature(config: Config, drop_ssa: bool) -> Config:
         f" attention and will differ from this checkpoint. The temperature parameters are kept in {SSA_SIDE_FILE}.",
         stacklevel=2,
     )
-    return Config(**{**config.to_dict(), "attention_temperature": "none"})
+    return without_temperature(config)

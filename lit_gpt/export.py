@@ -118,6 +118,21 @@ def write_remote_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     """Everything but the progress: weights, config.json with its auto_map, the code, the tokenizer files, the
     generation config and a model card. Returns the number of tensors."""
     spec, tensors = remote_weights(checkpoint_dir, config, dtype)
+    write_tensors(folder, spec, tensors, config)
+    (folder / CONFIGURATION_FILE).write_text((PACKAGE / "remote" / "configuration.py").read_text())
+    hf_config = dict(
+        architectures=["LitGPTSSAForCausalLM"], model_type="lit_gpt_ssa",
+        auto_map={"AutoConfig": f"{CONFIGURATION_FILE[:-3]}.LitGPTSSAConfig",
+                  "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LitGPTSSAForCausalLM"},
+        lit_config=config.to_dict(),
+    )
+    write_beside_weights(checkpoint_dir, config, folder, hf_config, dtype or next(iter(spec.values()))[1],
+                         MODELING_FILE, modeling_source())
+    return len(spec)
+
+
+def write_tensors(folder: Path, spec: dict, tensors: Iterator[tuple[str, torch.Tensor]], config: Config) -> None:
+    """model.safetensors streamed from `tensors` in the layout `spec`, recording the slopes' form."""
     writer = SafetensorsStreamWriter(folder / WEIGHTS_FILENAME, spec, {"ssa_slope_form": config.ssa_slope_form})
     try:
         for name, tensor in tensors:
@@ -125,24 +140,23 @@ def write_remote_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     finally:
         writer.file.close()
     writer.close()
-    (folder / CONFIGURATION_FILE).write_text((PACKAGE / "remote" / "configuration.py").read_text())
-    (folder / MODELING_FILE).write_text(modeling_source())
+
+
+def write_beside_weights(checkpoint_dir: Path, config: Config, folder: Path, hf_config: dict, dtype: torch.dtype,
+                         modeling_file: str, modeling: str) -> None:
+    """What every export with remote code writes beside its weights: the modeling file, the tokenizer files,
+    config.json (`hf_config` with the weights' dtype and the tokenizer's special token ids), the generation config,
+    tokenizer_config.json and a model card."""
+    (folder / modeling_file).write_text(modeling)
     copied = copy_tokenizer_files(checkpoint_dir, folder)
     tokenizer = load_tokenizer(folder)
     special = special_token_ids(tokenizer)
-    out_dtype = dtype or next(iter(spec.values()))[1]
-    hf_config = dict(
-        architectures=["LitGPTSSAForCausalLM"], model_type="lit_gpt_ssa",
-        auto_map={"AutoConfig": f"{CONFIGURATION_FILE[:-3]}.LitGPTSSAConfig",
-                  "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LitGPTSSAForCausalLM"},
-        lit_config=config.to_dict(), dtype=str(out_dtype).removeprefix("torch."), **special,
-    )
+    hf_config = dict(hf_config, dtype=str(dtype).removeprefix("torch."), **special)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     if "generation_config.json" not in copied:
         (folder / "generation_config.json").write_text(json.dumps(dict(special, _from_model_config=True), indent=2))
     write_tokenizer_config(folder, copied, special, tokenizer)
-    (folder / "README.md").write_text(model_card(checkpoint_dir, config, out_dtype))
-    return len(spec)
+    (folder / "README.md").write_text(model_card(checkpoint_dir, config, dtype, modeling_file))
 
 
 def exports_as_family(config: Config) -> bool:
@@ -160,6 +174,11 @@ def exports_as_family(config: Config) -> bool:
         return False
 
 
+def without_temperature(config: Config) -> Config:
+    """The backbone a family's own class computes: the config with attention_temperature "none"."""
+    return Config.from_dict({**config.to_dict(), "attention_temperature": "none"})
+
+
 TEMPERATURE_NAME = re.compile(r"transformer\.h\.(\d+)\.attn\.((?:query|key|value)_temperature\..+)$")
 HF_TEMPERATURE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.((?:query|key|value)_temperature\..+)$")
 
@@ -170,10 +189,10 @@ def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     class is the family's own with the temperatures (LlamaSSAForCausalLM is a LlamaForCausalLM). The temperatures
     stay float32 at least. Returns the number of tensors."""
     from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
-    from lit_gpt.hf_ssa import CONFIG_KEY, REMOTE_CLASSES, REMOTE_SOURCES
+    from lit_gpt.hf_ssa import CONFIG_KEY, REMOTE_SOURCES, auto_map
     from lit_gpt.hf_ssa import MODELING_FILE as HF_SSA_MODELING_FILE
 
-    backbone = Config.from_dict({**config.to_dict(), "attention_temperature": "none"})
+    backbone = without_temperature(config)
     weights = checkpoint_dir / WEIGHTS_FILENAME
     header, _ = read_safetensors_header(weights)
     stored = {name: TORCH_DTYPES[info["dtype"]] for name, info in header.items()}
@@ -195,32 +214,22 @@ def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
         else:
             for key, value in hf_weights_from_lit(backbone, [(name, tensor)]):
                 spec[key] = (tuple(value.shape), out_dtype(name, tensor))
-    writer = SafetensorsStreamWriter(folder / WEIGHTS_FILENAME, spec, {"ssa_slope_form": config.ssa_slope_form})
-    try:
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in iter_safetensors(weights):
             check_floating(weights, name, tensor)
             if hf_name(name):
-                writer.write(hf_name(name), tensor.to(out_dtype(name, tensor)))
+                yield hf_name(name), tensor.to(out_dtype(name, tensor))
                 continue
             for key, value in hf_weights_from_lit(backbone, [(name, tensor)]):
-                writer.write(key, value.to(dtype) if dtype is not None else value)
-    finally:
-        writer.file.close()
-    writer.close()
-    (folder / HF_SSA_MODELING_FILE).write_text(modeling_source(REMOTE_SOURCES))
-    copied = copy_tokenizer_files(checkpoint_dir, folder)
-    tokenizer = load_tokenizer(folder)
-    special = special_token_ids(tokenizer)
+                yield key, value.to(dtype) if dtype is not None else value
+
+    write_tensors(folder, spec, tensors(), config)
     hf_config = hf_config_from_lit(backbone)
-    written_dtype = dtype or next(d for n, d in stored.items() if not hf_name(n))
-    hf_config.update(dtype=str(written_dtype).removeprefix("torch."), **special, **{CONFIG_KEY: config.to_dict()},
-                     auto_map={"AutoModelForCausalLM":
-                               f"{HF_SSA_MODELING_FILE[:-3]}.{REMOTE_CLASSES[hf_config['model_type']]}"})
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-    if "generation_config.json" not in copied:
-        (folder / "generation_config.json").write_text(json.dumps(dict(special, _from_model_config=True), indent=2))
-    write_tokenizer_config(folder, copied, special, tokenizer)
-    (folder / "README.md").write_text(model_card(checkpoint_dir, config, written_dtype, HF_SSA_MODELING_FILE))
+    hf_config.update({CONFIG_KEY: config.to_dict(), "auto_map": auto_map(hf_config["model_type"])})
+    write_beside_weights(checkpoint_dir, config, folder, hf_config,
+                         dtype or next(d for n, d in stored.items() if not hf_name(n)), HF_SSA_MODELING_FILE,
+                         modeling_source(REMOTE_SOURCES))
     return len(spec)
 
 
@@ -229,7 +238,7 @@ def family_weights_to_lit(config: Config, items, dtype: torch.dtype | None = Non
     the temperatures renamed."""
     from lit_gpt.hf import lit_weights_from_hf
 
-    backbone = Config.from_dict({**config.to_dict(), "attention_temperature": "none"})
+    backbone = without_temperature(config)
     temperatures = []
 
     def others():

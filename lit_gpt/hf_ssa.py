@@ -17,8 +17,9 @@ transformers has (eager, sdpa, flash):
   the 2D attention mask (a left-padded row numbers its real tokens from 0, so its outputs equal the row unpadded),
   else from the cache's length.
 
-Supported: the Llama family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2). Still to come (issue 45): GPT-NeoX and
-GPT-2, the gate, save_pretrained/from_pretrained, PEFT.
+`save_pretrained` writes the temperatures, their Config (config.json's `lit_gpt_ssa`) and remote code whose class is the
+family's own with the temperatures; under PEFT, name TEMPERATURE_MODULES in `modules_to_save`. Supported: the Llama
+family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2). Still to come (issue 45): GPT-NeoX and GPT-2, the gate.
 """
 
 import types
@@ -73,8 +74,8 @@ def attach(model: nn.Module, config: Config) -> nn.Module:
                 module.to(device=device, dtype=dtype)
                 module.reset_parameters()
                 attn.register_module(f"{side}_temperature", module)
-        attn._ssa_heads = {"query": config.n_head, "key": config.n_query_groups, "value": config.n_query_groups}
-        attn._ssa = {"state": state, "hooks": {}}
+        heads = {"query": config.n_head, "key": config.n_query_groups, "value": config.n_query_groups}
+        attn._ssa = {"state": state, "hooks": {}, "heads": heads}
         attn.register_forward_pre_hook(attention_hook, with_kwargs=True)
         attn.register_forward_hook(forget_input)
     model.ssa_config = config
@@ -99,8 +100,13 @@ def save_pretrained(model: nn.Module, folder, *args, **kwargs) -> None:
     (folder / MODELING_FILE).write_text(code)
     path = folder / "config.json"
     values = json.loads(path.read_text())
-    values["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASSES[values['model_type']]}"}
+    values["auto_map"] = auto_map(values["model_type"])
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def auto_map(model_type: str) -> dict:
+    """config.json's auto_map of a saved model with SSA: the family's class with the temperatures."""
+    return {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASSES[model_type]}"}
 
 
 def ssa_config(model: nn.Module, fields: dict) -> Config:
@@ -151,7 +157,7 @@ def attention_hook(attn: nn.Module, args, kwargs):
             continue
         if side in hooks:
             hooks[side][2].remove()
-        handle = target.register_forward_hook(scale_hook(attn, temperature, attn._ssa_heads[side]))
+        handle = target.register_forward_hook(scale_hook(attn, temperature, attn._ssa["heads"][side]))
         hooks[side] = (target, temperature, handle)
     return None
 
