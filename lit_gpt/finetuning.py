@@ -17,7 +17,7 @@ from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import TokenBatches, TokenData
 from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
-from lit_gpt.lora import LoRAArgs, add_lora, lora_files
+from lit_gpt.lora import LoRAArgs, add_lora, check_same_kind, lora_files
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.training import (
@@ -171,6 +171,8 @@ def main(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
 
 def finetune(fabric: L.Fabric, job: FinetuneJob, hparams: dict) -> None:
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, job.out_dir, job.resume)
+    if resume_dir is not None:
+        check_same_kind(resume_dir, job.lora, "finetune/full.py" if job.lora is None else "finetune/lora.py")
     block_size = check_window(job.train.max_seq_length, job.config)
     if job.data.suffix in (".json", ".jsonl"):
         batches = instruction_batches(job.data, Tokenizer(job.checkpoint_dir), block_size, job.truncate,

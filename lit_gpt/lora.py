@@ -11,7 +11,7 @@ change; the adapters add `lora_A_*`, `lora_B_*` (and DoRA's `magnitude`).
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
-from lit_gpt.config import Config
+from lit_gpt.config import Config, read_yaml
 from lit_gpt.hf import ARCHITECTURE_FIELDS
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
 
@@ -224,6 +224,74 @@ def lora_files(args: LoRAArgs, model: nn.Module, base_dir: Path, base: Config):
         return merged_state(model, weights, args)
 
     return transform
+
+
+def read_lora_settings(path: Path) -> tuple[dict, LoRAArgs, Config]:
+    """lora.yaml of a LoRA run's checkpoint, checked: its three sections (lora, config, base), LoRA fields this
+    version knows, and a config that loads. Returns the settings, the adapters' arguments and the adapted model's
+    config; anything else is one line naming the file and the field."""
+    path = Path(path)
+    settings = read_yaml(path, "a LoRA run's settings (lora.yaml)")
+    sections = {"lora": dict, "config": dict, "base": dict}
+    for name, kind in sections.items():
+        if not isinstance(settings.get(name), kind):
+            found = "nothing" if name not in settings else type(settings[name]).__name__
+            raise ValueError(f"{str(path)!r} should have a {name!r} section (a mapping), found {found}: it is not"
+                             " the lora.yaml of a finetune/lora.py checkpoint, or it was edited; copy it again.")
+    missing = [k for k in ("folder", "config", "weights_sha256") if k not in settings["base"]]
+    if missing:
+        raise ValueError(f"{str(path)!r}: its 'base' section lacks {missing[0]!r} (which base the adapters belong"
+                         " to); copy lora.yaml again from the run.")
+    known = {f.name for f in fields(LoRAArgs)}
+    unknown = [k for k in settings["lora"] if k not in known]
+    if unknown:
+        raise ValueError(f"{str(path)!r}: unknown LoRA field {unknown[0]!r} in its 'lora' section (expected some of"
+                         f" {', '.join(sorted(known))}); remove it or copy lora.yaml again from the run.")
+    args = LoRAArgs(**settings["lora"])
+    try:
+        args.check()
+        config = Config.from_dict(settings["config"])
+        Config.from_dict(settings["base"]["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{str(path)!r}: {str(error).replace('--lora.', 'lora.')}") from None
+    return settings, args, config
+
+
+def check_adapter_shapes(adapters: dict[str, torch.Tensor], model: nn.Module, source: Path, settings: Path) -> None:
+    """The adapter file holds exactly the tensors, of the shapes, that its settings make (a rank or target edited in
+    lora.yaml, or files of two runs, do not)."""
+    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    if set(adapters) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(adapters)), sorted(set(adapters) - set(expected))
+        raise ValueError(f"{source} does not match {settings}: missing {missing[:3]}, unexpected {unexpected[:3]};"
+                         " copy both files of the same run.")
+    for name, shape in expected.items():
+        if adapters[name].shape != shape:
+            raise ValueError(f"{source} does not match {settings}: {name} has shape {tuple(adapters[name].shape)}"
+                             f" there, {tuple(shape)} by the settings (another rank?); copy both files of the same"
+                             " run.")
+
+
+def check_same_kind(checkpoint: Path, lora: LoRAArgs | None, script: str) -> None:
+    """Resuming continues the same kind of run: a LoRA run's checkpoint (it has lora.yaml) only with
+    finetune/lora.py and the same adapters (rank, alpha, targets, DoRA; the dropout may change), any other only
+    without adapters. One line naming what differs."""
+    settings_file = Path(checkpoint) / LORA_SETTINGS
+    if not settings_file.is_file():
+        if lora is not None:
+            raise ValueError(f"{str(checkpoint)!r} is a checkpoint without adapters (no {LORA_SETTINGS}): resume it"
+                             f" with the script that wrote it (finetune/full.py or pretrain/), or choose another"
+                             " --out_dir for a new LoRA run.")
+        return
+    _, saved, _ = read_lora_settings(settings_file)
+    if lora is None:
+        raise ValueError(f"{str(checkpoint)!r} is a LoRA run's checkpoint (rank {saved.rank}): resume it with"
+                         f" finetune/lora.py and its settings, or choose another --out_dir for a new {script} run.")
+    differ = [k for k, v in saved.to_dict().items() if lora.to_dict()[k] != v and k != "dropout"]
+    if differ:
+        shown = ", ".join(f"{k}: {getattr(saved, k)!r} there, {getattr(lora, k)!r} now" for k in differ[:3])
+        raise ValueError(f"{str(checkpoint)!r} was trained with other adapters ({shown}): resume with the same"
+                         " --lora.* settings, or choose another --out_dir for a new run.")
 
 
 def check_same_base(settings: dict, checkpoint_dir: Path, source: Path) -> None:

@@ -20,6 +20,7 @@ from lit_gpt.config import Config, with_ssa_flag
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import BinShardData, TokenBatches, TokenData
 from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
+from lit_gpt.lora import check_same_kind
 from lit_gpt.model import GPT
 from lit_gpt.training import (
     EvalArgs,
@@ -183,6 +184,8 @@ def main(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
 def pretrain(fabric: L.Fabric, job: PretrainJob, hparams: dict) -> None:
     config, data_args, train = job.config, job.data, job.train
     resume_dir = on_rank_zero(fabric, find_resume_checkpoint, job.out_dir, job.resume)
+    if resume_dir is not None:
+        check_same_kind(resume_dir, None, "pretraining")
     data = open_data(data_args)
     block_size = check_window(train.max_seq_length, config)
     data.check(config.padded_vocab_size, block_size)

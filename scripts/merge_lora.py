@@ -13,8 +13,15 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from lit_gpt.checkpoint import atomic_output_dir, load_checkpoint, model_state_dict, write_model_files
-from lit_gpt.config import Config, read_yaml
-from lit_gpt.lora import LORA_SETTINGS, LORA_WEIGHTS, LoRAArgs, add_lora, check_same_base, merged_state
+from lit_gpt.lora import (
+    LORA_SETTINGS,
+    LORA_WEIGHTS,
+    add_lora,
+    check_adapter_shapes,
+    check_same_base,
+    merged_state,
+    read_lora_settings,
+)
 from lit_gpt.utils import check_apart, run_cli
 
 
@@ -39,16 +46,11 @@ def merge_lora(checkpoint_dir: Path, lora_dir: Path, output_dir: Path, overwrite
     checkpoint_dir, adapter = Path(checkpoint_dir), find_adapter(Path(lora_dir))
     check_apart(Path(output_dir), "--output_dir", checkpoint_dir, "--checkpoint_dir")
     check_apart(Path(output_dir), "--output_dir", adapter, "--lora_dir")
-    settings = read_yaml(adapter / LORA_SETTINGS, "the adapter's settings")
+    settings, args, config = read_lora_settings(adapter / LORA_SETTINGS)
     check_same_base(settings, checkpoint_dir, adapter / LORA_SETTINGS)
-    config, args = Config.from_dict(settings["config"]), LoRAArgs(**settings["lora"])
     model = add_lora(load_checkpoint(checkpoint_dir, config, allow_added=True), args)
     adapters = load_file(adapter / LORA_WEIGHTS)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(adapters) != expected:
-        missing, unexpected = sorted(expected - set(adapters)), sorted(set(adapters) - expected)
-        raise ValueError(f"{adapter / LORA_WEIGHTS} does not match its {LORA_SETTINGS}: missing {missing[:3]},"
-                         f" unexpected {unexpected[:3]}; copy both files of the same run.")
+    check_adapter_shapes(adapters, model, adapter / LORA_WEIGHTS, adapter / LORA_SETTINGS)
     model.load_state_dict(adapters, strict=False)
     with atomic_output_dir(Path(output_dir), overwrite=overwrite) as tmp:
         write_model_files(model, tmp, tokenizer_dir=checkpoint_dir, state=merged_state(model, model_state_dict(model),

@@ -3,11 +3,13 @@ references of their formulas, and the merge script."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import FAMILIES, bf16_copy
 from safetensors.torch import load_file
 
@@ -168,8 +170,6 @@ def test_dora_resume_gives_the_losses_of_an_uninterrupted_run(base, text_file, t
     lora = LoRAArgs(rank=4, dropout=0.1, dora=True, targets=["query", "value", "mlp"])
     setup(**run_args(base, data, tmp_path / "whole", lora=lora, max_steps=4), data_source=str(text_file))
     setup(**run_args(base, data, tmp_path / "cut", lora=lora, max_steps=4, save_interval=2))
-    import shutil
-
     shutil.rmtree(tmp_path / "cut" / "final")
     (tmp_path / "cut" / "history.json").unlink()
     setup(**run_args(base, data, tmp_path / "cut", lora=lora, max_steps=4, save_interval=2), resume="auto")
@@ -191,8 +191,68 @@ def test_bad_lora_settings_are_one_line(base, tmp_path, capsys, flags, expected)
     assert not (tmp_path / "run").exists()
 
 
-def test_an_adapter_of_another_base_is_refused(base, text_file, tmp_path, capsys):
-    setup(**run_args(base, tmp_path / "data", tmp_path / "run", max_steps=1), data_source=str(text_file))
+@pytest.fixture(scope="module")
+def lora_run(lora_base, text_file, tmp_path_factory) -> Path:
+    """One short LoRA run (rank 4) that the tests of refusals read or copy; its prepared data is beside it."""
+    root = tmp_path_factory.mktemp("lora_run")
+    setup(**run_args(lora_base, root / "data", root / "run", max_steps=1), data_source=str(text_file))
+    return root / "run"
+
+
+def one_line_error(capsys, exit_info) -> str:
+    assert exit_info.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(lines) and lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s.pop("base"), "should have a 'base' section (a mapping), found nothing"),
+    (lambda s: s["base"].pop("weights_sha256"), "its 'base' section lacks 'weights_sha256'"),
+    (lambda s: s["lora"].update(ranks=4), "unknown LoRA field 'ranks'"),
+    (lambda s: s["lora"].update(rank=0), "lora.rank must be a whole number of at least 1"),
+    (lambda s: s["lora"].update(rank=8), "lora_A_query has shape (4, 64) there, (8, 64) by the settings"),
+    (lambda s: s["lora"].update(targets=["query", "mlp"]), "missing ['transformer.h.0.mlp"),
+])
+def test_a_damaged_lora_yaml_is_one_line_in_merge_lora(lora_base, lora_run, tmp_path, capsys, edit, expected):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run / "final", adapter)
+    settings = yaml.safe_load((adapter / "lora.yaml").read_text())
+    edit(settings)
+    (adapter / "lora.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(merge_lora, ["--checkpoint_dir", str(lora_base), "--lora_dir", str(adapter), "--output_dir",
+                             str(tmp_path / "merged")])
+    assert expected in one_line_error(capsys, exit_info)
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("full", [], "is a LoRA run's checkpoint (rank 4): resume it with finetune/lora.py"),
+    ("lora", ["--lora.rank", "8"], "was trained with other adapters (rank: 4 there, 8 now)"),
+    ("lora", ["--lora.targets", "[query, value]"], "targets: ['query', 'key', 'value'] there, ['query', 'value'] now"),
+    ("lora-into-full", [], "is a checkpoint without adapters (no lora.yaml)"),
+])
+def test_resuming_into_a_run_of_another_kind_is_one_line(lora_base, lora_run, tmp_path, capsys, script, flags,
+                                                         expected):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    if script == "lora-into-full":  # a checkpoint as finetune/full.py writes it: no adapter settings
+        (run / "final" / "lora.yaml").unlink()
+        (run / "final" / "lora.safetensors").unlink()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    from finetune.full import setup as full
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(full if script == "full" else setup, ["--checkpoint_dir", str(lora_base), "--data",
+                                                      str(lora_run.parent / "data"), "--out_dir", str(run),
+                                                      "--resume", "auto", *flags])
+    assert expected in one_line_error(capsys, exit_info)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written, nothing lost
+
+
+def test_an_adapter_of_another_base_is_refused(base, lora_run, tmp_path, capsys):
+    shutil.copytree(lora_run, tmp_path / "run")
     other = tmp_path / "other"
     from lit_gpt.checkpoint import save_model_dir
 
