@@ -17,7 +17,7 @@ from lit_gpt.config import Config
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import save_figure
-from lit_gpt.utils import check_output_files, check_writable, resolve_device, run_cli, write_file
+from lit_gpt.utils import check_output_files, check_writable, eval_output, resolve_device, run_cli, write_file
 
 TEMPERATURES = ("query_temperature", "value_temperature")
 
@@ -196,7 +196,8 @@ def main(
         text_file: the text to read; default the start of the bundled Wikipedia sample.
         max_tokens: how many tokens of it.
         head: the head whose maps are drawn.
-        output_dir: default <checkpoint_dir>/attention.
+        output_dir: default out/eval/<checkpoint>/attention (a run's final/ as <run>-final), never inside the
+            checkpoint.
         device: cpu or cuda; default cuda when available.
     """
     import matplotlib
@@ -210,7 +211,7 @@ def main(
         if not 0 <= head < n_head:
             raise ValueError(f"--head {head} does not exist in {str(folder)!r}, whose layers have {n_head} heads"
                              f" (0 to {n_head - 1}).")
-    output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "attention"
+    output_dir = Path(output_dir) if output_dir is not None else eval_output(checkpoint_dir, "attention")
     check_writable(output_dir, "--output_dir", is_dir=True)
     outputs = ("attention.json", "attention_stats.png", "attention_maps.png", "temperatures.png", "selective_mask.png")
     inputs = [checkpoint_dir, compare_dir, text_file]

@@ -12,7 +12,15 @@ own API and command work too once that module is imported.
 import json
 from pathlib import Path
 
-from lit_gpt.utils import check_output_files, check_seed, check_writable, resolve_device, run_cli, write_file
+from lit_gpt.utils import (
+    check_output_files,
+    check_seed,
+    check_writable,
+    eval_output,
+    resolve_device,
+    run_cli,
+    write_file,
+)
 
 
 def main(
@@ -35,7 +43,8 @@ def main(
         num_fewshot: examples in each prompt; default the task's own.
         limit: evaluate only this many documents per task (or this fraction, below 1).
         include_path: a folder of extra task YAML files (local tasks).
-        output_file: where to write the results JSON; default <checkpoint_dir>/lm_eval.json.
+        output_file: where to write the results JSON; default out/eval/<checkpoint>/lm_eval.json (a run's final/
+            as <run>-final), never inside the checkpoint.
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
             kept in float32); default the checkpoint's own.
@@ -57,7 +66,7 @@ def main(
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include_path {include_path}: expected a folder of task YAML files, found"
                                 f" {'a file' if Path(include_path).exists() else 'nothing'} there.")
-    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "lm_eval.json"
+    output_file = Path(output_file) if output_file is not None else eval_output(checkpoint_dir, "lm_eval.json")
     check_writable(output_file, "--output_file")
     check_output_files([output_file], "--output_file", [checkpoint_dir, include_path])
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)

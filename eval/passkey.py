@@ -14,7 +14,16 @@ from pathlib import Path
 from lit_gpt.evaluation import passkey_min_length, run_passkey_grid, summarize_passkey
 from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import plot_passkey_heatmap
-from lit_gpt.utils import at_least, atomic_file, check_output_files, check_seed, check_writable, run_cli, write_file
+from lit_gpt.utils import (
+    at_least,
+    atomic_file,
+    check_output_files,
+    check_seed,
+    check_writable,
+    eval_output,
+    run_cli,
+    write_file,
+)
 
 
 def passkey_lengths(model, tokenizer, lengths: list[int] | None, max_new_tokens: int) -> list[int]:
@@ -60,7 +69,8 @@ def main(
         trials: keys tried per (length, depth) cell.
         seed: seeds the keys.
         max_new_tokens: tokens generated for the answer.
-        output_dir: where passkey.json, passkey.csv and passkey.png go; default <checkpoint_dir>/passkey.
+        output_dir: where passkey.json, passkey.csv and passkey.png go; default out/eval/<checkpoint>/passkey (a
+            run's final/ as <run>-final), never inside the checkpoint.
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
             kept in float32); default the checkpoint's own.
@@ -69,7 +79,7 @@ def main(
     check_seed(seed)
     if not depths or not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"--depths must be a non-empty list of values in [0, 1], got {depths}.")
-    output_dir = Path(output_dir) if output_dir is not None else Path(checkpoint_dir) / "passkey"
+    output_dir = Path(output_dir) if output_dir is not None else eval_output(checkpoint_dir, "passkey")
     check_writable(output_dir, "--output_dir", is_dir=True)
     check_output_files([output_dir / name for name in ("passkey.json", "passkey.csv", "passkey.png")], "--output_dir",
                        [checkpoint_dir])

@@ -15,7 +15,15 @@ from pathlib import Path
 from lit_gpt.data.prepare import BUNDLED_WIKI, local_files, read_text
 from lit_gpt.evaluation import PerplexityResult, count_words, sliding_window_nll
 from lit_gpt.generation import load_for_inference
-from lit_gpt.utils import at_least, check_hub_reachable, check_output_files, check_writable, run_cli, write_file
+from lit_gpt.utils import (
+    at_least,
+    check_hub_reachable,
+    check_output_files,
+    check_writable,
+    eval_output,
+    run_cli,
+    write_file,
+)
 
 
 def load_text(data: Path | None, dataset: str | None, dataset_config: str | None, split: str, text_column: str,
@@ -73,7 +81,8 @@ def main(
             Wikipedia sample is about 820k GPT-2 tokens, minutes on a CPU: --max_tokens 50000 for a quick look).
         window: tokens the model reads at once; default its context, at most 1024.
         stride: how far the window advances; default half the window.
-        output_file: where to write the JSON result; default <checkpoint_dir>/perplexity.json.
+        output_file: where to write the JSON result; default out/eval/<checkpoint>/perplexity.json (a run's
+            final/ as <run>-final), never inside the checkpoint.
         device: cpu or cuda; default cuda when available.
         dtype: float32, float16, bfloat16, or auto (bfloat16 where this CPU or GPU multiplies it fast, temperatures
             kept in float32); default the checkpoint's own.
@@ -81,7 +90,7 @@ def main(
     at_least(1, max_chars=max_chars, max_tokens=max_tokens, window=window, stride=stride)
     if start_char < 0:
         raise ValueError(f"--start_char must be 0 or more, got {start_char}.")
-    output_file = Path(output_file) if output_file is not None else Path(checkpoint_dir) / "perplexity.json"
+    output_file = Path(output_file) if output_file is not None else eval_output(checkpoint_dir, "perplexity.json")
     check_writable(output_file, "--output_file")
     check_output_files([output_file], "--output_file", [checkpoint_dir, data])
     model, tokenizer = load_for_inference(checkpoint_dir, device, dtype)

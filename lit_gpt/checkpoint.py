@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import ADDED_MODULES, GPT, WEIGHTS_FILENAME, slope_parameter
 from lit_gpt.tokenizer import TOKENIZER_FILES
-from lit_gpt.utils import check_fits, process_alive, set_interrupt_note
+from lit_gpt.utils import check_fits, check_readable, process_alive, set_interrupt_note
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -67,8 +67,7 @@ def load_checkpoint(
                f" {config.n_embd}, {parameters:,} parameters)", 2 * parameters, "check that model_config.yaml is the"
                " checkpoint's own (copy it again), or use a machine with more memory")
     weights = checkpoint_dir / WEIGHTS_FILENAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"Expected weights at {str(weights)!r}, found nothing there.")
+    check_readable(weights, "weights")
     try:
         with safe_open(weights, framework="pt", device=str(device)) as file:  # the tensors and the metadata, one read
             metadata = file.metadata() or {}
@@ -245,6 +244,11 @@ def staged_output_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as error:  # a full disk, say: name the output, not the temporary folder that is now gone
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno is None or error.filename is not None and not Path(error.filename).is_relative_to(tmp):
+            raise
+        raise OSError(error.errno, f"{error.strerror} while writing", str(target)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -322,10 +326,24 @@ def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O failures (a full disk, a folder gone) raised as the OSError they are (the
+    library raises its own error type with the reason in its text), so that callers report them in one line and
+    clean up as after any other failed write."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as error:
+        match = re.search(r"\(os error (\d+)\)", str(error))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def write_model_files(model: GPT, folder: Path, tokenizer_dir: Path | None = None, state: dict | None = None) -> None:
     """Weights, config and tokenizer files into an existing (temporary) folder."""
-    save_file(state if state is not None else model_state_dict(model), folder / WEIGHTS_FILENAME,
-              metadata={"format": "pt", "ssa_slope_form": model.config.ssa_slope_form})
+    save_tensors(state if state is not None else model_state_dict(model), folder / WEIGHTS_FILENAME,
+                 metadata={"format": "pt", "ssa_slope_form": model.config.ssa_slope_form})
     readable_by_all(folder / WEIGHTS_FILENAME)
     model.config.save(folder / CONFIG_FILENAME)
     if tokenizer_dir is not None:

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lit_gpt.checkpoint import (
     TORCH_DTYPES,
@@ -26,6 +25,7 @@ from lit_gpt.checkpoint import (
     read_safetensors_header,
     readable_by_all,
     safe_torch_load,
+    save_tensors,
 )
 from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.export import family_weights_to_lit, without_temperature
@@ -227,7 +227,7 @@ def convert_lit_checkpoint(
         hf_config = dict(hf_config_from_lit(backbone), dtype=str(out_dtype).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if side:
-            save_file(side, tmp / SSA_SIDE_FILE, metadata={"attention_temperature": config.attention_temperature})
+            save_tensors(side, tmp / SSA_SIDE_FILE, metadata={"attention_temperature": config.attention_temperature})
             readable_by_all(tmp / SSA_SIDE_FILE)
         copy_tokenizer_files(checkpoint_dir, tmp)
     print(f"Wrote {output_dir} ({hf_config['architectures'][0]}, {len(spec)} tensors, {out_dtype})")

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
 
+from lit_gpt.checkpoint import save_tensors
 from lit_gpt.config import Config, read_yaml
 from lit_gpt.hf import ARCHITECTURE_FIELDS
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
@@ -219,7 +219,7 @@ def lora_files(args: LoRAArgs, model: nn.Module, base_dir: Path, base: Config):
                          "weights_sha256": weights_fingerprint(Path(base_dir) / WEIGHTS_FILENAME)}}
 
     def transform(weights: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-        save_file(adapter_state(model, weights), folder / LORA_WEIGHTS, metadata={"format": "pt"})
+        save_tensors(adapter_state(model, weights), folder / LORA_WEIGHTS, metadata={"format": "pt"})
         (folder / LORA_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
         return merged_state(model, weights, args)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.utils import read_json
+from lit_gpt.utils import check_readable, read_json
 
 # files that travel with every checkpoint folder
 TOKENIZER_FILES = (
@@ -30,6 +30,7 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             path = checkpoint_dir / "tokenizer.json"
+            check_readable(path, "the tokenizer")
             try:
                 self.backend, self.processor = "huggingface", HFTokenizer.from_file(str(path))
             except Exception as error:  # the tokenizers library raises a bare Exception for a damaged file
@@ -39,6 +40,7 @@ class Tokenizer:
             self.vocab_size = self.processor.get_vocab_size(with_added_tokens=True)
             token_to_id = self.processor.token_to_id
         elif (checkpoint_dir / "tokenizer.model").is_file():
+            check_readable(checkpoint_dir / "tokenizer.model", "the tokenizer")
             self.backend, self.processor = load_model_file(checkpoint_dir / "tokenizer.model")
             if self.backend == "sentencepiece":
                 self.vocab_size = self.processor.vocab_size()

@@ -152,13 +152,42 @@ def lost_process_line(error: RuntimeError) -> str | None:
             f" process stopped first, and its own output above says why; {_interrupt_note['text']}")
 
 
+def eval_output(checkpoint_dir: Path, name: str) -> Path:
+    """Where an evaluation tool writes when no output is given: out/eval/<checkpoint>/<name>, in the working folder
+    as LitGPT's out/ is. Never inside the checkpoint: a downloaded one may be read-only or shared, an export would
+    carry the results, and a run's final/ is replaced when the run continues, taking them with it. <checkpoint> is
+    the folder's name, after its run's name for a run's final/ or step-* folder (out/eval/demo-ssa-final/)."""
+    folder = Path(os.path.abspath(checkpoint_dir))
+    label = folder.name
+    if label == "final" or re.fullmatch(r"step-\d+", label):
+        label = f"{folder.parent.name}-{label}"
+    return Path("out") / "eval" / label / name
+
+
+def check_readable(path: Path, what: str) -> None:
+    """`path` is a regular file this user can read. Libraries that open files themselves report a file they may not
+    read as missing (safetensors: "No such file or directory"), so it is checked here first."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Expected {what} at {str(path)!r}, found nothing there.")
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "something that is not a regular file"
+        raise ValueError(f"Expected {what} at {str(path)!r}, found {found}; check the path.")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{str(path)!r} ({what}) exists but cannot be read ({error.strerror}): make it readable"
+                              " for this user (chmod a+r) or run as its owner.") from None
+
+
 def error_line(error: BaseException) -> str:
     """One line for the user: our own messages as they are; an operating-system error as its reason and file, with
     what to do (not `2`, the errno, which is what `error.args[0]` holds)."""
     if isinstance(error, OSError) and error.errno is not None:
         where = f" {str(error.filename)!r}" if error.filename is not None else ""
         hint = {errno.ENOSPC: "free some disk space and run again",
-                errno.EACCES: "choose a folder you can write to, or fix its permissions",
+                errno.EACCES: "fix its permissions, or choose a path this user may read and write",
                 errno.EROFS: "choose a folder on a writable file system",
                 errno.ENOENT: "check the path",
                 errno.EEXIST: "a file stands where a folder is expected; check the path",

@@ -22,7 +22,7 @@ from lit_gpt.lora import (
     merged_state,
     read_lora_settings,
 )
-from lit_gpt.utils import check_apart, run_cli
+from lit_gpt.utils import check_apart, check_readable, run_cli
 
 
 def find_adapter(lora_dir: Path) -> Path:
@@ -49,6 +49,7 @@ def merge_lora(checkpoint_dir: Path, lora_dir: Path, output_dir: Path, overwrite
     settings, args, config = read_lora_settings(adapter / LORA_SETTINGS)
     check_same_base(settings, checkpoint_dir, adapter / LORA_SETTINGS)
     model = add_lora(load_checkpoint(checkpoint_dir, config, allow_added=True), args)
+    check_readable(adapter / LORA_WEIGHTS, "the adapter's weights")
     adapters = load_file(adapter / LORA_WEIGHTS)
     check_adapter_shapes(adapters, model, adapter / LORA_WEIGHTS, adapter / LORA_SETTINGS)
     model.load_state_dict(adapters, strict=False)

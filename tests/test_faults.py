@@ -891,7 +891,8 @@ def test_perplexity_never_writes_through_a_link(fx, tmp_path):
     outside = tmp_path / "precious.txt"
     outside.write_text("keep me")
     (folder / "perplexity.json").symlink_to(outside)
-    run_cli(cli("perplexity"), ["--checkpoint_dir", str(folder), "--max_tokens", "40"])
+    run_cli(cli("perplexity"), ["--checkpoint_dir", str(folder), "--max_tokens", "40", "--output_file",
+                                str(folder / "perplexity.json")])
     assert outside.read_text() == "keep me"
     assert not (folder / "perplexity.json").is_symlink() and "nll" in (folder / "perplexity.json").read_text()
 
@@ -912,21 +913,54 @@ def test_checkpoints_are_staged_on_the_outputs_own_disk(fx, tmp_path, monkeypatc
     assert (tmp_path / "run" / "final" / "training_state.pth").is_file()
 
 
-def test_a_full_disk_while_saving_names_the_checkpoint(fx, tmp_path, monkeypatch, capsys):
-    import errno
+def full_disk(monkeypatch, after: int = 0) -> None:
+    """safetensors' writer as it fails on a full disk (checked on a 40 MB tmpfs: its own error type, the reason in
+    the text), after `after` successful files; half of the file is written first, as a full disk leaves it."""
+    from safetensors import SafetensorError
 
     import lit_gpt.checkpoint
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real, calls = lit_gpt.checkpoint.save_file, []
 
-    monkeypatch.setattr(lit_gpt.checkpoint, "write_model_files", full)
-    with pytest.raises(SystemExit):
-        pretrain(fx, tmp_path / "run")
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) <= after:
+            return real(tensors, path, metadata=metadata)
+        Path(path).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(lit_gpt.checkpoint, "save_file", save_file)
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "lora", "merge_lora", "convert_lit"])
+def test_a_full_disk_while_writing_names_the_output_and_leaves_no_temporary(fx, tmp_path, monkeypatch, capsys, tool):
+    from scripts.merge_lora import merge_lora
+
+    out = tmp_path / "out"
+    if tool == "merge_lora":
+        run_cli(cli("lora"), tune_args(fx, tmp_path / "run"))
+        full_disk(monkeypatch)
+        argv = ["--checkpoint_dir", str(fx.vanilla), "--lora_dir", str(tmp_path / "run"), "--output_dir", str(out)]
+    elif tool == "convert_lit":  # streamed by our own writer: a plain OSError without a file name
+        from lit_gpt.checkpoint import SafetensorsStreamWriter
+
+        def write(self, name, tensor):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(SafetensorsStreamWriter, "write", write)
+        argv = ["--checkpoint_dir", str(fx.vanilla), "--output_dir", str(out)]
+    else:
+        full_disk(monkeypatch, after=1 if tool == "lora" else 0)  # LoRA: the adapter file is written, the merge not
+        argv = train_args(fx, out, "--eval.interval", "100") if tool == "pretrain" else tune_args(fx, out)
+    function = {"merge_lora": merge_lora, "convert_lit": convert_lit_checkpoint}.get(tool) or cli(tool)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(function, argv)
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "No space left on device while writing the checkpoint" in err and str(tmp_path / "run" / "final") in err
-    assert not list((tmp_path / "run").glob(".*.tmp*"))
-
+    named = out / "final" if tool in ("pretrain", "lora") else out
+    assert err.startswith("error: No space left on device while writing") and f"{str(named)!r}" in err, err
+    assert "Traceback" not in err and ".tmp" not in err
+    assert not list(tmp_path.rglob(".*tmp*")) and not named.exists()
 
 def test_a_second_conversion_into_the_same_folder_is_refused(fx, tmp_path):
     from lit_gpt.checkpoint import output_lock
@@ -1107,3 +1141,43 @@ def test_a_json_nesting_bomb_is_one_line(fx, tmp_path, name):
     folder = with_file(fx.prepared if name == "meta.json" else fx.vanilla, tmp_path, name, "[" * 200_000)
     with pytest.raises(ValueError, match="nested too deeply"):
         TokenData(folder) if name == "meta.json" else Tokenizer(folder)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_a_file_this_user_may_not_read_is_said_to_be_unreadable_not_missing(fx, tmp_path, monkeypatch, capsys, name):
+    """safetensors reports a file it may not open as "No such file or directory"; the loaders check first."""
+    import builtins
+    import errno
+
+    import lit_gpt.utils
+
+    folder = copy_of(fx.vanilla, tmp_path)
+    (folder / name).chmod(0)
+    if os.geteuid() == 0:  # root reads anything: refuse the open as the system does for any other user
+
+        def refusing_open(path, *args, **kwargs):
+            if Path(path) == folder / name:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return builtins.open(path, *args, **kwargs)
+
+        monkeypatch.setattr(lit_gpt.utils, "open", refusing_open, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cli("generate"), gen(folder))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{str(folder / name)!r}" in err and "exists but cannot be read (Permission denied)" in err, err
+
+
+def test_evaluations_write_beside_a_runs_checkpoint_not_inside_it(fx, tmp_path, monkeypatch):
+    """Round three, item 6: a run's final/ is replaced when the run continues, and took the results inside it along."""
+    monkeypatch.chdir(tmp_path)
+    final = copy_of(fx.ssa, tmp_path / "run", "final")
+    before = snapshot(final)
+    run_cli(cli("perplexity"), ["--checkpoint_dir", str(final), "--max_tokens", "40"])
+    run_cli(cli("passkey"), ["--checkpoint_dir", str(final), "--lengths", "[128]", "--depths", "[0.5]", "--trials", "1"])
+    run_cli(cli("attention"), ["--checkpoint_dir", "run/final", "--max_tokens", "16"])
+    assert snapshot(final) == before
+    results = tmp_path / "out" / "eval" / "run-final"
+    assert "nll" in (results / "perplexity.json").read_text()
+    assert "per_length" in (results / "passkey" / "passkey.json").read_text()
+    assert (results / "attention" / "attention.json").is_file()

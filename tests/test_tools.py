@@ -325,3 +325,19 @@ def test_the_docs_agree_on_which_model_goes_in_compare_dir():
         commands += re.findall(r"eval/attention\.py --checkpoint_dir (\S+) --compare_dir (\S+)", path.read_text())
     assert len(commands) >= 3
     assert all("ssa" in first and "ssa" not in second for first, second in commands), commands
+
+
+def test_the_docs_passkey_lengths_fit_the_model_they_name():
+    """The README once gave lengths of 256 to 2048 tokens for the demo, which reads 256: every one was refused. Each
+    passkey command on a demo checkpoint asks for lengths that leave the answer's 8 tokens room in its context."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    block = Config.from_name("demo").block_size
+    commands = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        commands += re.findall(r"eval/passkey\.py --checkpoint_dir out/demo\S* --lengths \"\[([\d, ]+)\]\"",
+                               path.read_text())
+    assert commands
+    for lengths in commands:
+        assert all(100 <= int(n) <= block - 8 for n in lengths.split(",")), (lengths, block)
