@@ -17,9 +17,24 @@ from lit_gpt.config import Config
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.generation import load_for_inference
 from lit_gpt.plots import save_figure
+from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import check_output_files, check_writable, eval_output, resolve_device, run_cli, write_file
 
 TEMPERATURES = ("query_temperature", "value_temperature")
+
+
+def check_same_tokens(folders: list[Path], text: str, max_tokens: int) -> None:
+    """The two checkpoints read the text as the same tokens, or their maps would set unrelated tokens side by side
+    (two tokenizers of one vocabulary size once passed silently)."""
+    if len(folders) < 2:
+        return
+    first, second = (Tokenizer(folder).encode(text)[:max_tokens] for folder in folders)
+    if not torch.equal(first, second):
+        n = min(len(first), len(second))
+        at = next((i for i in range(n) if first[i] != second[i]), n)
+        raise ValueError(f"--compare_dir {folders[1]} reads the text as other tokens than --checkpoint_dir"
+                         f" {folders[0]} (from token {at} on): its maps would show unrelated tokens beside the"
+                         " first's; compare checkpoints that share a tokenizer.")
 
 
 @torch.inference_mode()
@@ -220,6 +235,7 @@ def main(
         raise FileNotFoundError(f"--text_file {text_file}: expected a text file there, found nothing.")
     device = resolve_device(device)
     text = read_text(Path(text_file)) if text_file is not None else read_text(BUNDLED_WIKI)[20000:]
+    check_same_tokens(folders, text, max_tokens)
     results = [analyze(folder, text, max_tokens, device) for folder in folders]
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_stats(results, output_dir / "attention_stats.png")

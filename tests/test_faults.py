@@ -183,6 +183,16 @@ def swapped_tokenizer(fx, tmp: Path) -> Path:
     return target
 
 
+def permuted_tokenizer(fx, tmp: Path) -> Path:
+    """The vanilla checkpoint with a tokenizer of the same size that gives " the" and " of" each other's ids."""
+    target = copy_of(fx.vanilla, tmp, "permuted")
+    tokenizer = json.loads((target / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġof"] = vocab["Ġof"], vocab["Ġthe"]
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return target
+
+
 def other_architecture_run(fx, tmp: Path) -> Path:
     run_cli(cli("pretrain"), train_args(fx, tmp / "run"))  # a finished 2-step run of the debug model
     return tmp / "run"
@@ -338,6 +348,9 @@ CASES: dict[str, tuple[str, Callable, str]] = {
     "attention: missing comparison": (
         "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--compare_dir", str(t / "none"),
                                     "--output_dir", str(t / "o")], "found nothing there"),
+    "attention: a comparison with another tokenizer of the same size": (
+        "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--compare_dir", str(permuted_tokenizer(fx, t)),
+                                    "--output_dir", str(t / "o")], "reads the text as other tokens"),
     "attention: output under a file": (
         "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--output_dir", str(a_file(t) / "o")],
         "which is a file, not a folder"),
@@ -1174,7 +1187,8 @@ def test_evaluations_write_beside_a_runs_checkpoint_not_inside_it(fx, tmp_path, 
     final = copy_of(fx.ssa, tmp_path / "run", "final")
     before = snapshot(final)
     run_cli(cli("perplexity"), ["--checkpoint_dir", str(final), "--max_tokens", "40"])
-    run_cli(cli("passkey"), ["--checkpoint_dir", str(final), "--lengths", "[128]", "--depths", "[0.5]", "--trials", "1"])
+    run_cli(cli("passkey"), ["--checkpoint_dir", str(final), "--lengths", "[128]", "--depths", "[0.5]", "--trials",
+                          "1"])
     run_cli(cli("attention"), ["--checkpoint_dir", "run/final", "--max_tokens", "16"])
     assert snapshot(final) == before
     results = tmp_path / "out" / "eval" / "run-final"

@@ -373,24 +373,33 @@ def test_precision_auto_follows_the_bf16_probe(monkeypatch, capsys, speedup, cho
 def test_the_bf16_probe_reads_the_hardware_through_a_busy_machine(monkeypatch):
     """Another process that takes the cores during a timing only lengthens it: the probe keeps the fastest of its
     interleaved timings of each dtype, so one slowed timing of either does not flip its answer. A fake clock makes
-    each float32 timing 4 units and each bf16 one 1 unit, with the machine busy (x30) during one timing of each."""
+    each float32 timing 4 units and each bf16 one 1 unit, with the machine busy (x30) during one timing of each. The
+    clock is the thread's CPU time and the products run on one thread (a second thread that the system sets aside
+    holds the whole product up), which the probe restores afterwards."""
     import lit_gpt.fabric as fabric
 
     clock = {"now": 0.0, "calls": 0}  # timing j (0, 1, ...) runs between the clock's calls 2j + 1 and 2j + 2
-    real_matmul = torch.Tensor.__matmul__
+    real_matmul, threads = torch.Tensor.__matmul__, []
 
     def matmul(a, b):
         busy = clock["calls"] in (3, 5)  # the first bf16 timing and the second float32 one
         clock["now"] += (4.0 if a.dtype == torch.float32 else 1.0) * (30 if busy else 1)
+        threads.append(torch.get_num_threads())
         return real_matmul(a, b)
 
-    def perf_counter():
+    def thread_time():
         clock["calls"] += 1
         return clock["now"]
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
-    monkeypatch.setattr("time.perf_counter", perf_counter)
-    assert fabric.bf16_speedup(size=4) == pytest.approx(4.0)
+    monkeypatch.setattr("time.thread_time", thread_time)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fabric.bf16_speedup(size=4) == pytest.approx(4.0)
+        assert set(threads) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def wandb_history(run_dir: Path) -> dict[str, list[float]]:
