@@ -147,6 +147,9 @@ def check_data(data: DataArgs, out_dir: Path, world_size: int) -> None:
     """Before any process starts: .bin shards given in pairs, the output apart from the data, and the data prepared;
     a single process prepares it now, a multi-process launch is refused with the command to run first (rank 0 would
     prepare while the others waited past the process group's timeout)."""
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ValueError(f"--data.val_fraction must lie in (0, 1) (the share of the documents held out for"
+                         f" validation), got {data.val_fraction}.")
     if (data.train_bin is None) != (data.val_bin is None):
         raise ValueError("--data.train_bin and --data.val_bin go together (llm.c writes both, e.g."
                          " fineweb_train_*.bin and fineweb_val_*.bin): pass both, or neither to read --data.dir.")

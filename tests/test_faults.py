@@ -348,6 +348,9 @@ CASES: dict[str, tuple[str, Callable, str]] = {
     "attention: missing comparison": (
         "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--compare_dir", str(t / "none"),
                                     "--output_dir", str(t / "o")], "found nothing there"),
+    "pretrain: val_fraction above 1": (
+        "pretrain", lambda fx, t: train_args(fx, t / "o", "--data.val_fraction", "1.5"),
+        "--data.val_fraction must lie in (0, 1)"),
     "attention: a comparison with another tokenizer of the same size": (
         "attention", lambda fx, t: ["--checkpoint_dir", str(fx.ssa), "--compare_dir", str(permuted_tokenizer(fx, t)),
                                     "--output_dir", str(t / "o")], "reads the text as other tokens"),
@@ -1195,3 +1198,15 @@ def test_evaluations_write_beside_a_runs_checkpoint_not_inside_it(fx, tmp_path, 
     assert "nll" in (results / "perplexity.json").read_text()
     assert "per_length" in (results / "passkey" / "passkey.json").read_text()
     assert (results / "attention" / "attention.json").is_file()
+
+
+def test_a_run_that_loses_the_race_to_prepare_its_data_uses_the_winners(fx, tmp_path, capsys):
+    """Two launches found the folder unprepared; the second to get there used to be told to pass --overwrite, which
+    the training scripts do not have. It now finds the data prepared and uses it, changing nothing."""
+    from lit_gpt.data.prepare import prepare_before_launch
+
+    folder = copy_of(fx.prepared, tmp_path)
+    before = snapshot(folder)
+    prepare_before_launch(str(fx.corpus), folder, 1, train_tokenizer=512, val_fraction=0.05)
+    assert "was prepared meanwhile by another run; using it" in capsys.readouterr().out
+    assert snapshot(folder) == before

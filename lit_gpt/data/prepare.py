@@ -622,7 +622,14 @@ def prepare_before_launch(source: str, output_dir: Path, world_size: int, tokeni
             f"No prepared data in {str(output_dir)!r}, and a run of {world_size} processes does not prepare it (the"
             f" others would time out waiting): run `python scripts/prepare_openwebtext.py --source {source}"
             f" --output_dir {output_dir} {tokenizer} --val_fraction {val_fraction}` first, then this command.")
-    prepare(source, output_dir, tokenizer_dir=tokenizer_dir, train_tokenizer=train_tokenizer, val_fraction=val_fraction)
+    try:
+        prepare(source, output_dir, tokenizer_dir=tokenizer_dir, train_tokenizer=train_tokenizer,
+                val_fraction=val_fraction)
+    except FileExistsError:
+        if not (Path(output_dir) / META_FILENAME).is_file():
+            raise
+        # another run prepared the same folder since this one looked (a race of two launches): use what it wrote
+        print(f"{output_dir} was prepared meanwhile by another run; using it.")
 
 
 def write_prepared(train_rows, val_rows, output_dir: Path, tokenizer_dir: Path | None, train_tokenizer: int | None,
