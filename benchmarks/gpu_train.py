@@ -14,6 +14,7 @@ import torch
 from common import header, table
 
 from lit_gpt import GPT, Config
+from lit_gpt.config import find_multiple
 from lit_gpt.generation import generate
 from lit_gpt.training import micro_batch_flops
 
@@ -87,19 +88,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--no_compile", action="store_true", help="eager rows only")
+    parser.add_argument("--pad_vocab", type=int, default=64,
+                        help="pad the vocabulary to a multiple of this, as the GPT-2 pretraining recipes do (1: none)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but no CUDA GPU is here (use --device cpu for a dry run).")
     rows, decoding = [], []
     for mode in ("none", "ssa"):
-        config = Config.from_name(args.model, attention_temperature=mode, block_size=max(args.block, 256))
+        vocab = Config.from_name(args.model).vocab_size
+        config = Config.from_name(args.model, attention_temperature=mode, block_size=max(args.block, 256),
+                                  padded_vocab_size=find_multiple(vocab, args.pad_vocab))
         for compiled in (False,) if args.no_compile else (False, True):
             rows.append(train_row(config, args.micro_batch, args.block, args.steps, compiled, device))
         decoding.append(decode_row(config, device, args.new_tokens))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(header(f"Training {args.model} on {name}: micro-batch {args.micro_batch} x {args.block} tokens, bf16-mixed,"
-                 f" {args.steps} timed steps after 3"))
+                 f" vocabulary padded to {config.padded_vocab_size:,}, {args.steps} timed steps after 3"))
     print(table(["attention", "form", "tokens/s", "TFLOP/s", "MFU (bf16 peak)", "peak memory, GiB"], rows))
     print(f"\nDecoding in bf16, batch 1, {args.new_tokens} new tokens after 128, greedy, KV cache:\n")
     print(table(["attention", "tokens/s"], decoding))

@@ -4,7 +4,7 @@ time, and the training checkpoints that resume exactly.
 A checkpoint folder holds `model.safetensors`, `model_config.yaml` and the tokenizer files (a training checkpoint adds
 `training_state.pth` and `hyperparameters.yaml`). It is written under a temporary name and moved into place when
 complete (`move_into_place`), so an interrupted write never leaves a folder that later loads. `load_checkpoint` reads
-one strictly (`GPT.from_checkpoint` is the same, as a method).
+one strictly.
 """
 
 import fcntl
@@ -75,7 +75,7 @@ def load_checkpoint(
     except SafetensorError as error:
         raise ValueError(f"{str(weights)!r} is truncated or not a .safetensors file ({error}): convert or download"
                          " it again.") from None
-    check_slope_form(metadata, config, str(checkpoint_dir / CONFIG_FILENAME))
+    config.check_stored_slope_form(metadata.get("ssa_slope_form"), str(checkpoint_dir / CONFIG_FILENAME))
     for name, tensor in state_dict.items():
         check_floating(weights, name, tensor)
     damaged = [name for name, tensor in state_dict.items() if not torch.isfinite(tensor).all()]
@@ -90,18 +90,6 @@ def load_checkpoint(
     load_state_dict(model, state_dict, allow_missing, source=str(weights))
     materialize_added(model, device, dtype)
     return model
-
-
-def check_slope_form(metadata: dict, config: Config, source: str) -> None:
-    """SSA's slopes are stored as the parameter of one form (exp, sigmoid, ...): a config that names another form
-    would read other slopes from the same numbers, so it is refused. Files written before the form was recorded
-    carry none."""
-    stored = metadata.get("ssa_slope_form")
-    slopes = config.attention_temperature == "ssa_position" or config.attention_temperature == "ssa" and any(
-        config.ssa_terms(side)[0] for side in ("query", "key", "value"))
-    if stored is not None and stored != config.ssa_slope_form and slopes:
-        raise ValueError(f"{source} says ssa_slope_form {config.ssa_slope_form!r}, but the weights store the slopes"
-                         f" in the {stored!r} form: it would read other slopes from them; set it back to {stored!r}.")
 
 
 def check_tied(head: torch.Tensor | None, embedding: torch.Tensor | None, source: str, setting: str) -> None:

@@ -36,6 +36,16 @@ def check_rope_adjustments(values: dict | None) -> None:
         raise ValueError(f"Config.rope_adjustments: low_freq_factor must be below high_freq_factor, got {values}.")
 
 
+def stored_slope_form(weights: Path) -> str | None:
+    """The slope form a .safetensors file records in its metadata (None where it records none or is not there)."""
+    if not Path(weights).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as file:
+        return (file.metadata() or {}).get("ssa_slope_form")
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -179,6 +189,17 @@ class Config:
         """(position term, token term) of SSA's temperature on `side` (query, key or value)."""
         terms = getattr(self, f"ssa_{side}")
         return "position" in terms, "token" in terms
+
+    def check_stored_slope_form(self, stored: str | None, source: str) -> None:
+        """SSA's slopes are stored as the parameter of one form (exp, sigmoid, ...), which the weights' metadata
+        records: a config that names another form would read other slopes from the same numbers, so it is refused.
+        Files written before the form was recorded, or by transformers, carry none."""
+        slopes = self.attention_temperature == "ssa_position" or self.attention_temperature == "ssa" and any(
+            self.ssa_terms(side)[0] for side in ("query", "key", "value"))
+        if stored is not None and stored != self.ssa_slope_form and slopes:
+            raise ValueError(f"{source} says ssa_slope_form {self.ssa_slope_form!r}, but the weights store the slopes"
+                             f" in the {stored!r} form: it would read other slopes from them; set it back to"
+                             f" {stored!r}.")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":

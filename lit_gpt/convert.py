@@ -27,7 +27,7 @@ from lit_gpt.checkpoint import (
     safe_torch_load,
     save_tensors,
 )
-from lit_gpt.config import CONFIG_FILENAME, Config
+from lit_gpt.config import CONFIG_FILENAME, Config, stored_slope_form
 from lit_gpt.export import family_weights_to_lit, without_temperature
 from lit_gpt.hf import config_from_hf, hf_config_from_lit, hf_weights_from_lit, lit_weights_from_hf
 from lit_gpt.model import GPT, WEIGHTS_FILENAME
@@ -132,13 +132,16 @@ def convert_hf_checkpoint(
     output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + "-lit")
     check_apart(output_dir, "--output_dir", checkpoint_dir, "--checkpoint_dir")
     config, exported = load_hf_config(checkpoint_dir, model_name)
+    if exported:  # our exports record the form SSA's slopes are stored in
+        config.check_stored_slope_form(stored_slope_form(checkpoint_dir / WEIGHTS_FILENAME),
+                                       str(checkpoint_dir / "config.json"))
     files = find_weight_files(checkpoint_dir)
     target_dtype = parse_dtype(dtype) or source_dtype(files)
     with torch.device("meta"):
         spec = {k: (tuple(v.shape), target_dtype) for k, v in model_state_dict(GPT(config)).items()}
 
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec)
+        writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILENAME, spec, {"ssa_slope_form": config.ssa_slope_form})
         items = (item for f in files for item in iter_weight_file(f))
         progress = progress_bar(total=count_tensors(files), desc="converting", unit="tensor")
         to_lit = {True: remote_weights_to_lit, False: lit_weights_from_hf, "family": family_weights_to_lit}[exported]

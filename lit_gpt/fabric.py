@@ -74,11 +74,21 @@ class RunArgs:
     compile: bool = False
 
 
+def check_batch(args, world_size: int) -> int:
+    """Micro-batches per process and step; the batch sizes of `args` (the training arguments) checked against each
+    other and the processes."""
+    per_rank, remainder = divmod(args.global_batch_size, world_size)
+    if remainder or per_rank % args.micro_batch_size:
+        raise ValueError(
+            f"--train.global_batch_size {args.global_batch_size} must be a multiple of --train.micro_batch_size"
+            f" {args.micro_batch_size} times the number of processes {world_size}."
+        )
+    return per_rank // args.micro_batch_size
+
+
 def check_launch(run: RunArgs, train) -> None:
     """Before any process starts: the batch fits the processes, and a multi-node run knows how to find its nodes (one
     process that lacks them would wait forever for nodes that never come)."""
-    from lit_gpt.training import check_batch
-
     at_least(1, devices=run.devices, num_nodes=run.num_nodes)
     check_batch(train, run.devices * run.num_nodes)
     if run.num_nodes > 1:

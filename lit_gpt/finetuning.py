@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_gpt.checkpoint import find_resume_checkpoint, module_of, run_lock, save_checkpoint
+from lit_gpt.checkpoint import find_resume_checkpoint, load_checkpoint, module_of, run_lock, save_checkpoint
 from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_SSA_INIT, Config, with_ssa_flag
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare_before_launch
@@ -133,7 +133,7 @@ def load_model(checkpoint_dir: Path, base: Config, config: Config) -> GPT:
     weights become float32 whatever the file holds: the master weights that AdamW updates (under bf16-mixed too),
     since a bf16 weight rounds away most updates at fine-tuning rates (a bf16 SmolLM2 kept in bf16 changed 16% of its
     weights in 6 steps, against 92% from a float32 copy). --precision bf16-true asks for bf16 weights explicitly."""
-    return GPT.from_checkpoint(checkpoint_dir, config=config, allow_added=adds_attention(base, config),
+    return load_checkpoint(checkpoint_dir, config=config, allow_added=adds_attention(base, config),
                                dtype=torch.float32)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt.checkpoint import load_checkpoint
 from lit_gpt.kernels import use_onednn_linear
 from lit_gpt.model import GPT, TEMPERATURES
 from lit_gpt.tokenizer import Tokenizer
@@ -47,7 +48,7 @@ def load_for_inference(checkpoint_dir: Path, device: str | None = None, dtype: s
     together: a tokenizer with more tokens than the model's vocabulary would index past its embedding."""
     device = resolve_device(device)
     chosen = inference_dtype(dtype, device)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()  # as stored, then cast: temperatures kept
+    model = load_checkpoint(checkpoint_dir, device=device).eval()  # as stored, then cast: temperatures kept
     if chosen is not None and chosen != model.lm_head.weight.dtype:
         model = keep_temperatures_float32(model.to(chosen))
     model = use_onednn_linear(model)

@@ -12,7 +12,6 @@ lit_gpt/analysis.py.
 
 import math
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -186,13 +185,6 @@ class GPT(nn.Module):
                     groups["position"].append(module.position_param)
                 groups["token"] += [p for name, p in module.named_parameters() if name != "position_param"]
         return groups
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, config: Config | None = None, **kwargs) -> "GPT":
-        """Build the model a checkpoint folder describes and load its weights strictly (lit_gpt.checkpoint)."""
-        from lit_gpt.checkpoint import load_checkpoint
-
-        return load_checkpoint(checkpoint_dir, config, **kwargs)
 
 
 class Block(nn.Module):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lit_gpt.checkpoint import check_resume_point, load_training_state, module_of
 from lit_gpt.config import Config
-from lit_gpt.fabric import finish_logging
+from lit_gpt.fabric import check_batch, finish_logging
 from lit_gpt.model import GPT
 from lit_gpt.plots import plot_history
 from lit_gpt.utils import Terminated, UserFacingError, at_least, check_fits, progress_bar, set_interrupt_note
@@ -124,17 +124,6 @@ class Batches(Protocol):
 
     def val(self, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of the fixed validation batches."""
-
-
-def check_batch(args: TrainArgs, world_size: int) -> int:
-    """Micro-batches per process and step; the batch sizes checked against each other and the processes."""
-    per_rank, remainder = divmod(args.global_batch_size, world_size)
-    if remainder or per_rank % args.micro_batch_size:
-        raise ValueError(
-            f"--train.global_batch_size {args.global_batch_size} must be a multiple of --train.micro_batch_size"
-            f" {args.micro_batch_size} times the number of processes {world_size}."
-        )
-    return per_rank // args.micro_batch_size
 
 
 def check_training_fits(config, args: "TrainArgs", lora_rank: int | None = None, lora_targets: int = 0,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt import GPT
+from lit_gpt.checkpoint import load_checkpoint
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli
 from study.tasks import score_answers, split_answer, tokenized, training_documents, training_length_prompts
@@ -28,7 +28,7 @@ def main(checkpoint_dir: Path, data_dir: Path = Path("out/study/data/corpus"), p
     if not any(data_dir.glob("tokenizer*")):
         raise FileNotFoundError(f"--data_dir {data_dir}: no tokenizer there; run study/reproduce.py first.")
     tokenizer = Tokenizer(data_dir)
-    model = GPT.from_checkpoint(checkpoint_dir).eval()
+    model = load_checkpoint(checkpoint_dir).eval()
     block = model.config.block_size
     aligned = 0
     held_documents = training_documents(tokenizer, prompts, block, seed=5, held_out=True)

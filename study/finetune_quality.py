@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lit_gpt.analysis import learned_slopes
-from lit_gpt.model import GPT
+from lit_gpt.checkpoint import load_checkpoint
 from lit_gpt.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def run(arm: str, seed: int, checkpoint_dir: Path, config: Path, out_dir: Path) 
     wall = time.perf_counter() - start
     history = json.loads((out_dir / "history.json").read_text())
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    model = GPT.from_checkpoint(out_dir / "final")
+    model = load_checkpoint(out_dir / "final")
     slopes = [{side: [round(float(v), 5) for v in values] for side, values in layer.items()}
               for layer in learned_slopes(model)]
     token_norms = [round(float(p.float().norm()), 5) for name, p in model.named_parameters() if "token" in name]

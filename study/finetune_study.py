@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lit_gpt.checkpoint import load_checkpoint
 from lit_gpt.config import read_yaml
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
-from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli, write_file
 from study.data import decontaminate, prepare_folder, token_stream, training_windows
@@ -106,7 +106,7 @@ class FinetuneStudy:
 
     def score(self, folder: Path) -> dict:
         """Loss over every non-overlapping window of the validation and test texts, and the test perplexity."""
-        model = GPT.from_checkpoint(folder).eval()
+        model = load_checkpoint(folder).eval()
         window = self.grid["data"]["window"]
         losses = {split: window_loss(model, self.scored_tokens(split), window, 10**9) for split in ("val", "test")}
         return dict(val_loss=losses["val"], test_loss=losses["test"], test_ppl=math.exp(losses["test"]),

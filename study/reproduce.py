@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lit_gpt.checkpoint import load_checkpoint
 from lit_gpt.config import Config, read_yaml
 from lit_gpt.data.tokens import TokenData
 from lit_gpt.model import GPT
@@ -205,7 +206,7 @@ class Study:
         history = json.loads((folder / "history.json").read_text())
         record = dict(spec=spec, failed=False, metrics=metrics,
                       val_loss=[[h["step"], h["val_loss"]] for h in history if "val_loss" in h],
-                      learned=learned_parameters(GPT.from_checkpoint(folder / "final")),
+                      learned=learned_parameters(load_checkpoint(folder / "final")),
                       wall_s=dict(train=round(train_s, 1), evaluate=round(time.perf_counter() - start - train_s, 1)),
                       plan_sha256=self.plan_sha, plan_full_sha256=hashlib.sha256(self.plan_text.encode()).hexdigest(),
                       plan_commit=self.commit, code_commit=code_commit(), torch=torch.__version__,
@@ -278,7 +279,7 @@ class Study:
         checkpoints.setdefault(last_step, folder / "final")  # the last step is saved as final/
         curve = []
         for step in sorted(checkpoints):
-            model = GPT.from_checkpoint(checkpoints[step]).eval()
+            model = load_checkpoint(checkpoints[step]).eval()
             scores = score_answers(model, prompts)
             curve.append([step, sum(s["exact"] for s in scores) / len(scores)])
         return curve
@@ -299,7 +300,7 @@ class Study:
     def length(self, folder: Path, spec: dict, fields: dict | None = None) -> dict:
         settings = spec["evaluation"]
         config = Config.from_file(folder / "final", **(fields or {}))
-        model = GPT.from_checkpoint(folder / "final", config=config).eval()
+        model = load_checkpoint(folder / "final", config=config).eval()
         cells = []
         for cell in evaluation_cells(self.data()["tokenizer"], settings["lengths"], settings["depths"],
                                      settings["keys"], seed=0):
@@ -319,7 +320,7 @@ class Study:
     def lm(self, folder: Path, spec: dict) -> dict:
         """Mean next-token loss over every non-overlapping window of the model's length (at most `windows`) of the
         corpus validation text and of the Wikipedia sample."""
-        model = GPT.from_checkpoint(folder / "final").eval()
+        model = load_checkpoint(folder / "final").eval()
         window, most = model.config.block_size, spec["evaluation"]["windows"]
         val = np.asarray(TokenData(self.data()["corpus"]).val, dtype=np.int64)
         wiki = self.wiki_tokens()

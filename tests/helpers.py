@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_gpt.checkpoint import load_checkpoint
 from lit_gpt.config import TEMPERATURE_MODES  # noqa: F401 (re-exported for the tests)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -90,10 +91,9 @@ def trained_checkpoint(folder, text_file):
 
 def bf16_copy(base, target):
     """The checkpoint as a real download ships it (Llama, Qwen, SmolLM2): every weight in bf16."""
-    from lit_gpt import GPT
     from lit_gpt.checkpoint import save_model_dir
 
-    save_model_dir(GPT.from_checkpoint(base).to(torch.bfloat16), target, tokenizer_dir=base)
+    save_model_dir(load_checkpoint(base).to(torch.bfloat16), target, tokenizer_dir=base)
     return target
 
 

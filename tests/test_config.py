@@ -109,8 +109,19 @@ def test_ssa_recipe_differs_from_its_base_only_in_attention_keys(recipe):
     assert {k: v for k, v in ssa.items() if k not in attention | {"model"}} == {
         k: v for k, v in base.items() if k not in attention | {"model"}}
     model_keys = set(ssa.get("model", {})) | set(base.get("model", {}))
-    assert all(k == "attention_temperature" or k.startswith("ssa_") for k in model_keys)
+    differing = {k for k in model_keys if ssa.get("model", {}).get(k) != base.get("model", {}).get(k)}
+    assert all(k == "attention_temperature" or k.startswith("ssa_") for k in differing)
     assert ssa != base
+
+
+@pytest.mark.parametrize("recipe", ["gpt2-owt.yaml", "gpt2-owt-ssa.yaml", "gpt2-fineweb10b.yaml"])
+def test_gpt2_pretraining_pads_the_vocabulary_while_the_preset_matches_the_released_weights(recipe):
+    """From scratch, the output layer gets 50,304 rows (a multiple of 64, as nanoGPT and llm.c); the gpt2 preset keeps
+    the released checkpoints' 50,257, so conversion and export are unchanged."""
+    values = yaml.safe_load((Path(__file__).parents[1] / "configs" / recipe).read_text())
+    config = Config.from_name(values["model_name"], **values["model"])
+    assert config.padded_vocab_size == 50304 and config.vocab_size == 50257
+    assert Config.from_name("gpt2").padded_vocab_size == 50257
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")

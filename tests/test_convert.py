@@ -13,8 +13,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from lit_gpt import GPT  # noqa: E402
-from lit_gpt.checkpoint import is_checkpoint, safe_torch_load  # noqa: E402
+from lit_gpt.checkpoint import is_checkpoint, load_checkpoint, safe_torch_load  # noqa: E402
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def test_convert_both_ways_preserves_logits(tmp_path, family, layout):
     if layout == "bin":
         assert list(hf_dir.glob("*.bin")) and not list(hf_dir.glob("*.safetensors"))
     lit_dir = convert_hf_checkpoint(hf_dir, tmp_path / "lit")
-    model = GPT.from_checkpoint(lit_dir).eval()
+    model = load_checkpoint(lit_dir).eval()
     idx = torch.randint(0, 128, (2, 17))
     torch.testing.assert_close(logits(model, idx)[..., :128], logits(hf_model, idx), rtol=1e-5, atol=1e-5)
 
@@ -76,7 +75,7 @@ def test_dtype_option_and_default(tmp_path):
     hf_dir, _ = save_hf(tmp_path)
     convert_hf_checkpoint(hf_dir, tmp_path / "bf16", dtype="bfloat16")
     assert load_file(tmp_path / "bf16" / "model.safetensors")["transformer.wte.weight"].dtype == torch.bfloat16
-    assert GPT.from_checkpoint(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
+    assert load_checkpoint(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
     convert_hf_checkpoint(hf_dir, tmp_path / "default")
     assert load_file(tmp_path / "default" / "model.safetensors")["transformer.wte.weight"].dtype == torch.float32
 
@@ -84,9 +83,9 @@ def test_dtype_option_and_default(tmp_path):
 def test_ssa_checkpoint_exports_remote_code_or_its_backbone_when_dropped(tmp_path):
     hf_dir, hf_model = save_hf(tmp_path)
     lit_dir = convert_hf_checkpoint(hf_dir, tmp_path / "lit")
-    vanilla = GPT.from_checkpoint(lit_dir)
+    vanilla = load_checkpoint(lit_dir)
     config = vanilla.config.__class__(**{**vanilla.config.to_dict(), "attention_temperature": "ssa"})
-    ssa = GPT.from_checkpoint(lit_dir, config=config, allow_added=True)
+    ssa = load_checkpoint(lit_dir, config=config, allow_added=True)
     from lit_gpt.checkpoint import save_model_dir
 
     save_model_dir(ssa, tmp_path / "ssa", tokenizer_dir=lit_dir)

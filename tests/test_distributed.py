@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lit_gpt import GPT, Config
-from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.checkpoint import load_checkpoint, save_model_dir
 from lit_gpt.data.prepare import GPT2_TOKENIZER
 from lit_gpt.fabric import check_nodes
 from lit_gpt.lora import LoRAArgs, add_lora
@@ -220,7 +220,7 @@ def test_fsdp_on_two_processes_trains_as_one_process_and_saves_whole_weights(pre
     assert {k: v.shape for k, v in w2.items()} == {k: v.shape for k, v in w1.items()}
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
-    model = GPT.from_checkpoint(tmp_path / "fsdp" / "final")
+    model = load_checkpoint(tmp_path / "fsdp" / "final")
     assert model.config.attention_temperature == "ssa"
 
 

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from finetune.full import setup  # noqa: E402
-from lit_gpt import GPT  # noqa: E402
+from lit_gpt.checkpoint import load_checkpoint  # noqa: E402
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
 from lit_gpt.data.prepare import BUNDLED_WIKI, GPT2_TOKENIZER, REPO_DATA, read_text  # noqa: E402
 from lit_gpt.generation import generate, load_for_inference  # noqa: E402
@@ -85,7 +85,7 @@ def test_fine_tuning_with_ssa_and_the_remote_code_export(family, tmp_path):
                           warmup_steps=1, save_interval=None, ssa_position_lr=0.1, ssa_token_lr=0.1),
           eval=EvalArgs(interval=100, max_iters=2, initial_validation=True))
     final = tmp_path / "run" / "final"
-    model = GPT.from_checkpoint(final).eval()
+    model = load_checkpoint(final).eval()
     assert model.config.attention_temperature == "ssa" and model.transformer.h[0].attn.query_temperature is not None
     hf = convert_lit_checkpoint(final, tmp_path / "remote")
     request = dict(folders=[str(hf)], texts=["The grass is green. The sky is blue. " * 4], length=40, pad=5)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from finetune.full import setup
 from lit_gpt import GPT, Config
-from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.checkpoint import load_checkpoint, save_model_dir
 from lit_gpt.convert import convert_lit_checkpoint
 from lit_gpt.data.alpaca import encode_records, load_records
 from lit_gpt.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ def test_ssa_starts_from_the_checkpoints_own_validation_loss(base, text_file, tm
     assert ssa[0] == start
     setup(**arguments(base, data, tmp_path / "wrong-start"), ssa=True, model={"ssa_position_init": 0.5})
     assert val_losses(tmp_path / "wrong-start")[0] != start
-    model = GPT.from_checkpoint(tmp_path / "ssa" / "final")
+    model = load_checkpoint(tmp_path / "ssa" / "final")
     assert model.config.attention_temperature == "ssa" and model.config.ssa_position_init == 6e-4
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0
 
@@ -66,11 +66,11 @@ def test_the_attention_flags_are_those_of_pretraining(base, text_file, tmp_path,
     the two may not disagree."""
     setup(**arguments(base, tmp_path / "data", tmp_path / "logn", max_steps=1), data_source=str(text_file),
           model={"attention_temperature": "ssmax", "ssmax_init": 0.2})
-    model = GPT.from_checkpoint(tmp_path / "logn" / "final")
+    model = load_checkpoint(tmp_path / "logn" / "final")
     assert model.config.attention_temperature == "ssmax" and model.transformer.h[0].attn.query_temperature.scale.numel()
     setup(**arguments(base, tmp_path / "data", tmp_path / "ssa", max_steps=1),
           model={"attention_temperature": "ssa", "ssa_token_weights": "separate"})
-    config = GPT.from_checkpoint(tmp_path / "ssa" / "final").config
+    config = load_checkpoint(tmp_path / "ssa" / "final").config
     assert config.ssa_token_weights == "separate" and config.ssa_position_init == 6e-4  # the fine-tuning start
     with pytest.raises(ValueError, match="--ssa means --model.attention_temperature ssa"):
         setup(**arguments(base, tmp_path / "data", tmp_path / "both"), ssa=True,
@@ -88,7 +88,7 @@ def test_a_gate_starts_at_the_checkpoints_validation_loss_and_selective_attentio
     assert vanilla < math.log(50257) - 3  # a trained checkpoint: a start that is not the identity would show
     assert val_losses(tmp_path / "gate")[0] == pytest.approx(vanilla, rel=1e-6)
     assert abs(val_losses(tmp_path / "selective")[0] - vanilla) > 1e-3 * vanilla
-    gated = GPT.from_checkpoint(tmp_path / "gate" / "final")
+    gated = load_checkpoint(tmp_path / "gate" / "final")
     assert gated.config.attention_gate_scale == 2.0
     assert gated.transformer.h[0].attn.gate.proj.weight.abs().sum() > 0  # it learned
 
@@ -99,7 +99,7 @@ def test_ssa_only_trains_only_the_temperatures(base, text_file, tmp_path):
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     added = set(after) - set(before)
-    assert added == GPT.from_checkpoint(tmp_path / "run" / "final").added_parameter_names()
+    assert added == load_checkpoint(tmp_path / "run" / "final").added_parameter_names()
     assert any(after[k].abs().sum() > 0 for k in added if k.endswith("token_weight"))
 
 
@@ -139,7 +139,7 @@ def test_ssa_on_an_ssa_checkpoint_keeps_its_parameters(base, text_file, tmp_path
                       learning_rate=1e-9, min_lr=0.0, ssa_position_lr=0.0, ssa_token_lr=0.0), ssa=True)
     assert "already has attention_temperature='ssa'" in capsys.readouterr().out
     second = load_file(tmp_path / "second" / "final" / "model.safetensors")
-    temperatures = GPT.from_checkpoint(tmp_path / "first" / "final").added_parameter_names()
+    temperatures = load_checkpoint(tmp_path / "first" / "final").added_parameter_names()
     assert temperatures and all(torch.equal(first[k], second[k]) for k in temperatures)  # loaded, not re-initialised
 
 

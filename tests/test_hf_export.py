@@ -11,7 +11,7 @@ import torch
 from helpers import randomize_temperatures, write_sums_task
 
 from lit_gpt import GPT, Config
-from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.checkpoint import load_checkpoint, save_model_dir
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint
 from lit_gpt.data.prepare import GPT2_TOKENIZER
 from lit_gpt.export import exports_as_family
@@ -95,7 +95,7 @@ def test_transformers_computes_what_we_compute(exported, case):
     folders, results, request = exported
     lit, hf = folders[case]
     got = results[str(hf)]
-    model = GPT.from_checkpoint(lit).eval()
+    model = load_checkpoint(lit).eval()
     ids = got["ids"]
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], model(ids), rtol=1e-5, atol=1e-5)
@@ -212,3 +212,21 @@ def test_an_export_whose_slope_form_was_edited_is_refused(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="the weights store the slopes in the 'log' form"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_a_family_export_whose_slope_form_was_edited_is_refused_by_transformers_and_by_conversion(exported, tmp_path):
+    """The same for an export as its family (LlamaSSAForCausalLM): its weights record the form too."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(exported[0]["llama gqa rope-scaling ssa"][1], tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["lit_gpt_ssa"]["ssa_slope_form"] == "log"
+    config["lit_gpt_ssa"]["ssa_slope_form"] = "sigmoid"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the weights store the slopes in the 'log' form"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match="the weights store the slopes in the 'log' form"):
+        convert_hf_checkpoint(folder, tmp_path / "back")
+    assert not (tmp_path / "back").exists()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from finetune.lora import setup
 from lit_gpt import GPT, Config
-from lit_gpt.checkpoint import safe_torch_load
+from lit_gpt.checkpoint import load_checkpoint, safe_torch_load
 from lit_gpt.lora import LoRAArgs, LoRALinear, add_lora, lora_parameters, merged_state
 from lit_gpt.training import EvalArgs, TrainArgs
 from lit_gpt.utils import run_cli
@@ -157,7 +157,7 @@ def test_lora_run_with_ssa_starts_at_the_checkpoint_trains_only_the_adapters_and
     sizes = [(run / "final" / name).stat().st_size for name in ("lora.safetensors", "model.safetensors")]
     assert sizes[0] < sizes[1] / 10  # small, to share
     # every tool takes the merged folder; the merge script rebuilds it from the adapter alone
-    loaded = GPT.from_checkpoint(run / "final")
+    loaded = load_checkpoint(run / "final")
     assert loaded.config.attention_temperature == "ssa"
     merge_lora(base, run, tmp_path / "merged")
     again = load_file(tmp_path / "merged" / "model.safetensors")

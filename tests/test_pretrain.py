@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from lit_gpt import GPT
-from lit_gpt.checkpoint import is_checkpoint
+from lit_gpt.checkpoint import is_checkpoint, load_checkpoint
 from lit_gpt.data.prepare import BUNDLED_CORPUS, prepare
 from lit_gpt.generation import generate_text
 from lit_gpt.tokenizer import Tokenizer
@@ -63,7 +63,7 @@ def test_pretraining_writes_checkpoints_that_the_other_tools_load(data_dir, tmp_
     assert "history" not in state and state["step"] == 3  # the history grows with the run: not in every checkpoint
     val = [h["val_loss"] for h in history if "val_loss" in h]
     assert len(val) == 3 and val[-1] < val[0]  # initial, step 3, final
-    model = GPT.from_checkpoint(run / "final")
+    model = load_checkpoint(run / "final")
     assert model.config.vocab_size == 512
     text = generate_text(model.eval(), Tokenizer(run / "final"), "The", max_new_tokens=5)
     assert isinstance(text, str)
@@ -80,7 +80,7 @@ def test_ssa_switch_reaches_the_model(data_dir, tmp_path, spelling):
         args["model"]["attention_temperature"] = "ssa"
     args["train"] = dataclasses.replace(args["train"], ssa_position_lr=0.1, ssa_token_lr=0.1)
     setup(**args)
-    model = GPT.from_checkpoint(tmp_path / "run" / "final")
+    model = load_checkpoint(tmp_path / "run" / "final")
     assert model.config.attention_temperature == "ssa"
     assert model.transformer.h[0].attn.query_temperature.token_weight.abs().sum() > 0  # it trained
 
@@ -161,7 +161,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
     assert message.startswith("error: The training loss became") and "last good checkpoint is intact" in message
     saved = sorted(p.name for p in run.glob("step-*"))
     assert saved and not (run / "final").exists()
-    assert GPT.from_checkpoint(run / saved[-1]) is not None
+    assert load_checkpoint(run / saved[-1]) is not None
     assert not list(run.glob(".*.tmp"))
 
 

@@ -14,7 +14,7 @@ from helpers import SHARED, SHARED_ASSETS
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from lit_gpt import GPT  # noqa: E402
+from lit_gpt.checkpoint import load_checkpoint  # noqa: E402
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
 from lit_gpt.generation import generate_text  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
@@ -41,7 +41,7 @@ def lit_dir(hf_dir):
 
 @pytest.fixture(scope="session")
 def model(lit_dir):
-    return GPT.from_checkpoint(lit_dir).eval()
+    return load_checkpoint(lit_dir).eval()
 
 
 @pytest.fixture(scope="session")

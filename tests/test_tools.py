@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import randomize_temperatures, write_sums_task
 
 from lit_gpt import GPT, Config
-from lit_gpt.checkpoint import save_model_dir
+from lit_gpt.checkpoint import load_checkpoint, save_model_dir
 from lit_gpt.data.prepare import GPT2_TOKENIZER
 from lit_gpt.evaluation import (
     count_words,
@@ -63,7 +63,7 @@ def test_generate_refuses_too_long_and_empty_prompts(checkpoint):
 
 
 def test_cached_generation_equals_generation_without_cache(checkpoint):
-    model = GPT.from_checkpoint(checkpoint).eval()
+    model = load_checkpoint(checkpoint).eval()
     prompt = Tokenizer(checkpoint).encode("The quick brown fox").unsqueeze(0)
     cached = torch.cat(list(generate(model, prompt, 15)), dim=1)
     tokens = prompt
@@ -86,7 +86,7 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p():
 
 
 def test_stop_strings_end_the_completion(checkpoint):
-    model, tokenizer = GPT.from_checkpoint(checkpoint).eval(), Tokenizer(checkpoint)
+    model, tokenizer = load_checkpoint(checkpoint).eval(), Tokenizer(checkpoint)
     full = generate_text(model, tokenizer, "Once", max_new_tokens=20)
     stop = full[3:6]
     assert stop and generate_text(model, tokenizer, "Once", max_new_tokens=20, stop=[stop]) == full[: full.index(stop)]
@@ -109,7 +109,7 @@ def test_perplexity_equals_exp_of_the_mean_cross_entropy(checkpoint, tmp_path):
                  "--output_file", str(tmp_path / "ppl.json"))
     assert result.returncode == 0, result.stderr
     reported = json.loads((tmp_path / "ppl.json").read_text())
-    model, ids = GPT.from_checkpoint(checkpoint).eval(), Tokenizer(checkpoint).encode(text)
+    model, ids = load_checkpoint(checkpoint).eval(), Tokenizer(checkpoint).encode(text)
     with torch.no_grad():
         loss = F.cross_entropy(model(ids[None, :-1])[0], ids[1:])
     assert reported["tokens"] == ids.numel() - 1
@@ -119,7 +119,7 @@ def test_perplexity_equals_exp_of_the_mean_cross_entropy(checkpoint, tmp_path):
 
 
 def test_sliding_window_scores_every_token_once_with_enough_context(checkpoint):
-    model, ids = GPT.from_checkpoint(checkpoint).eval(), torch.randint(0, 50257, (300,))
+    model, ids = load_checkpoint(checkpoint).eval(), torch.randint(0, 50257, (300,))
     nll, count = sliding_window_nll(model, ids, window=64, stride=16, progress=False)
     assert count == ids.numel() - 1
     expected = 0.0
@@ -185,7 +185,7 @@ def test_attention_cli_compares_two_checkpoints(checkpoint, tmp_path):
     layer = report[0]["layers"][0]
     assert len(layer["query_temperature"]) == 64 and report[1]["layers"][0]["query_temperature"] is None
     assert all(0.0 <= e <= 1.0 + 1e-6 for e in layer["normalized_entropy"])
-    model = GPT.from_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint)
     slopes = [model.transformer.h[0].attn.query_temperature.position_param.exp().tolist(),
               model.transformer.h[0].attn.value_temperature.position_param.exp().tolist()]
     assert layer["query_slopes"]["per_head"] == pytest.approx(slopes[0])
@@ -223,7 +223,7 @@ def test_lm_eval_loglikelihood_matches_the_model(checkpoint):
     context, continuation = "The capital of France is", " Paris"
     request = Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
     (logprob, _), = lm.loglikelihood([request], disable_tqdm=True)
-    tokenizer, model = Tokenizer(checkpoint), GPT.from_checkpoint(checkpoint).eval()
+    tokenizer, model = Tokenizer(checkpoint), load_checkpoint(checkpoint).eval()
     ids = tokenizer.encode(context + continuation)
     n = ids.numel() - tokenizer.encode(context).numel()
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lit_gpt.config import Config
+from lit_gpt.config import Config, stored_slope_form
 from lit_gpt.model import GPT
 from lit_gpt.remote.configuration import LitGPTSSAConfig
 
@@ -49,16 +49,9 @@ class LitGPTSSAForCausalLM(PreTrainedModel, GenerationMixin):
         """As PreTrainedModel's, refusing a config.json whose ssa_slope_form differs from the form the weights store
         their slopes in (it would read other slopes from the same numbers)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        weights = Path(str(pretrained_model_name_or_path)) / "model.safetensors"
-        if weights.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="pt") as file:
-                stored = (file.metadata() or {}).get("ssa_slope_form")
-            wanted = model.model.config.ssa_slope_form
-            if stored is not None and stored != wanted and model.model.temperature_parameters():
-                raise ValueError(f"{weights.parent}/config.json says ssa_slope_form {wanted!r}, but the weights store"
-                                 f" the slopes in the {stored!r} form; set it back to {stored!r}.")
+        folder = Path(str(pretrained_model_name_or_path))
+        model.model.config.check_stored_slope_form(stored_slope_form(folder / "model.safetensors"),
+                                                   f"{folder}/config.json")
         return model
 
     def _init_weights(self, module: torch.nn.Module) -> None:
