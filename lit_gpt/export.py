@@ -161,15 +161,15 @@ def write_beside_weights(checkpoint_dir: Path, config: Config, folder: Path, hf_
 
 def exports_as_family(config: Config) -> bool:
     """Whether transformers' own class of the model's family, with lit_gpt.hf_ssa's temperatures on it, computes this
-    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3) with a temperature and neither a gate nor selective
-    attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
-    from lit_gpt.hf import hf_family, hf_model_type
+    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3) and GPT-NeoX's with a temperature and neither a gate nor
+    selective attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
+    from lit_gpt.hf import hf_model_type
     from lit_gpt.hf_ssa import SUPPORTED_MODEL_TYPES
 
     if config.vanilla_attention or config.attention_gate != "none" or config.selective_mask != "none":
         return False
     try:
-        return hf_family(config) == "llama" and hf_model_type(config) in SUPPORTED_MODEL_TYPES
+        return hf_model_type(config) in SUPPORTED_MODEL_TYPES
     except ValueError:
         return False
 
@@ -180,7 +180,10 @@ def without_temperature(config: Config) -> Config:
 
 
 TEMPERATURE_NAME = re.compile(r"transformer\.h\.(\d+)\.attn\.((?:query|key|value)_temperature\..+)$")
-HF_TEMPERATURE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.((?:query|key|value)_temperature\..+)$")
+HF_TEMPERATURE_NAME = re.compile(
+    r"(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention)\.((?:query|key|value)_temperature\..+)$")
+HF_ATTENTION = {"gpt_neox": "gpt_neox.layers.{}.attention"}  # where the family keeps a layer's attention
+HF_SELF_ATTN = "model.layers.{}.self_attn"  # the Llama layouts
 
 
 def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype: torch.dtype | None) -> int:
@@ -188,7 +191,7 @@ def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     beside the weights, their Config as config.json's `lit_gpt_ssa`, and the remote code of lit_gpt.hf_ssa, whose
     class is the family's own with the temperatures (LlamaSSAForCausalLM is a LlamaForCausalLM). The temperatures
     stay float32 at least. Returns the number of tensors."""
-    from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
+    from lit_gpt.hf import hf_config_from_lit, hf_model_type, hf_weights_from_lit
     from lit_gpt.hf_ssa import CONFIG_KEY, REMOTE_SOURCES, auto_map
     from lit_gpt.hf_ssa import MODELING_FILE as HF_SSA_MODELING_FILE
 
@@ -199,9 +202,11 @@ def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     with torch.device("meta"):
         expected = model_state_dict(GPT(config))
 
+    attention = HF_ATTENTION.get(hf_model_type(config), HF_SELF_ATTN)
+
     def hf_name(name: str) -> str | None:
         match = TEMPERATURE_NAME.match(name)
-        return None if match is None else f"model.layers.{match[1]}.self_attn.{match[2]}"
+        return None if match is None else f"{attention.format(match[1])}.{match[2]}"
 
     def out_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
         chosen = dtype or stored.get(name, tensor.dtype)

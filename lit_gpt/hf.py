@@ -96,7 +96,11 @@ def hf_family(config: Config) -> str:
 
 
 def hf_model_type(config: Config) -> str:
-    """The Hugging Face model type of a config of the Llama layout: what its extra fields say."""
+    """The Hugging Face model type of a config: gpt2 or gpt_neox, or for the Llama layout what its extra fields say
+    (llama, mistral, qwen2, qwen3)."""
+    family = hf_family(config)
+    if family != "llama":
+        return family
     if config.norm_qk:
         return "qwen3"
     if config.attn_bias and not config.bias:
@@ -364,4 +368,4 @@ def hf_config_from_lit(config: Config) -> dict:
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel"}

@@ -19,7 +19,8 @@ transformers has (eager, sdpa, flash):
 
 `save_pretrained` writes the temperatures, their Config (config.json's `lit_gpt_ssa`) and remote code whose class is the
 family's own with the temperatures; under PEFT, name TEMPERATURE_MODULES in `modules_to_save`. Supported: the Llama
-family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2). Still to come (issue 45): GPT-NeoX and GPT-2, the gate.
+family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2) and GPT-NeoX's (Pythia), whose one fused projection gets
+one hook. Still to come (issue 45): GPT-2, the gate.
 """
 
 import types
@@ -30,14 +31,15 @@ import torch.nn as nn
 from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_SSA_INIT, Config
 from lit_gpt.model import build_temperature
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 CONFIG_KEY = "lit_gpt_ssa"  # in config.json: the Config of the temperatures
 TEMPERATURE_MODULES = ("query_temperature", "key_temperature", "value_temperature")
 REMOTE_SOURCES = ("config.py", "kernels.py", "model.py", "hf_ssa.py", "remote/ssa_modeling.py")
 MODELING_FILE = "modeling_lit_gpt_hf_ssa.py"
 REMOTE_CLASSES = {"llama": "LlamaSSAForCausalLM", "mistral": "MistralSSAForCausalLM", "qwen2": "Qwen2SSAForCausalLM",
-                  "qwen3": "Qwen3SSAForCausalLM"}
+                  "qwen3": "Qwen3SSAForCausalLM", "gpt_neox": "GPTNeoXSSAForCausalLM"}
 SIDES = {"query": ("q_norm", "q_proj"), "key": ("k_norm", "k_proj"), "value": (None, "v_proj")}
+FUSED = "query_key_value"  # GPT-NeoX (Pythia): one projection whose output holds, per head, [q | k | v]
 
 
 def add_ssa(model: nn.Module, **fields) -> nn.Module:
@@ -67,7 +69,7 @@ def attach(model: nn.Module, config: Config) -> nn.Module:
     state = {}  # the positions of the current call's tokens: set by the model's pre-hook, read by every layer
     base.register_forward_pre_hook(positions_hook(state), with_kwargs=True)
     for layer in base.layers:
-        attn = layer.self_attn
+        attn = layer.self_attn if hasattr(layer, "self_attn") else layer.attention
         for side in SIDES:
             module = build_temperature(config, side)
             if module is not None:
@@ -148,6 +150,9 @@ def attention_hook(attn: nn.Module, args, kwargs):
     projections it calls now carry the temperature hooks (PEFT may have wrapped them since, and merging unwraps)."""
     attn._ssa["x"] = kwargs.get("hidden_states", args[0] if args else None)
     hooks = attn._ssa["hooks"]
+    if hasattr(attn, FUSED):
+        hook_fused(attn, hooks)
+        return None
     for side, names in SIDES.items():
         temperature = getattr(attn, f"{side}_temperature", None)  # PEFT's modules_to_save may have wrapped it
         if temperature is None:
@@ -162,6 +167,38 @@ def attention_hook(attn: nn.Module, args, kwargs):
     return None
 
 
+def hook_fused(attn: nn.Module, hooks: dict) -> None:
+    """The temperatures of a fused q/k/v projection in one hook on it (re-registered where PEFT has wrapped it or its
+    temperatures since)."""
+    target = getattr(attn, FUSED)
+    temperatures = tuple(getattr(attn, f"{side}_temperature", None) for side in SIDES)
+    if "fused" in hooks and hooks["fused"][0] is target and hooks["fused"][1] == temperatures:
+        return
+    if "fused" in hooks:
+        hooks["fused"][2].remove()
+    hooks["fused"] = (target, temperatures, target.register_forward_hook(fused_scale_hook(attn, temperatures)))
+
+
+def fused_scale_hook(attn: nn.Module, temperatures: tuple):
+    """After GPT-NeoX's fused projection (B, T, nh * 3 * hs), laid out per head as [q | k | v]: each part times its
+    side's temperature (None: unscaled)."""
+
+    def hook(module, inputs, output):
+        shape, heads = output.shape, attn._ssa["heads"]["query"]
+        log_n = position_log(attn, output)
+        parts = output.view(*shape[:2], heads, 3, -1).unbind(3)  # q, k, v: (B, T, nh, hs) each
+        scaled = [part if t is None else t(part, attn._ssa["x"], log_n) for part, t in zip(parts, temperatures)]
+        return torch.stack(scaled, 3).view(shape)
+
+    return hook
+
+
+def position_log(attn: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """log(n), n = position + 1, of the current call's tokens, in float32 at least (as our model has it)."""
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    return torch.log1p(attn._ssa["state"]["positions"].to(output.device, dtype))
+
+
 def forget_input(attn: nn.Module, args, output) -> None:
     """After each attention layer: its input is not kept past the call (a deep copy of the model could not take it)."""
     attn._ssa.pop("x", None)
@@ -174,9 +211,7 @@ def scale_hook(attn: nn.Module, temperature: nn.Module, heads: int):
     def hook(module, inputs, output):
         shape = output.shape
         target = output if output.dim() == 4 else output.view(*shape[:2], heads, -1)
-        dtype = torch.promote_types(output.dtype, torch.float32)  # log(n), n = position + 1, as our model has it
-        log_n = torch.log1p(attn._ssa["state"]["positions"].to(output.device, dtype))
-        return temperature(target, attn._ssa["x"], log_n).view(shape)
+        return temperature(target, attn._ssa["x"], position_log(attn, output)).view(shape)
 
     return hook
 

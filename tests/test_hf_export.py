@@ -118,11 +118,12 @@ def test_llama_layouts_with_temperatures_export_as_their_family_and_the_rest_as_
     """What transformers' family classes with lit_gpt.hf_ssa can express goes out that way; a gate, selective
     attention, GPT-2 and GPT-NeoX go out as the wrapper."""
     kinds = {case: exports_as_family(Config.from_file(lit)) for case, (lit, _) in exported[0].items()}
-    assert kinds["llama gqa rope-scaling ssa"] and kinds["llama logn"]
-    assert not kinds["llama gqa selective elementwise gate"] and not kinds["gpt2 ssa"] and not kinds["pythia ssa"]
+    assert kinds["llama gqa rope-scaling ssa"] and kinds["llama logn"] and kinds["pythia ssa"]
+    assert not kinds["llama gqa selective elementwise gate"] and not kinds["gpt2 ssa"] and not kinds["pythia selective"]
 
 
-@pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa", "llama logn"])
+@pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa", "llama logn", "pythia ssa separate keys"
+                                  " official", "pythia gate headwise"])
 def test_round_trip_gives_identical_weights(exported, tmp_path, case):
     from safetensors.torch import load_file
 
@@ -145,7 +146,7 @@ def test_a_model_without_temperature_stays_a_plain_hugging_face_folder(tmp_path)
 def test_the_modeling_file_is_generated_from_the_model_file(exported):
     from lit_gpt.export import modeling_source
 
-    hf = exported[0]["pythia ssa"][1]
+    hf = exported[0]["gpt2 ssa"][1]
     text = (hf / "modeling_lit_gpt_ssa.py").read_text()
     assert text == modeling_source()
     model_py = (ROOT / "lit_gpt" / "model.py").read_text()
@@ -161,7 +162,7 @@ def test_the_modeling_file_imports_only_what_a_transformers_user_has(exported):
 
     from lit_gpt.export import without_project_imports
 
-    tree = ast.parse((exported[0]["pythia ssa"][1] / "modeling_lit_gpt_ssa.py").read_text())
+    tree = ast.parse((exported[0]["gpt2 ssa"][1] / "modeling_lit_gpt_ssa.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -206,7 +207,7 @@ def test_an_export_whose_slope_form_was_edited_is_refused(exported, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    folder = shutil.copytree(exported[0]["pythia ssa"][1], tmp_path / "edited")
+    folder = shutil.copytree(exported[0]["gpt2 ssa"][1], tmp_path / "edited")
     config = json.loads((folder / "config.json").read_text())
     config["lit_config"]["ssa_slope_form"] = "sigmoid"
     (folder / "config.json").write_text(json.dumps(config))

@@ -28,12 +28,32 @@ def with_ssa(base: type) -> type:
                                                  f"{folder}/config.json")
         return model
 
-    return type(base.__name__.replace("ForCausalLM", "SSAForCausalLM"), (base,),
-                {"__init__": __init__, "from_pretrained": from_pretrained,
-                 "_keep_in_fp32_modules": list(TEMPERATURE_MODULES), "__module__": __name__})
+    name = base.__name__.replace("ForCausalLM", "SSAForCausalLM")
+    share_weight_renaming(base, name)
+    return type(name, (base,), {"__init__": __init__, "from_pretrained": from_pretrained,
+                                "_keep_in_fp32_modules": list(TEMPERATURE_MODULES), "__module__": __name__})
+
+
+def share_weight_renaming(base: type, name: str) -> None:
+    """transformers renames some families' tensors between the file and the model (GPT-NeoX's file says embed_out for
+    lm_head), looked up by class name or model type, and never for remote code unless registered: the class with SSA
+    registers its family's renaming under its own name, or it would load GPT-NeoX without its output layer."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers before 5 renames nothing this way
+        return
+    mapping = get_checkpoint_conversion_mapping(base.__name__)
+    if mapping is None:
+        mapping = get_checkpoint_conversion_mapping(base.config_class.model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
 LlamaSSAForCausalLM = with_ssa(transformers.LlamaForCausalLM)
 MistralSSAForCausalLM = with_ssa(transformers.MistralForCausalLM)
 Qwen2SSAForCausalLM = with_ssa(transformers.Qwen2ForCausalLM)
 Qwen3SSAForCausalLM = with_ssa(transformers.Qwen3ForCausalLM)
+GPTNeoXSSAForCausalLM = with_ssa(transformers.GPTNeoXForCausalLM)
