@@ -35,7 +35,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_base(tmp_path_factory, text_file):
     """One trained vanilla checkpoint (helpers.trained_checkpoint) for the fine-tuning and LoRA tests, which only read
-    it: training it costs about a minute, so the session trains it once."""
+    it: training it costs about 20 seconds, so the session trains it once."""
     from helpers import trained_checkpoint
 
     return trained_checkpoint(tmp_path_factory.mktemp("trained") / "base", text_file)

@@ -69,7 +69,8 @@ def rotate(x, cos, sin):
 
 def trained_checkpoint(folder, text_file):
     """A vanilla checkpoint (debug size, GPT-2 tokenizer) trained briefly on the text, so that its loss lies far
-    below ln(vocab) and a wrong start of anything added to it shows in the first validation loss."""
+    below ln(vocab) and a wrong start of anything added to it shows in the first validation loss: 50 steps reach a
+    training loss of about 6.3 against ln(50257) = 10.8 (120 reached 6.0, for 2.4 times the time)."""
     from lit_gpt import GPT, Config
     from lit_gpt.checkpoint import save_model_dir
     from lit_gpt.data.prepare import GPT2_TOKENIZER
@@ -79,7 +80,7 @@ def trained_checkpoint(folder, text_file):
     model = GPT(Config.from_name("debug", vocab_size=50257, block_size=128))
     ids = Tokenizer(GPT2_TOKENIZER).encode(text_file.read_text())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(120):
+    for _ in range(50):
         starts = torch.randint(0, ids.numel() - 65, (8,)).tolist()
         batch = torch.stack([ids[s : s + 65] for s in starts])
         model(batch[:, :-1], targets=batch[:, 1:]).backward()

@@ -198,25 +198,35 @@ def pretrain(prepared: Path, out_dir: Path, *extra: str) -> subprocess.Completed
                            *extra], capture_output=True, text=True, timeout=600)
 
 
+FOUR_STEPS = ("--train.max_steps", "4", "--train.lr_decay_steps", "4")  # a later --train.max_steps cuts it short
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared, tmp_path_factory) -> Path:
+    """Four steps in one process: what every run below, in parts or over processes, must equal."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    result = pretrain(prepared, run, *FOUR_STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
 def step_losses(run: Path) -> dict[int, float]:
     return {h["step"]: h["train_loss"] for h in json.loads((run / "history.json").read_text()) if "train_loss" in h}
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_processes_trains_as_one_process_and_saves_whole_weights(prepared, tmp_path):
+def test_fsdp_on_two_processes_trains_as_one_process_and_saves_whole_weights(prepared, one_process, tmp_path):
     """FSDP2 shards every block over the processes: the losses are one process's, and final/ holds whole tensors
     (Lightning's FSDP wrote this rank's shards, lm_head of shape (0,)), the same as one process's, loadable by every
     tool."""
     from safetensors.torch import load_file
 
-    runs = {"one": (), "fsdp": ("--devices", "2", "--strategy", "fsdp")}
-    for name, extra in runs.items():
-        result = pretrain(prepared, tmp_path / name, "--train.max_steps", "4", *extra)
-        assert result.returncode == 0, result.stderr[-3000:]
-    one, fsdp = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")
+    result = pretrain(prepared, tmp_path / "fsdp", *FOUR_STEPS, "--devices", "2", "--strategy", "fsdp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, fsdp = step_losses(one_process), step_losses(tmp_path / "fsdp")
     assert sorted(fsdp) == [1, 2, 3, 4]
     torch.testing.assert_close(list(fsdp.values()), list(one.values()), rtol=1e-5, atol=1e-5)
-    w1, w2 = (load_file(tmp_path / name / "final" / "model.safetensors") for name in runs)
+    w1, w2 = (load_file(run / "final" / "model.safetensors") for run in (one_process, tmp_path / "fsdp"))
     assert {k: v.shape for k, v in w2.items()} == {k: v.shape for k, v in w1.items()}
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
@@ -239,29 +249,25 @@ def test_fsdp_under_bf16_mixed_keeps_ssa_and_adamw_in_float32(prepared, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then", [(("--devices", "2"), ("--devices", "2", "--strategy", "fsdp")),
-                                         (("--devices", "2", "--strategy", "fsdp"), ())])
-def test_a_run_resumes_across_ddp_fsdp_and_world_sizes(prepared, tmp_path, first, then):
-    """Trained in two parts, the second under another strategy or process count: the losses of one run."""
-    whole = pretrain(prepared, tmp_path / "whole", "--train.max_steps", "4", "--train.lr_decay_steps", "4")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+def test_a_run_resumes_across_ddp_fsdp_and_world_sizes(prepared, one_process, tmp_path):
+    """Trained in three parts, each under another strategy or process count (DDP on two processes, then FSDP2 on
+    two, then one process): the losses of one uninterrupted run."""
     run = tmp_path / "parts"
-    part = pretrain(prepared, run, "--train.max_steps", "2", "--train.lr_decay_steps", "4", *first)
-    assert part.returncode == 0, part.stderr[-3000:]
-    part = pretrain(prepared, run, "--train.max_steps", "4", "--train.lr_decay_steps", "4", "--resume", "auto", *then)
-    assert part.returncode == 0, part.stderr[-3000:]
-    resumed, expected = step_losses(run), step_losses(tmp_path / "whole")
+    parts = {"2": ("--devices", "2"), "3": ("--devices", "2", "--strategy", "fsdp"), "4": ()}
+    for max_steps, extra in parts.items():
+        resume = ("--resume", "auto") if max_steps != "2" else ()
+        part = pretrain(prepared, run, *FOUR_STEPS, "--train.max_steps", max_steps, *resume, *extra)
+        assert part.returncode == 0, part.stderr[-3000:]
+    resumed, expected = step_losses(run), step_losses(one_process)
     assert sorted(resumed) == [1, 2, 3, 4]
     torch.testing.assert_close(list(resumed.values()), list(expected.values()), rtol=1e-5, atol=1e-5)
 
 
-def test_a_checkpoint_with_the_optimizer_keyed_by_position_still_resumes(prepared, tmp_path):
+def test_a_checkpoint_with_the_optimizer_keyed_by_position_still_resumes(prepared, one_process, tmp_path):
     """Checkpoints written before the optimizer state was keyed by parameter name (every earlier run's) keep
     resuming, with the state of each parameter where it belongs."""
-    whole = pretrain(prepared, tmp_path / "whole", "--train.max_steps", "4", "--train.lr_decay_steps", "4")
-    assert whole.returncode == 0, whole.stderr[-3000:]
     run = tmp_path / "parts"
-    assert pretrain(prepared, run, "--train.max_steps", "2", "--train.lr_decay_steps", "4").returncode == 0
+    assert pretrain(prepared, run, *FOUR_STEPS, "--train.max_steps", "2").returncode == 0
     path = run / "final" / "training_state.pth"
     state = torch.load(path, weights_only=True)
     order = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
@@ -270,9 +276,9 @@ def test_a_checkpoint_with_the_optimizer_keyed_by_position_still_resumes(prepare
                           "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
                                            for g in state["optimizer"]["param_groups"]]}
     torch.save(state, path)
-    part = pretrain(prepared, run, "--train.max_steps", "4", "--train.lr_decay_steps", "4", "--resume", "auto")
+    part = pretrain(prepared, run, *FOUR_STEPS, "--resume", "auto")
     assert part.returncode == 0, part.stderr[-3000:]
-    torch.testing.assert_close(list(step_losses(run).values()), list(step_losses(tmp_path / "whole").values()),
+    torch.testing.assert_close(list(step_losses(run).values()), list(step_losses(one_process).values()),
                                rtol=1e-6, atol=1e-6)
 
 
