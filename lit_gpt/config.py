@@ -19,6 +19,7 @@ SSATerms = Literal["none", "position", "token", "position+token"]
 
 
 FINETUNE_SSA_INIT = 6e-4  # SSA's position slope when added to a trained model, as in the official fine-tuning scripts
+FINETUNE_GATE_SCALE = 2.0  # a gate added to a trained model starts as the identity: 2 sigmoid(x W_g), W_g = 0
 
 MAX_BLOCK_SIZE = 2**22  # 4M positions: beyond, the rotary table alone would take gigabytes
 ROPE_ADJUSTMENTS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from lit_gpt.checkpoint import find_resume_checkpoint, load_checkpoint, module_of, run_lock, save_checkpoint
-from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_SSA_INIT, Config, with_ssa_flag
+from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_GATE_SCALE, FINETUNE_SSA_INIT, Config, with_ssa_flag
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import TokenBatches, TokenData
@@ -36,7 +36,6 @@ from lit_gpt.utils import check_apart, check_seed, num_parameters
 
 FINETUNE_POSITION_LR = 1e-2  # peak learning rate of the position slopes (the README says how it was chosen)
 FINETUNE_TOKEN_LR = 1e-4  # peak learning rate of the token-term weights
-FINETUNE_GATE_SCALE = 2.0  # a gate added to a checkpoint starts as the identity: 2 sigmoid(x W_g), W_g = 0
 
 
 def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, data: Path, data_source: str | None,

@@ -20,7 +20,8 @@ transformers has (eager, sdpa, flash):
 `save_pretrained` writes the temperatures, their Config (config.json's `lit_gpt_ssa`) and remote code whose class is the
 family's own with the temperatures; under PEFT, name TEMPERATURE_MODULES in `modules_to_save`. Supported: the Llama
 family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2) and GPT-NeoX's (Pythia), whose one fused projection gets
-one hook. Still to come (issue 45): GPT-2, the gate.
+one hook. `add_gate` puts gated attention on the same families (a hook before the output projection). Still to
+come (issue 45): GPT-2, selective attention.
 """
 
 import types
@@ -28,12 +29,14 @@ import types
 import torch
 import torch.nn as nn
 
-from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_SSA_INIT, Config
-from lit_gpt.model import build_temperature
+from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_GATE_SCALE, FINETUNE_SSA_INIT, Config
+from lit_gpt.model import AttentionGate, build_temperature
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 CONFIG_KEY = "lit_gpt_ssa"  # in config.json: the Config of the temperatures
 TEMPERATURE_MODULES = ("query_temperature", "key_temperature", "value_temperature")
+ADDED_MODULES = (*TEMPERATURE_MODULES, "gate")  # what add_ssa and add_gate put on a layer: PEFT's modules_to_save
+OUTPUT_PROJECTIONS = ("o_proj", "dense")  # the attention's output projection (Llama layouts, GPT-NeoX)
 REMOTE_SOURCES = ("config.py", "kernels.py", "model.py", "hf_ssa.py", "remote/ssa_modeling.py")
 MODELING_FILE = "modeling_lit_gpt_hf_ssa.py"
 REMOTE_CLASSES = {"llama": "LlamaSSAForCausalLM", "mistral": "MistralSSAForCausalLM", "qwen2": "Qwen2SSAForCausalLM",
@@ -57,12 +60,21 @@ def add_ssa(model: nn.Module, **fields) -> nn.Module:
     return attach(model, ssa_config(model, fields))
 
 
+def add_gate(model: nn.Module, attention_gate: str = "headwise", **fields) -> nn.Module:
+    """Gated attention (Qiu et al., 2025) on every attention layer of a transformers causal LM, in place: the
+    attention output, before the output projection, times 2 sigmoid(x W_g), one scalar per (token, head) (headwise)
+    or per channel (elementwise). W_g starts at zero, so the model starts as itself. `fields` are further attention
+    fields (a temperature too: attention_temperature="ssa"). Returns the model."""
+    return add_ssa(model, attention_temperature=fields.pop("attention_temperature", "none"),
+                   attention_gate=attention_gate, attention_gate_scale=FINETUNE_GATE_SCALE, **fields)
+
+
 def attach(model: nn.Module, config: Config) -> nn.Module:
     """The temperatures of `config` on every attention layer, with their hooks; the config goes into the model's own
     (config.json's `lit_gpt_ssa`), so that a saved model rebuilds them when loaded."""
-    if config.attention_gate != "none" or config.selective_mask != "none":
-        raise ValueError("add_ssa adds temperatures; the gate and selective attention in a transformers model are not"
-                         " supported yet: convert the model (scripts/convert_hf_checkpoint.py) to use them.")
+    if config.selective_mask != "none":
+        raise ValueError("Selective attention in a transformers model is not supported yet: convert the model"
+                         " (scripts/convert_hf_checkpoint.py) to use it.")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     weight = next(model.parameters())  # temperatures in float32 at least (bf16 weights: float32 temperatures)
     device, dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
@@ -76,6 +88,10 @@ def attach(model: nn.Module, config: Config) -> nn.Module:
                 module.to(device=device, dtype=dtype)
                 module.reset_parameters()
                 attn.register_module(f"{side}_temperature", module)
+        if config.attention_gate != "none":
+            gate = AttentionGate(config).to(device=device, dtype=dtype)
+            gate.reset_parameters()
+            attn.register_module("gate", gate)
         heads = {"query": config.n_head, "key": config.n_query_groups, "value": config.n_query_groups}
         attn._ssa = {"state": state, "hooks": {}, "heads": heads}
         attn.register_forward_pre_hook(attention_hook, with_kwargs=True)
@@ -150,6 +166,13 @@ def attention_hook(attn: nn.Module, args, kwargs):
     projections it calls now carry the temperature hooks (PEFT may have wrapped them since, and merging unwraps)."""
     attn._ssa["x"] = kwargs.get("hidden_states", args[0] if args else None)
     hooks = attn._ssa["hooks"]
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        output = next(getattr(attn, name) for name in OUTPUT_PROJECTIONS if hasattr(attn, name))
+        if "gate" not in hooks or hooks["gate"][0] is not output or hooks["gate"][1] is not gate:
+            if "gate" in hooks:
+                hooks["gate"][2].remove()
+            hooks["gate"] = (output, gate, output.register_forward_pre_hook(gate_hook(attn, gate)))
     if hasattr(attn, FUSED):
         hook_fused(attn, hooks)
         return None
@@ -165,6 +188,18 @@ def attention_hook(attn: nn.Module, args, kwargs):
         handle = target.register_forward_hook(scale_hook(attn, temperature, attn._ssa["heads"][side]))
         hooks[side] = (target, temperature, handle)
     return None
+
+
+def gate_hook(attn: nn.Module, gate: nn.Module):
+    """Before the output projection: its input, the heads' outputs (B, T, nh * hs), times the gate of the layer's
+    input."""
+
+    def hook(module, args):
+        y = args[0]
+        heads = attn._ssa["heads"]["query"]
+        return (gate(y.view(*y.shape[:2], heads, -1), attn._ssa["x"]).view(y.shape), *args[1:])
+
+    return hook
 
 
 def hook_fused(attn: nn.Module, hooks: dict) -> None:

@@ -30,7 +30,14 @@ VARIANTS = {
     "ssa_position": {"attention_temperature": "ssa_position"},
     "ssmax": {"attention_temperature": "ssmax"},
     "logn": {"attention_temperature": "logn", "logn_length": 4},
+    "gate headwise": {"attention_temperature": "none", "attention_gate": "headwise", "attention_gate_scale": 2.0},
+    "ssa with gate elementwise": {"attention_gate": "elementwise", "attention_gate_scale": 2.0},
 }
+
+
+def added(name: str) -> bool:
+    """A parameter that add_ssa or add_gate put on the model."""
+    return "temperature" in name or ".gate." in name
 
 
 def hf_model(family: str, attention: str = "eager", **fields):
@@ -43,9 +50,9 @@ def hf_model(family: str, attention: str = "eager", **fields):
     add_ssa(model, **fields)
     generator = torch.Generator().manual_seed(3)
     slope = slope_parameter(torch.tensor(0.05, dtype=torch.float64), model.ssa_config.ssa_slope_form)
-    with torch.no_grad():  # the temperatures away from their start (the model itself): slopes near 0.05, u random
+    with torch.no_grad():  # away from their start (the model itself): slopes near 0.05, u and the gates random
         for name, p in model.named_parameters():
-            if "temperature" in name:
+            if added(name):
                 start = slope if name.endswith("position_param") else p
                 p.copy_(start + torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
     return model.eval()
@@ -62,13 +69,13 @@ def ours_of(model) -> GPT:
     """Our model with the transformers model's weights and temperatures."""
     ours = GPT(model.ssa_config).double().eval()
     state = model.state_dict()
-    backbone = [(k, v) for k, v in state.items() if "temperature" not in k]
+    backbone = [(k, v) for k, v in state.items() if not added(k)]
     weights = dict(lit_weights_from_hf(model.ssa_config, backbone))
     for key, value in state.items():
-        if "temperature" in key:
+        if added(key):
             weights[our_name(key)] = value
     missing, unexpected = ours.load_state_dict(weights, strict=False)
-    assert not unexpected and not [k for k in missing if "temperature" in k]
+    assert not unexpected and not [k for k in missing if added(k)]
     return ours
 
 
@@ -78,7 +85,7 @@ def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
     model = hf_model(family, **VARIANTS[variant])
     ours = ours_of(model)
     has_parameters = variant != "logn"  # Qwen's logn has none
-    assert (sum("temperature" in k for k in model.state_dict()) > 0) == has_parameters
+    assert (sum(added(k) for k in model.state_dict()) > 0) == has_parameters
     idx = torch.randint(0, 96, (2, 24))
     theirs_logits, our_logits = model(idx).logits, ours(idx)
     # transformers computes RoPE's angles in float32 (1e-8 apart from ours in float64): what the tolerance allows
@@ -88,7 +95,7 @@ def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
     ours_params = dict(ours.named_parameters())
     compared = 0
     for key, p in model.named_parameters():
-        if "temperature" in key:
+        if added(key):
             torch.testing.assert_close(p.grad, ours_params[our_name(key)].grad, rtol=1e-5, atol=1e-8)
             compared += 1
     assert compared >= 2 or not has_parameters
@@ -96,7 +103,7 @@ def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
         return
     # a model whose temperatures differ computes something else: the comparison can fail
     with torch.no_grad():
-        next(p for k, p in model.named_parameters() if "temperature" in k).add_(0.5)
+        next(p for k, p in model.named_parameters() if added(k)).add_(0.5)
     assert not torch.allclose(model(idx).logits, our_logits, rtol=1e-6, atol=1e-6)  # the tolerance passed above
 
 
@@ -160,21 +167,25 @@ beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_
 hidden = model(ids, output_hidden_states=True).hidden_states
 torch.save({"logits": model(ids).logits, "beams": beams, "class": type(model).__name__,
             "bases": [c.__name__ for c in type(model).__mro__], "hidden": len(hidden),
-            "temperatures": {k: v for k, v in model.state_dict().items() if "temperature" in k}}, sys.argv[3])
+            "temperatures": {k: v for k, v in model.state_dict().items() if "temperature" in k or ".gate." in k}},
+           sys.argv[3])
 loaded = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.bfloat16)
-torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" in k}, sys.argv[3] + ".dtypes")
+torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" in k or ".gate." in k or "mlp" in k},
+           sys.argv[3] + ".dtypes")
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
-def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, tmp_path):
+@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}),
+                                            ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
+def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, fields, tmp_path):
     """save_pretrained writes the temperatures and remote code that subclasses the family's own class: loaded in a
     process where lit_gpt cannot be imported, it is a Llama (or Qwen3) with SSA, computes what the saved model did,
-    runs beam search and returns hidden states; in bf16 the temperatures stay float32."""
+    runs beam search and returns hidden states; in bf16 the temperatures and the gate stay float32 (and the MLP's
+    gate_proj does not)."""
     import subprocess
     import sys
 
-    model = hf_model(family)
+    model = hf_model(family, **fields)
     model.save_pretrained(tmp_path / "saved")
     ids = torch.randint(0, 96, (1, 10))
     torch.save(ids, tmp_path / "ids.pt")
@@ -185,34 +196,37 @@ def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(fam
     base_class = type(model).__name__
     assert got["class"] == base_class.replace("ForCausalLM", "SSAForCausalLM") and base_class in got["bases"]
     torch.testing.assert_close(got["logits"], model(ids).logits, rtol=1e-6, atol=1e-6)  # sdpa there, eager here
-    expected = {k: v for k, v in model.state_dict().items() if "temperature" in k}
+    expected = {k: v for k, v in model.state_dict().items() if added(k)}
     assert got["temperatures"].keys() == expected.keys() and expected
     assert all(torch.equal(got["temperatures"][k], v) for k, v in expected.items())
     assert torch.equal(got["beams"], model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
                                                     pad_token_id=0))
     assert got["hidden"] == model.config.num_hidden_layers + 1
-    assert set(torch.load(tmp_path / "out.pt.dtypes").values()) == {torch.float32}
+    dtypes = torch.load(tmp_path / "out.pt.dtypes")
+    assert {dtype for name, dtype in dtypes.items() if "mlp" not in name} == {torch.float32}
+    assert {dtype for name, dtype in dtypes.items() if "mlp" in name} == {torch.bfloat16}
 
 
-def lora_model(family: str = "llama"):
+def lora_model(family: str = "llama", **fields):
     peft = pytest.importorskip("peft")
-    from lit_gpt.hf_ssa import TEMPERATURE_MODULES
+    from lit_gpt.hf_ssa import ADDED_MODULES
 
-    model = hf_model(family)
+    model = hf_model(family, **fields)
     targets = ["query_key_value", "dense"] if family == "gpt_neox" else ["q_proj", "k_proj", "v_proj", "o_proj"]
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # B random: an update
                              target_modules=targets,
-                             modules_to_save=list(TEMPERATURE_MODULES))
+                             modules_to_save=list(ADDED_MODULES))
     return model, peft.get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
-def test_lora_through_peft_trains_adapters_and_temperatures_and_merges_with_ssa(family):
-    """SSA before PEFT, the temperatures in modules_to_save: the hooks scale the projection with its LoRA update (a
-    hook left on the base layer would scale the base alone), both train, and merge_and_unload keeps SSA."""
+@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}),
+                                            ("qwen2", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
+def test_lora_through_peft_trains_adapters_and_temperatures_and_merges_with_ssa(family, fields):
+    """SSA (and a gate) before PEFT, in modules_to_save: the hooks scale the projection with its LoRA update (a hook
+    left on the base layer would scale the base alone), all train, and merge_and_unload keeps SSA and the gate."""
     import copy
 
-    _, model = lora_model(family)
+    _, model = lora_model(family, **fields)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("temperature" in n for n in trainable)
     assert not any("embed" in n or n.endswith("proj.base_layer.weight") or n.endswith("value.base_layer.weight")
@@ -230,6 +244,7 @@ def test_lora_through_peft_trains_adapters_and_temperatures_and_merges_with_ssa(
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert any("lora_B" in n for n in changed) and any("temperature" in n for n in changed)
+    assert any(".gate." in n for n in changed) == bool(fields)
 
 
 def test_the_trainer_trains_a_step_of_lora_with_ssa(tmp_path):

@@ -9,6 +9,10 @@ import transformers
 from lit_gpt.config import Config, stored_slope_form
 from lit_gpt.hf_ssa import CONFIG_KEY, TEMPERATURE_MODULES, attach
 
+# what stays float32 in a half-precision model: the temperatures and the attention's gate (named with its parent, as
+# transformers matches these as patterns and a bare "gate" would take the MLP's gate_proj along)
+KEEP_IN_FLOAT32 = [*TEMPERATURE_MODULES, "self_attn.gate", "attention.gate"]
+
 
 def with_ssa(base: type) -> type:
     """`base` (LlamaForCausalLM, ...) whose constructor adds the temperatures; they stay float32 when the rest is
@@ -31,7 +35,7 @@ def with_ssa(base: type) -> type:
     name = base.__name__.replace("ForCausalLM", "SSAForCausalLM")
     share_weight_renaming(base, name)
     return type(name, (base,), {"__init__": __init__, "from_pretrained": from_pretrained,
-                                "_keep_in_fp32_modules": list(TEMPERATURE_MODULES), "__module__": __name__})
+                                "_keep_in_fp32_modules": KEEP_IN_FLOAT32, "__module__": __name__})
 
 
 def share_weight_renaming(base: type, name: str) -> None:
