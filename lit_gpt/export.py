@@ -161,12 +161,12 @@ def write_beside_weights(checkpoint_dir: Path, config: Config, folder: Path, hf_
 
 def exports_as_family(config: Config) -> bool:
     """Whether transformers' own class of the model's family, with lit_gpt.hf_ssa's temperatures on it, computes this
-    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3) and GPT-NeoX's with a temperature and neither a gate nor
+    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3) and GPT-NeoX's with a temperature or a gate, without
     selective attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
     from lit_gpt.hf import hf_model_type
     from lit_gpt.hf_ssa import SUPPORTED_MODEL_TYPES
 
-    if config.vanilla_attention or config.attention_gate != "none" or config.selective_mask != "none":
+    if config.vanilla_attention or config.selective_mask != "none":
         return False
     try:
         return hf_model_type(config) in SUPPORTED_MODEL_TYPES
@@ -175,13 +175,19 @@ def exports_as_family(config: Config) -> bool:
 
 
 def without_temperature(config: Config) -> Config:
-    """The backbone a family's own class computes: the config with attention_temperature "none"."""
+    """The config with attention_temperature "none" (what --drop_ssa exports)."""
     return Config.from_dict({**config.to_dict(), "attention_temperature": "none"})
 
 
-TEMPERATURE_NAME = re.compile(r"transformer\.h\.(\d+)\.attn\.((?:query|key|value)_temperature\..+)$")
-HF_TEMPERATURE_NAME = re.compile(
-    r"(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention)\.((?:query|key|value)_temperature\..+)$")
+def family_backbone(config: Config) -> Config:
+    """The backbone a family's own class computes: the config without the temperature and the gate that
+    lit_gpt.hf_ssa adds to it."""
+    return Config.from_dict({**config.to_dict(), "attention_temperature": "none", "attention_gate": "none"})
+
+
+ADDED = r"(?:(?:query|key|value)_temperature|gate)\..+"  # what lit_gpt.hf_ssa adds to a family's attention
+TEMPERATURE_NAME = re.compile(rf"transformer\.h\.(\d+)\.attn\.({ADDED})$")
+HF_TEMPERATURE_NAME = re.compile(rf"(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention)\.({ADDED})$")
 HF_ATTENTION = {"gpt_neox": "gpt_neox.layers.{}.attention"}  # where the family keeps a layer's attention
 HF_SELF_ATTN = "model.layers.{}.self_attn"  # the Llama layouts
 
@@ -195,7 +201,7 @@ def write_family_model(checkpoint_dir: Path, config: Config, folder: Path, dtype
     from lit_gpt.hf_ssa import CONFIG_KEY, REMOTE_SOURCES, auto_map
     from lit_gpt.hf_ssa import MODELING_FILE as HF_SSA_MODELING_FILE
 
-    backbone = without_temperature(config)
+    backbone = family_backbone(config)
     weights = checkpoint_dir / WEIGHTS_FILENAME
     header, _ = read_safetensors_header(weights)
     stored = {name: TORCH_DTYPES[info["dtype"]] for name, info in header.items()}
@@ -243,7 +249,7 @@ def family_weights_to_lit(config: Config, items, dtype: torch.dtype | None = Non
     the temperatures renamed."""
     from lit_gpt.hf import lit_weights_from_hf
 
-    backbone = without_temperature(config)
+    backbone = family_backbone(config)
     temperatures = []
 
     def others():

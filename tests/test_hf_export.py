@@ -119,6 +119,7 @@ def test_llama_layouts_with_temperatures_export_as_their_family_and_the_rest_as_
     attention, GPT-2 and GPT-NeoX go out as the wrapper."""
     kinds = {case: exports_as_family(Config.from_file(lit)) for case, (lit, _) in exported[0].items()}
     assert kinds["llama gqa rope-scaling ssa"] and kinds["llama logn"] and kinds["pythia ssa"]
+    assert kinds["pythia gate headwise"]
     assert not kinds["llama gqa selective elementwise gate"] and not kinds["gpt2 ssa"] and not kinds["pythia selective"]
 
 
