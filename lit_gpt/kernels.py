@@ -126,6 +126,26 @@ def low_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool,
     return total, grad_hidden, grad_weight, grad_bias
 
 
+ONEDNN_GELU_FROM = 1 << 17  # elements: below this PyTorch's own GELU is the faster one on the CPUs measured
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """F.gelu, kept off oneDNN for the small tensors of decoding and SSA's token term. PyTorch hands the CPU's GELU to
+    oneDNN, which on two AMD EPYC cores (torch 2.13) took about 0.1 ms for any tensor under 8,192 elements on one
+    thread and 12 ms on two threads of a loaded machine, where PyTorch's own takes 1.4-4 us; its own stays faster up
+    to 65,536 elements (270 us against 1,166) and oneDNN wins from about 262,144 (241 against 978): training's
+    activations keep oneDNN. Decoding SmolLM2 with SSA in transformers ran 2.6 times slower than without SSA on a
+    loaded machine through this alone (benchmarks/results/hf_ssa.md)."""
+    if x.device.type != "cpu" or x.numel() >= ONEDNN_GELU_FROM or torch.compiler.is_compiling():
+        return F.gelu(x, approximate=approximate)
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.gelu(x, approximate=approximate)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
 class OneDNNLinear(nn.Linear):
     """nn.Linear whose product runs in oneDNN when no gradient is wanted, on the CPU, in float32 (see
     `use_onednn_linear`); otherwise (and inside torch.compile, which lowers it its own way) exactly nn.Linear."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt.config import Config
-from lit_gpt.kernels import LinearCrossEntropy
+from lit_gpt.kernels import LinearCrossEntropy, gelu
 
 WEIGHTS_FILENAME = "model.safetensors"
 
@@ -435,7 +435,7 @@ def scale_together(temperatures, targets, position_ids: torch.Tensor, cache: "KV
     else:  # the rows of the tokens' positions, (T, heads) or (B, T, heads)
         base = table.index_select(0, position_ids) if position_ids.dim() == 1 else table[position_ids]
     features = torch.cat([f for t, f in zip(temperatures, targets) if t is not None], dim=2)  # (B, T, heads, hs)
-    tau = torch.tanh((F.gelu(features.to(dtype)) * weights).sum(-1)) + base  # tanh(0) = 0 where u is off
+    tau = torch.tanh((gelu(features.to(dtype)) * weights).sum(-1)) + base  # tanh(0) = 0 where u is off
     taus = iter(tau.split(heads, dim=-1))
     return [f if t is None else (f * next(taus).unsqueeze(-1)).to(f.dtype) for t, f in zip(temperatures, targets)]
 
@@ -568,7 +568,7 @@ def ssa_temperature(features, token_weight, position_param, log_n, form) -> tupl
         tau = tau + slope_and_derivative(position_param.to(log_n.dtype), form)[0] * log_n  # (T, h) or (1, T, h)
     token_term = None
     if token_weight is not None:
-        pre = torch.einsum("bthd,hd->bth", F.gelu(features.to(log_n.dtype)), token_weight.to(log_n.dtype))
+        pre = torch.einsum("bthd,hd->bth", gelu(features.to(log_n.dtype)), token_weight.to(log_n.dtype))
         token_term = torch.tanh(pre)  # (B, T, h)
         tau = tau + token_term
     return tau, token_term
@@ -608,7 +608,7 @@ class ScaleByTemperature(torch.autograd.Function):
             d_pre = d_tau * (1 - token_term**2)  # through tanh
             features = features.to(acc)
             if ctx.needs_input_grad[2]:
-                grad_weight = torch.einsum("bth,bthd->hd", d_pre, F.gelu(features)).to(token_weight.dtype)
+                grad_weight = torch.einsum("bth,bthd->hd", d_pre, gelu(features)).to(token_weight.dtype)
             if ctx.needs_input_grad[1] or ctx.shared and ctx.needs_input_grad[0]:
                 grad_features = torch.ops.aten.gelu_backward(d_pre.unsqueeze(-1) * token_weight.to(acc), features)
                 grad_features = grad_features.to(target.dtype)
@@ -667,7 +667,7 @@ class GptNeoxMLP(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+        return self.proj(gelu(self.fc(x), approximate=self.approximate))
 
 
 class LLaMAMLP(nn.Module):

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -124,6 +125,39 @@ class Batches(Protocol):
 
     def val(self, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of the fixed validation batches."""
+
+
+class Prefetched:
+    """`batches` with the next step's training batch read on a background thread while this step computes (its
+    windows gathered from memory-mapped tokens, which may come from disk), on a GPU into pinned memory and copied
+    without blocking. A step's batch is a function of the step alone, so prefetching changes no result."""
+
+    def __init__(self, batches: Batches, device: torch.device) -> None:
+        self.batches, self.device = batches, torch.device(device)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.pending: tuple[tuple[int, int, int], Future] | None = None
+
+    def train(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (step, rank, world_size)
+        future = self.pending[1] if self.pending is not None and self.pending[0] == key else self.submit(*key)
+        self.pending = ((step + 1, rank, world_size), self.submit(step + 1, rank, world_size))
+        inputs, targets = future.result()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def submit(self, step: int, rank: int, world_size: int) -> Future:
+        return self.pool.submit(self.load, step, rank, world_size)
+
+    def load(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.batches.train(step, rank, world_size)
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
+
+    def val(self, rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches.val(rank, world_size)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_training_fits(config, args: "TrainArgs", lora_rank: int | None = None, lora_targets: int = 0,
@@ -295,7 +329,8 @@ def fit(
     if eval_args.initial_validation and state["step"] == 0:
         log_validation(fabric, model, batches, state)
     started = time.perf_counter()
-    with stop_on_interrupt() as interrupted, contextlib.closing(progress):
+    batches = Prefetched(batches, fabric.device)
+    with stop_on_interrupt() as interrupted, contextlib.closing(progress), contextlib.closing(batches):
         while state["step"] < max_steps:
             loss = optimizer_step(fabric, model, optimizer, batches, state["step"], args, max_steps, accumulation)
             state["step"] += 1

@@ -87,7 +87,7 @@ def test_a_gate_starts_at_the_checkpoints_validation_loss_and_selective_attentio
     vanilla = val_losses(tmp_path / "vanilla")[0]
     assert vanilla < math.log(50257) - 3  # a trained checkpoint: a start that is not the identity would show
     assert val_losses(tmp_path / "gate")[0] == pytest.approx(vanilla, rel=1e-6)
-    assert abs(val_losses(tmp_path / "selective")[0] - vanilla) > 1e-3 * vanilla
+    assert abs(val_losses(tmp_path / "selective")[0] - vanilla) > 1e-4 * vanilla  # far above float noise (1e-6)
     gated = load_checkpoint(tmp_path / "gate" / "final")
     assert gated.config.attention_gate_scale == 2.0
     assert gated.transformer.h[0].attn.gate.proj.weight.abs().sum() > 0  # it learned

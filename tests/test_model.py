@@ -444,3 +444,26 @@ def test_the_linear_path_of_inference_is_the_one_measured_faster(monkeypatch):
     monkeypatch.setenv("LIT_GPT_LINEAR", "mkl")
     with pytest.raises(ValueError, match="expected onednn or torch"):
         faster_linear_path(weight)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_keeps_small_tensors_off_onednn_and_equals_torchs(monkeypatch, approximate):
+    """oneDNN's CPU GELU costs 0.1-12 ms on the few hundred values of a decoding step (PyTorch's own 1.4 us): small
+    tensors go to PyTorch's own, large ones (training's activations) stay with oneDNN, the setting restored."""
+    import torch.nn.functional as F
+
+    import lit_gpt.kernels as kernels
+
+    seen, enabled = [], torch._C._get_mkldnn_enabled()
+    real = F.gelu
+
+    def recording(x, approximate="none"):
+        seen.append(torch._C._get_mkldnn_enabled())
+        return real(x, approximate=approximate)
+
+    monkeypatch.setattr(kernels.F, "gelu", recording)
+    small, large = torch.randn(2, 1, 9, 64), torch.randn(kernels.ONEDNN_GELU_FROM)
+    for x in (small, large):
+        torch.testing.assert_close(kernels.gelu(x, approximate), real(x, approximate=approximate), rtol=1e-6,
+                                   atol=1e-6)
+    assert seen == [False, enabled] and torch._C._get_mkldnn_enabled() == enabled

@@ -471,3 +471,36 @@ def test_compile_is_one_flag_and_reaches_the_blocks(data_dir, tmp_path, monkeypa
         assert "--compile" in text and "--train.compile" not in text
         assert "default the backbone's" not in text and "(null: learning_rate)" in text.replace("\n", " ").replace(
             "  ", " ")
+
+
+def test_prefetched_batches_are_the_batches_of_each_step_and_the_next_is_read_ahead():
+    """The next step's batch is read on a background thread while a step computes; every step still gets its own
+    batch, also after a jump (a resumed run) and under another rank or process count."""
+    import threading
+
+    from lit_gpt.training import Prefetched
+
+    class Recorded:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def train(self, step, rank, world_size):
+            self.calls.append((step, rank, world_size, threading.current_thread().name))
+            value = torch.full((2, 3), step * 10 + rank, dtype=torch.long)
+            return value, value + 1
+
+        def val(self, rank, world_size):
+            return [(torch.zeros(1), torch.ones(1))]
+
+    source = Recorded()
+    batches = Prefetched(source, torch.device("cpu"))
+    try:
+        for step, rank, world_size in [(0, 0, 1), (1, 0, 1), (2, 0, 1), (7, 1, 2), (8, 1, 2)]:
+            inputs, targets = batches.train(step, rank, world_size)
+            assert torch.equal(inputs, torch.full((2, 3), step * 10 + rank)) and torch.equal(targets, inputs + 1)
+            assert batches.pending[0] == (step + 1, rank, world_size)  # read ahead while this step runs
+        assert all(name.startswith("prefetch") for *_, name in source.calls)
+        assert [call[:3] for call in source.calls].count((2, 0, 1)) == 1  # read once, ahead, not again
+        assert len(batches.val(0, 1)) == 1
+    finally:
+        batches.close()
