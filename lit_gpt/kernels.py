@@ -126,16 +126,15 @@ def low_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool,
     return total, grad_hidden, grad_weight, grad_bias
 
 
-ONEDNN_GELU_FROM = 1 << 17  # elements: below this PyTorch's own GELU is the faster one on the CPUs measured
+ONEDNN_GELU_FROM = 1 << 15  # elements: below this PyTorch's own GELU is the faster one on the CPUs measured
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """F.gelu, kept off oneDNN for the small tensors of decoding and SSA's token term. PyTorch hands the CPU's GELU to
-    oneDNN, which on two AMD EPYC cores (torch 2.13) took about 0.1 ms for any tensor under 8,192 elements on one
-    thread and 12 ms on two threads of a loaded machine, where PyTorch's own takes 1.4-4 us; its own stays faster up
-    to 65,536 elements (270 us against 1,166) and oneDNN wins from about 262,144 (241 against 978): training's
-    activations keep oneDNN. Decoding SmolLM2 with SSA in transformers ran 2.6 times slower than without SSA on a
-    loaded machine through this alone (benchmarks/results/hf_ssa.md)."""
+    """F.gelu, kept off oneDNN for small tensors (decoding's, SSA's token term). PyTorch hands the CPU's GELU to
+    oneDNN, which on two AMD EPYC cores (torch 2.13, benchmarks/results/gelu.md) takes 8.9 us on 576 values where
+    PyTorch's own takes 1.5 us, 12.4 against 9.9 on 8,192, and wins from about 65,536 (34 against 39): training's
+    activations keep oneDNN. On a loaded machine a oneDNN call on a small tensor took up to 12 ms (its second thread
+    waiting for a core). Greedy decoding of pythia-70m runs 1.20x as fast with this."""
     if x.device.type != "cpu" or x.numel() >= ONEDNN_GELU_FROM or torch.compiler.is_compiling():
         return F.gelu(x, approximate=approximate)
     enabled = torch._C._get_mkldnn_enabled()
