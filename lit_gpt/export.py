@@ -169,7 +169,7 @@ def exports_as_family(config: Config) -> bool:
     if config.vanilla_attention or config.selective_mask != "none":
         return False
     try:
-        return hf_model_type(config) in SUPPORTED_MODEL_TYPES
+        return hf_model_type(config) in SUPPORTED_MODEL_TYPES and hf_model_type(config) != "gpt2"  # not yet
     except ValueError:
         return False
 

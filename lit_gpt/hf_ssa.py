@@ -19,9 +19,9 @@ transformers has (eager, sdpa, flash):
 
 `save_pretrained` writes the temperatures, their Config (config.json's `lit_gpt_ssa`) and remote code whose class is the
 family's own with the temperatures; under PEFT, name TEMPERATURE_MODULES in `modules_to_save`. Supported: the Llama
-family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2) and GPT-NeoX's (Pythia), whose one fused projection gets
-one hook. `add_gate` puts gated attention on the same families (a hook before the output projection). Still to
-come (issue 45): GPT-2, selective attention.
+family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2), GPT-NeoX's (Pythia) and GPT-2's, whose one fused
+projection gets one hook. `add_gate` puts gated attention on the same families (a hook before the output
+projection). Still to come (issue 45): selective attention.
 """
 
 import types
@@ -32,17 +32,18 @@ import torch.nn as nn
 from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_GATE_SCALE, FINETUNE_SSA_INIT, Config
 from lit_gpt.model import AttentionGate, build_temperature
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
 CONFIG_KEY = "lit_gpt_ssa"  # in config.json: the Config of the temperatures
 TEMPERATURE_MODULES = ("query_temperature", "key_temperature", "value_temperature")
 ADDED_MODULES = (*TEMPERATURE_MODULES, "gate")  # what add_ssa and add_gate put on a layer: PEFT's modules_to_save
-OUTPUT_PROJECTIONS = ("o_proj", "dense")  # the attention's output projection (Llama layouts, GPT-NeoX)
+OUTPUT_PROJECTIONS = ("o_proj", "dense", "c_proj")  # the attention's output projection (Llama, GPT-NeoX, GPT-2)
 REMOTE_SOURCES = ("config.py", "kernels.py", "model.py", "hf_ssa.py", "remote/ssa_modeling.py")
 MODELING_FILE = "modeling_lit_gpt_hf_ssa.py"
 REMOTE_CLASSES = {"llama": "LlamaSSAForCausalLM", "mistral": "MistralSSAForCausalLM", "qwen2": "Qwen2SSAForCausalLM",
-                  "qwen3": "Qwen3SSAForCausalLM", "gpt_neox": "GPTNeoXSSAForCausalLM"}
+                  "qwen3": "Qwen3SSAForCausalLM", "gpt_neox": "GPTNeoXSSAForCausalLM", "gpt2": "GPT2SSALMHeadModel"}
 SIDES = {"query": ("q_norm", "q_proj"), "key": ("k_norm", "k_proj"), "value": (None, "v_proj")}
-FUSED = "query_key_value"  # GPT-NeoX (Pythia): one projection whose output holds, per head, [q | k | v]
+# one projection for q, k and v: GPT-NeoX's output holds, per head, [q | k | v]; GPT-2's [q | k | v], each all heads
+FUSED = {"query_key_value": "per head", "c_attn": "by part"}
 
 
 def add_ssa(model: nn.Module, **fields) -> nn.Module:
@@ -80,8 +81,8 @@ def attach(model: nn.Module, config: Config) -> nn.Module:
     device, dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
     state = {}  # the positions of the current call's tokens: set by the model's pre-hook, read by every layer
     base.register_forward_pre_hook(positions_hook(state), with_kwargs=True)
-    for layer in base.layers:
-        attn = layer.self_attn if hasattr(layer, "self_attn") else layer.attention
+    for layer in base.layers if hasattr(base, "layers") else base.h:  # GPT-2 calls its layers h
+        attn = next(getattr(layer, name) for name in ("self_attn", "attention", "attn") if hasattr(layer, name))
         for side in SIDES:
             module = build_temperature(config, side)
             if module is not None:
@@ -173,8 +174,9 @@ def attention_hook(attn: nn.Module, args, kwargs):
             if "gate" in hooks:
                 hooks["gate"][2].remove()
             hooks["gate"] = (output, gate, output.register_forward_pre_hook(gate_hook(attn, gate)))
-    if hasattr(attn, FUSED):
-        hook_fused(attn, hooks)
+    fused = next((name for name in FUSED if hasattr(attn, name)), None)
+    if fused is not None:
+        hook_fused(attn, hooks, fused)
         return None
     for side, names in SIDES.items():
         temperature = getattr(attn, f"{side}_temperature", None)  # PEFT's modules_to_save may have wrapped it
@@ -202,28 +204,31 @@ def gate_hook(attn: nn.Module, gate: nn.Module):
     return hook
 
 
-def hook_fused(attn: nn.Module, hooks: dict) -> None:
+def hook_fused(attn: nn.Module, hooks: dict, name: str) -> None:
     """The temperatures of a fused q/k/v projection in one hook on it (re-registered where PEFT has wrapped it or its
     temperatures since)."""
-    target = getattr(attn, FUSED)
+    target = getattr(attn, name)
     temperatures = tuple(getattr(attn, f"{side}_temperature", None) for side in SIDES)
     if "fused" in hooks and hooks["fused"][0] is target and hooks["fused"][1] == temperatures:
         return
     if "fused" in hooks:
         hooks["fused"][2].remove()
-    hooks["fused"] = (target, temperatures, target.register_forward_hook(fused_scale_hook(attn, temperatures)))
+    hook = fused_scale_hook(attn, temperatures, FUSED[name] == "per head")
+    hooks["fused"] = (target, temperatures, target.register_forward_hook(hook))
 
 
-def fused_scale_hook(attn: nn.Module, temperatures: tuple):
-    """After GPT-NeoX's fused projection (B, T, nh * 3 * hs), laid out per head as [q | k | v]: each part times its
-    side's temperature (None: unscaled)."""
+def fused_scale_hook(attn: nn.Module, temperatures: tuple, per_head: bool):
+    """After a fused projection (B, T, 3 * nh * hs), laid out per head as [q | k | v] (GPT-NeoX) or as [q | k | v] of
+    all heads each (GPT-2): each part times its side's temperature (None: unscaled)."""
+    axis = 3 if per_head else 2
 
     def hook(module, inputs, output):
         shape, heads = output.shape, attn._ssa["heads"]["query"]
         log_n = position_log(attn, output)
-        parts = output.view(*shape[:2], heads, 3, -1).unbind(3)  # q, k, v: (B, T, nh, hs) each
+        split = (heads, 3, -1) if per_head else (3, heads, -1)
+        parts = output.view(*shape[:2], *split).unbind(axis)  # q, k, v: (B, T, nh, hs) each
         scaled = [part if t is None else t(part, attn._ssa["x"], log_n) for part, t in zip(parts, temperatures)]
-        return torch.stack(scaled, 3).view(shape)
+        return torch.stack(scaled, axis).view(shape)
 
     return hook
 

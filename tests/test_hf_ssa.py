@@ -22,6 +22,8 @@ FAMILIES = {
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16, use_sliding_window=False),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
                                                    rotary_pct=0.25, use_parallel_residual=True),
+    "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=96, n_positions=128,
+                                            bos_token_id=0, eos_token_id=0),
 }
 VARIANTS = {
     "ssa": {},
@@ -61,7 +63,7 @@ def hf_model(family: str, attention: str = "eager", **fields):
 def our_name(key: str) -> str:
     """A temperature's name in our model: model.layers.0.self_attn.X (gpt_neox.layers.0.attention.X) is
     transformer.h.0.attn.X."""
-    layer, rest = re.match(r".*layers\.(\d+)\.(?:self_attn|attention)\.(.+)", key).groups()
+    layer, rest = re.match(r".*(?:layers|\.h)\.(\d+)\.(?:self_attn|attention|attn)\.(.+)", key).groups()
     return f"transformer.h.{layer}.attn.{rest}"
 
 
@@ -139,7 +141,10 @@ def test_a_left_padded_row_equals_the_row_unpadded(family):
     mask = torch.ones_like(batch)
     mask[0, :3] = 0
     alone = model(row).logits[0]
-    in_batch = model(batch, attention_mask=mask).logits[0, 3:]
+    # GPT-2's learned position embedding is absolute too, and transformers numbers a plain call's tokens from 0
+    # whatever the mask: its callers pass the positions (generate does); SSA takes them from there
+    positions = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if family == "gpt2" else {}
+    in_batch = model(batch, attention_mask=mask, **positions).logits[0, 3:]
     torch.testing.assert_close(in_batch, alone, rtol=1e-6, atol=1e-6)
     generated = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(generated[0, 3:], model.generate(row, max_new_tokens=5, do_sample=False, pad_token_id=0)[0])
@@ -149,9 +154,13 @@ def test_bad_fields_and_unsupported_models_are_one_line():
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]())
     with pytest.raises(ValueError, match="not an attention field"):
         add_ssa(model, n_layer=3)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
-    with pytest.raises(ValueError, match="add_ssa supports model_type"):
-        add_ssa(gpt2)
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
+                                                             ffn_dim=32, vocab_size=32, word_embed_proj_dim=16))
+    with pytest.raises(ValueError, match="add_ssa supports model_type .*this model is 'opt'"):
+        add_ssa(opt)
+    with pytest.raises(ValueError, match="Selective attention in a transformers model is not supported yet"):
+        add_ssa(transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]()), attention_temperature="none",
+                selective_mask="leviathan")
     add_ssa(model)
     with pytest.raises(ValueError, match="already has SSA"):
         add_ssa(model)
@@ -175,7 +184,7 @@ torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" 
 """
 
 
-@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}),
+@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}), ("gpt2", {}),
                                             ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
 def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, fields, tmp_path):
     """save_pretrained writes the temperatures and remote code that subclasses the family's own class: loaded in a
@@ -194,7 +203,8 @@ def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(fam
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     base_class = type(model).__name__
-    assert got["class"] == base_class.replace("ForCausalLM", "SSAForCausalLM") and base_class in got["bases"]
+    ssa_class = base_class.replace("ForCausalLM", "SSAForCausalLM").replace("LMHeadModel", "SSALMHeadModel")
+    assert got["class"] == ssa_class and base_class in got["bases"]
     torch.testing.assert_close(got["logits"], model(ids).logits, rtol=1e-6, atol=1e-6)  # sdpa there, eager here
     expected = {k: v for k, v in model.state_dict().items() if added(k)}
     assert got["temperatures"].keys() == expected.keys() and expected
@@ -212,14 +222,15 @@ def lora_model(family: str = "llama", **fields):
     from lit_gpt.hf_ssa import ADDED_MODULES
 
     model = hf_model(family, **fields)
-    targets = ["query_key_value", "dense"] if family == "gpt_neox" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    targets = {"gpt_neox": ["query_key_value", "dense"], "gpt2": ["c_attn", "c_proj"]}.get(
+        family, ["q_proj", "k_proj", "v_proj", "o_proj"])
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # B random: an update
                              target_modules=targets,
                              modules_to_save=list(ADDED_MODULES))
     return model, peft.get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}),
+@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}), ("gpt2", {}),
                                             ("qwen2", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
 def test_lora_through_peft_trains_adapters_and_temperatures_and_merges_with_ssa(family, fields):
     """SSA (and a gate) before PEFT, in modules_to_save: the hooks scale the projection with its LoRA update (a hook

@@ -32,7 +32,7 @@ def with_ssa(base: type) -> type:
                                                  f"{folder}/config.json")
         return model
 
-    name = base.__name__.replace("ForCausalLM", "SSAForCausalLM")
+    name = base.__name__.replace("ForCausalLM", "SSAForCausalLM").replace("LMHeadModel", "SSALMHeadModel")
     share_weight_renaming(base, name)
     return type(name, (base,), {"__init__": __init__, "from_pretrained": from_pretrained,
                                 "_keep_in_fp32_modules": KEEP_IN_FLOAT32, "__module__": __name__})
@@ -61,3 +61,4 @@ MistralSSAForCausalLM = with_ssa(transformers.MistralForCausalLM)
 Qwen2SSAForCausalLM = with_ssa(transformers.Qwen2ForCausalLM)
 Qwen3SSAForCausalLM = with_ssa(transformers.Qwen3ForCausalLM)
 GPTNeoXSSAForCausalLM = with_ssa(transformers.GPTNeoXForCausalLM)
+GPT2SSALMHeadModel = with_ssa(transformers.GPT2LMHeadModel)
