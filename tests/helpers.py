@@ -120,3 +120,20 @@ def assert_attention_matches(model, reference, T: int = 12):
     for name, got, want in zip(["input", *params], actual_grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
     return x, cos, sin, params
+
+
+def wait_until_it_handles_sigterm(pid: int, timeout: float = 120.0) -> None:
+    """Wait until process `pid` has installed its SIGTERM handler (Linux: bit 14 of SigCgt in /proc/PID/status), so
+    that a signal sent next tests the handler and not how fast a loaded machine starts Python."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = open(f"/proc/{pid}/status").read()
+        except FileNotFoundError:
+            return  # it ended; the caller's assertions say how
+        caught = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+        if caught & (1 << 14):
+            return
+        time.sleep(0.1)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import randomize_temperatures
+from helpers import randomize_temperatures, wait_until_it_handles_sigterm
 
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import save_model_dir
@@ -637,7 +637,8 @@ def test_sigterm_stops_a_tool_in_one_line(fx, tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "generate" / "base.py"), "--checkpoint_dir", str(fx.ssa),
                                 "--prompt", "The", "--max_new_tokens", "20", "--num_samples", "1000000"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(8)
+    wait_until_it_handles_sigterm(process.pid)
+    time.sleep(1)  # into the generation
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
