@@ -530,8 +530,9 @@ def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: 
         move_into_place(tmp, folder)
         if keep_last is not None:
             prune_checkpoints(folder.parent, keep_last)
-        set_interrupt_note(f"the last checkpoint is {folder}; continue the run with --resume auto.")
     fabric.barrier()
+    # every rank says the same on Ctrl-C or SIGTERM (rank 1 said "no checkpoint was written yet" beside rank 0's line)
+    set_interrupt_note(f"the last checkpoint is {folder}; continue the run with --resume auto.")
 
 
 STEP_PATTERN = re.compile(r"step-\d{8}$")
