@@ -25,6 +25,7 @@ projection). Still to come (issue 45): selective attention.
 """
 
 import types
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -164,32 +165,39 @@ def positions_hook(state: dict):
 
 def attention_hook(attn: nn.Module, args, kwargs):
     """Before each attention layer: keep its input (the token term of separate weights reads it) and make sure the
-    projections it calls now carry the temperature hooks (PEFT may have wrapped them since, and merging unwraps)."""
+    projections it calls now carry the temperature and gate hooks (PEFT may have wrapped them since, and merging
+    unwraps)."""
     attn._ssa["x"] = kwargs.get("hidden_states", args[0] if args else None)
     hooks = attn._ssa["hooks"]
     gate = getattr(attn, "gate", None)
     if gate is not None:
         output = next(getattr(attn, name) for name in OUTPUT_PROJECTIONS if hasattr(attn, name))
-        if "gate" not in hooks or hooks["gate"][0] is not output or hooks["gate"][1] is not gate:
-            if "gate" in hooks:
-                hooks["gate"][2].remove()
-            hooks["gate"] = (output, gate, output.register_forward_pre_hook(gate_hook(attn, gate)))
+        keep_hooked(hooks, "gate", output, gate, partial(gate_hook, attn, gate), pre=True)
     fused = next((name for name in FUSED if hasattr(attn, name)), None)
     if fused is not None:
-        hook_fused(attn, hooks, fused)
+        temperatures = tuple(getattr(attn, f"{side}_temperature", None) for side in SIDES)
+        keep_hooked(hooks, "fused", getattr(attn, fused), temperatures,
+                    partial(fused_scale_hook, attn, temperatures, FUSED[fused] == "per head"))
         return None
     for side, names in SIDES.items():
         temperature = getattr(attn, f"{side}_temperature", None)  # PEFT's modules_to_save may have wrapped it
         if temperature is None:
             continue
         target = next(getattr(attn, name) for name in names if name is not None and hasattr(attn, name))
-        if side in hooks and hooks[side][0] is target and hooks[side][1] is temperature:
-            continue
-        if side in hooks:
-            hooks[side][2].remove()
-        handle = target.register_forward_hook(scale_hook(attn, temperature, attn._ssa["heads"][side]))
-        hooks[side] = (target, temperature, handle)
+        keep_hooked(hooks, side, target, temperature, partial(scale_hook, attn, temperature, attn._ssa["heads"][side]))
     return None
+
+
+def keep_hooked(hooks: dict, key: str, target: nn.Module, owner, make_hook, pre: bool = False) -> None:
+    """`target` carries the hook `make_hook()` of `owner` (a temperature, a gate, or the temperatures of a fused
+    projection), after its forward or, with `pre`, before it: registered once, and again (the old one removed) where
+    PEFT has wrapped or replaced either since."""
+    if key in hooks and hooks[key][0] is target and hooks[key][1] == owner:
+        return
+    if key in hooks:
+        hooks[key][2].remove()
+    register = target.register_forward_pre_hook if pre else target.register_forward_hook
+    hooks[key] = (target, owner, register(make_hook()))
 
 
 def gate_hook(attn: nn.Module, gate: nn.Module):
@@ -202,19 +210,6 @@ def gate_hook(attn: nn.Module, gate: nn.Module):
         return (gate(y.view(*y.shape[:2], heads, -1), attn._ssa["x"]).view(y.shape), *args[1:])
 
     return hook
-
-
-def hook_fused(attn: nn.Module, hooks: dict, name: str) -> None:
-    """The temperatures of a fused q/k/v projection in one hook on it (re-registered where PEFT has wrapped it or its
-    temperatures since)."""
-    target = getattr(attn, name)
-    temperatures = tuple(getattr(attn, f"{side}_temperature", None) for side in SIDES)
-    if "fused" in hooks and hooks["fused"][0] is target and hooks["fused"][1] == temperatures:
-        return
-    if "fused" in hooks:
-        hooks["fused"][2].remove()
-    hook = fused_scale_hook(attn, temperatures, FUSED[name] == "per head")
-    hooks["fused"] = (target, temperatures, target.register_forward_hook(hook))
 
 
 def fused_scale_hook(attn: nn.Module, temperatures: tuple, per_head: bool):

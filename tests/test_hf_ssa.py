@@ -185,7 +185,8 @@ torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" 
 
 
 @pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}), ("gpt2", {}),
-                                            ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
+                                            ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
+                                            ("gpt2", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
 def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, fields, tmp_path):
     """save_pretrained writes the temperatures and remote code that subclasses the family's own class: loaded in a
     process where lit_gpt cannot be imported, it is a Llama (or Qwen3) with SSA, computes what the saved model did,
