@@ -169,9 +169,10 @@ def exports_as_family(config: Config) -> bool:
     if config.vanilla_attention or config.selective_mask != "none":
         return False
     try:
-        return hf_model_type(config) in SUPPORTED_MODEL_TYPES and hf_model_type(config) != "gpt2"  # not yet
+        model_type = hf_model_type(config)
     except ValueError:
         return False
+    return model_type in SUPPORTED_MODEL_TYPES and model_type != "gpt2"  # GPT-2 as its own class: not yet
 
 
 def without_temperature(config: Config) -> Config:

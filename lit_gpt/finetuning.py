@@ -32,7 +32,7 @@ from lit_gpt.training import (
     setup_training,
     write_history,
 )
-from lit_gpt.utils import check_apart, check_seed, num_parameters
+from lit_gpt.utils import check_apart, check_seed, check_share, num_parameters
 
 FINETUNE_POSITION_LR = 1e-2  # peak learning rate of the position slopes (the README says how it was chosen)
 FINETUNE_TOKEN_LR = 1e-4  # peak learning rate of the token-term weights
@@ -44,9 +44,7 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     """Check everything, then start the processes: the part of `setup` that finetune/lora.py shares."""
     train.check()
     check_seed(seed)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must lie in (0, 1) (the share of the records held out for validation), got"
-                         f" {val_fraction}.")
+    check_share(val_fraction, "--val_fraction", "the records held out for validation")
     eval.check()
     if lora is not None:
         lora.check()

@@ -232,9 +232,8 @@ def read_lora_settings(path: Path) -> tuple[dict, LoRAArgs, Config]:
     config; anything else is one line naming the file and the field."""
     path = Path(path)
     settings = read_yaml(path, "a LoRA run's settings (lora.yaml)")
-    sections = {"lora": dict, "config": dict, "base": dict}
-    for name, kind in sections.items():
-        if not isinstance(settings.get(name), kind):
+    for name in ("lora", "config", "base"):
+        if not isinstance(settings.get(name), dict):
             found = "nothing" if name not in settings else type(settings[name]).__name__
             raise ValueError(f"{str(path)!r} should have a {name!r} section (a mapping), found {found}: it is not"
                              " the lora.yaml of a finetune/lora.py checkpoint, or it was edited; copy it again.")

@@ -307,6 +307,12 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise ValueError(f"{flag} must be a whole number from {low} to {high:,}, got {seed!r}.")
 
 
+def check_share(value: float, flag: str, what: str) -> None:
+    """`value` (the flag `flag`) is a share strictly between 0 and 1 of `what`, a validation split's."""
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{flag} must lie in (0, 1) (the share of {what}), got {value}.")
+
+
 def at_least(low: float, **values: float | None) -> None:
     """Each named value (a flag, `--NAME`) must be at least `low` where given."""
     for name, value in values.items():

@@ -33,7 +33,7 @@ from lit_gpt.training import (
     setup_training,
     write_history,
 )
-from lit_gpt.utils import check_apart, check_seed, num_parameters, run_cli
+from lit_gpt.utils import check_apart, check_seed, check_share, num_parameters, run_cli
 
 
 @dataclass
@@ -147,9 +147,7 @@ def check_data(data: DataArgs, out_dir: Path, world_size: int) -> None:
     """Before any process starts: .bin shards given in pairs, the output apart from the data, and the data prepared;
     a single process prepares it now, a multi-process launch is refused with the command to run first (rank 0 would
     prepare while the others waited past the process group's timeout)."""
-    if not 0.0 < data.val_fraction < 1.0:
-        raise ValueError(f"--data.val_fraction must lie in (0, 1) (the share of the documents held out for"
-                         f" validation), got {data.val_fraction}.")
+    check_share(data.val_fraction, "--data.val_fraction", "the documents held out for validation")
     if (data.train_bin is None) != (data.val_bin is None):
         raise ValueError("--data.train_bin and --data.val_bin go together (llm.c writes both, e.g."
                          " fineweb_train_*.bin and fineweb_val_*.bin): pass both, or neither to read --data.dir.")

@@ -48,8 +48,8 @@ def merge_lora(checkpoint_dir: Path, lora_dir: Path, output_dir: Path, overwrite
     check_apart(Path(output_dir), "--output_dir", adapter, "--lora_dir")
     settings, args, config = read_lora_settings(adapter / LORA_SETTINGS)
     check_same_base(settings, checkpoint_dir, adapter / LORA_SETTINGS)
+    check_readable(adapter / LORA_WEIGHTS, "the adapter's weights")  # before the base is loaded
     model = add_lora(load_checkpoint(checkpoint_dir, config, allow_added=True), args)
-    check_readable(adapter / LORA_WEIGHTS, "the adapter's weights")
     adapters = load_file(adapter / LORA_WEIGHTS)
     check_adapter_shapes(adapters, model, adapter / LORA_WEIGHTS, adapter / LORA_SETTINGS)
     model.load_state_dict(adapters, strict=False)

@@ -32,7 +32,7 @@ import numpy as np
 
 from lit_gpt.checkpoint import check_replaceable, copy_tokenizer_files, move_into_place, output_lock
 from lit_gpt.tokenizer import Tokenizer, tokenizer_fingerprint
-from lit_gpt.utils import check_apart, check_hub_reachable, check_seed, set_interrupt_note
+from lit_gpt.utils import check_apart, check_hub_reachable, check_seed, check_share, set_interrupt_note
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 BUNDLED_CORPUS = [REPO_DATA / "corpus" / f"{name}.txt.xz" for name in ("shakespeare", "austen", "brown")]
@@ -585,8 +585,7 @@ def prepare(
         shard_documents: documents per shard of the work folder (what a kill can lose).
     """
     output_dir = Path(output_dir)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must lie in (0, 1), got {val_fraction}.")
+    check_share(val_fraction, "--val_fraction", "the documents held out for validation")
     if (output_dir / META_FILENAME).is_file() and not overwrite:
         raise FileExistsError(f"{str(output_dir)!r} already holds prepared data; pass --overwrite to prepare it again.")
     check_seed(seed)
