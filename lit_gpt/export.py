@@ -161,8 +161,8 @@ def write_beside_weights(checkpoint_dir: Path, config: Config, folder: Path, hf_
 
 def exports_as_family(config: Config) -> bool:
     """Whether transformers' own class of the model's family, with lit_gpt.hf_ssa's temperatures on it, computes this
-    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3) and GPT-NeoX's with a temperature or a gate, without
-    selective attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
+    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3), GPT-NeoX's and GPT-2's with a temperature or a gate,
+    without selective attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
     from lit_gpt.hf import hf_model_type
     from lit_gpt.hf_ssa import SUPPORTED_MODEL_TYPES
 
@@ -172,7 +172,7 @@ def exports_as_family(config: Config) -> bool:
         model_type = hf_model_type(config)
     except ValueError:
         return False
-    return model_type in SUPPORTED_MODEL_TYPES and model_type != "gpt2"  # GPT-2 as its own class: not yet
+    return model_type in SUPPORTED_MODEL_TYPES
 
 
 def without_temperature(config: Config) -> Config:
@@ -188,8 +188,10 @@ def family_backbone(config: Config) -> Config:
 
 ADDED = r"(?:(?:query|key|value)_temperature|gate)\..+"  # what lit_gpt.hf_ssa adds to a family's attention
 TEMPERATURE_NAME = re.compile(rf"transformer\.h\.(\d+)\.attn\.({ADDED})$")
-HF_TEMPERATURE_NAME = re.compile(rf"(?:model|gpt_neox)\.layers\.(\d+)\.(?:self_attn|attention)\.({ADDED})$")
-HF_ATTENTION = {"gpt_neox": "gpt_neox.layers.{}.attention"}  # where the family keeps a layer's attention
+HF_TEMPERATURE_NAME = re.compile(
+    rf"(?:(?:model|gpt_neox)\.layers|transformer\.h)\.(\d+)\.(?:self_attn|attention|attn)\.({ADDED})$")
+# where the family keeps a layer's attention (GPT-2's names are ours)
+HF_ATTENTION = {"gpt_neox": "gpt_neox.layers.{}.attention", "gpt2": "transformer.h.{}.attn"}
 HF_SELF_ATTN = "model.layers.{}.self_attn"  # the Llama layouts
 
 

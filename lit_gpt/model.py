@@ -505,7 +505,8 @@ class AttentionGate(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.proj(x)).view(*x.shape[:2], -1, self.per_channel)  # (B, T, nh, 1 or hs)
+        # x in the gate's dtype: a float32 gate on a bf16 transformers model (hf_ssa keeps added modules float32)
+        gate = torch.sigmoid(self.proj(x.to(self.proj.weight.dtype))).view(*x.shape[:2], -1, self.per_channel)
         return y * (self.scale * gate).to(y.dtype)
 
 

@@ -21,6 +21,9 @@ def main(request_file: str, result_file: str) -> None:
         padded = torch.cat((torch.zeros(1, request["pad"], dtype=torch.long), short), 1)
         batch = torch.cat((ids, padded))
         mask = torch.stack((torch.ones(ids.size(1)), torch.arange(ids.size(1)) >= request["pad"])).long()
+        # GPT-2's learned positions: transformers numbers a plain call's tokens from 0 whatever the mask, and its
+        # callers pass the positions (generate does); a GPT-2 export is a GPT2LMHeadModel and takes them the same way
+        positions = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if model.config.model_type == "gpt2" else {}
         with torch.no_grad():
             greedy = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
             batch_greedy = model.generate(batch, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
@@ -28,7 +31,7 @@ def main(request_file: str, result_file: str) -> None:
             short_greedy = model.generate(short, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
             results[folder] = dict(
                 ids=ids, logits=model(ids).logits, greedy=greedy[:, ids.size(1):],
-                padded_logits=model(batch, attention_mask=mask).logits[1, request["pad"]:],
+                padded_logits=model(batch, attention_mask=mask, **positions).logits[1, request["pad"]:],
                 short_logits=model(short).logits[0],
                 batch_greedy=batch_greedy[:, batch.size(1):], short_greedy=short_greedy[:, short.size(1):],
                 module=type(model).__module__, class_name=type(model).__name__,

@@ -75,7 +75,8 @@ def test_the_export_loads_without_this_project(exported):
         config = Config.from_file(lit)
         if exports_as_family(config):  # transformers' own class of the family, with the temperatures (hf_ssa)
             family = ARCHITECTURES[hf_model_type(config)]
-            assert results[str(hf)]["class_name"] == family.replace("ForCausalLM", "SSAForCausalLM"), case
+            ssa_class = family.replace("ForCausalLM", "SSAForCausalLM").replace("LMHeadModel", "SSALMHeadModel")
+            assert results[str(hf)]["class_name"] == ssa_class, case
             assert family in results[str(hf)]["bases"], case
             code = {"modeling_lit_gpt_hf_ssa.py"}
         else:
@@ -114,13 +115,14 @@ def test_left_padded_rows_equal_the_unpadded_ones(exported, case):
     assert torch.equal(got["batch_greedy"][:1], got["greedy"][:, :8])
 
 
-def test_llama_layouts_with_temperatures_export_as_their_family_and_the_rest_as_the_wrapper(exported):
-    """What transformers' family classes with lit_gpt.hf_ssa can express goes out that way; a gate, selective
-    attention, GPT-2 and GPT-NeoX go out as the wrapper."""
+def test_temperatures_and_gates_export_as_their_family_and_selective_attention_as_the_wrapper(exported):
+    """What transformers' family classes with lit_gpt.hf_ssa can express (a temperature, a gate) goes out that way;
+    selective attention goes out as the wrapper."""
     kinds = {case: exports_as_family(Config.from_file(lit)) for case, (lit, _) in exported[0].items()}
     assert kinds["llama gqa rope-scaling ssa"] and kinds["llama logn"] and kinds["pythia ssa"]
-    assert kinds["pythia gate headwise"]
-    assert not kinds["llama gqa selective elementwise gate"] and not kinds["gpt2 ssa"] and not kinds["pythia selective"]
+    assert kinds["pythia gate headwise"] and kinds["gpt2 ssa"] and kinds["gpt2 constant"]
+    assert kinds["gpt2 ssa with gate"]
+    assert not kinds["llama gqa selective elementwise gate"] and not kinds["pythia selective"]
 
 
 @pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa", "llama logn", "pythia ssa separate keys"
@@ -147,7 +149,7 @@ def test_a_model_without_temperature_stays_a_plain_hugging_face_folder(tmp_path)
 def test_the_modeling_file_is_generated_from_the_model_file(exported):
     from lit_gpt.export import modeling_source
 
-    hf = exported[0]["gpt2 ssa"][1]
+    hf = exported[0]["pythia selective"][1]
     text = (hf / "modeling_lit_gpt_ssa.py").read_text()
     assert text == modeling_source()
     model_py = (ROOT / "lit_gpt" / "model.py").read_text()
@@ -163,7 +165,7 @@ def test_the_modeling_file_imports_only_what_a_transformers_user_has(exported):
 
     from lit_gpt.export import without_project_imports
 
-    tree = ast.parse((exported[0]["gpt2 ssa"][1] / "modeling_lit_gpt_ssa.py").read_text())
+    tree = ast.parse((exported[0]["pythia selective"][1] / "modeling_lit_gpt_ssa.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -203,12 +205,16 @@ def test_lm_eval_hf_model_agrees_with_our_adapter(exported, tmp_path):
 
 def test_an_export_whose_slope_form_was_edited_is_refused(exported, tmp_path):
     """The weights record the form their slopes are stored in; a config.json that names another one would read other
-    slopes from the same numbers."""
-    import shutil
-
+    slopes from the same numbers. (Every SSA case here goes out as its family, so the wrapper is written directly:
+    an architecture no family expresses would get it.)"""
     from transformers import AutoModelForCausalLM
 
-    folder = shutil.copytree(exported[0]["gpt2 ssa"][1], tmp_path / "edited")
+    from lit_gpt.export import write_remote_model
+
+    lit = exported[0]["gpt2 ssa"][0]
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    write_remote_model(lit, Config.from_file(lit), folder, None)
     config = json.loads((folder / "config.json").read_text())
     config["lit_config"]["ssa_slope_form"] = "sigmoid"
     (folder / "config.json").write_text(json.dumps(config))

@@ -312,3 +312,88 @@ def test_the_peft_trainer_recipe_in_the_docs_runs_as_written(tmp_path, text_file
     assert type(loaded).__name__ == "LlamaSSAForCausalLM"
     slopes = [p for n, p in loaded.named_parameters() if n.endswith("query_temperature.position_param")]
     assert slopes and not torch.allclose(slopes[0].exp(), torch.full_like(slopes[0], 6e-4))
+
+
+def set_away_from_start(model, slope: float = 0.05, seed: int = 3) -> None:
+    """Slopes near `slope` and random token weights and gates, as hf_model does, in the model's own dtypes."""
+    generator = torch.Generator().manual_seed(seed)
+    slope = slope_parameter(torch.tensor(slope), model.ssa_config.ssa_slope_form)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if added(name):
+                start = slope.to(p.dtype) if name.endswith("position_param") else p
+                p.copy_(start + torch.randn(p.shape, generator=generator).to(p.dtype) * 0.3)
+
+
+def test_qlora_a_4bit_base_with_ssa_equals_its_dequantized_model_and_trains(tmp_path):
+    """QLoRA as docs/finetuning.md gives it: a Llama loaded in 4 bits (bitsandbytes, NF4) with SSA computes what the
+    same model with the dequantized weights and the same temperatures does (the hooks see the quantized projections'
+    outputs), and after PEFT's k-bit preparation a step moves the adapters and the temperatures, not the 4-bit base."""
+    config = lambda: transformers.LlamaConfig(**{**SMALL, "hidden_size": 64})  # noqa: E731  bitsandbytes' CPU path
+    # fails on a projection of 16 outputs (k_proj at width 32)
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from lit_gpt.hf_ssa import ADDED_MODULES
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config()).save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization)
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert any(name.endswith("self_attn.q_proj") for name in quantized)
+    add_ssa(model)
+    set_away_from_start(model, slope=0.5)
+    # the reference: a float Llama with the dequantized weights and the same temperatures
+    reference = transformers.LlamaForCausalLM(config())
+    add_ssa(reference)
+    weights = {k: v for k, v in model.state_dict().items() if k in reference.state_dict()}
+    for name, module in quantized.items():
+        weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    reference.load_state_dict(weights)
+    plain = transformers.LlamaForCausalLM(config())
+    plain.load_state_dict({k: v for k, v in weights.items() if not added(k)})
+    ids = torch.randint(0, 96, (2, 12))
+    # not under torch.no_grad: bitsandbytes 0.50 then repacks the 4-bit weights for its CPU inference kernel, which has
+    # no backward, and nothing trains after (docs/finetuning.md says so); bitsandbytes' CPU kernel computes in bf16:
+    # 0.002 from the dequantized model, with or without SSA
+    effect = (plain(ids).logits - reference(ids).logits).abs().max()
+    error = (model(ids).logits - reference(ids).logits).abs().max()
+    assert error < 5e-3 and error < effect / 20, (error, effect)
+
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       modules_to_save=list(ADDED_MODULES)))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = [n for n, p in model.named_parameters() if n.endswith("base_layer.weight")]
+    assert frozen and not set(frozen) & set(trainable)  # the 4-bit base is not trained
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])}
+    assert any("lora_B" in n for n in changed) and any("query_temperature" in n for n in changed)
+
+
+def test_a_bf16_model_with_ssa_and_lora_keeps_float32_temperatures_and_trains():
+    """Loaded in bf16 (every real checkpoint), add_ssa's temperatures are float32 and stay so under PEFT; a step on
+    bf16 activations moves the adapters and the slopes."""
+    peft = pytest.importorskip("peft")
+    from lit_gpt.hf_ssa import ADDED_MODULES
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(FAMILIES["llama"]()).to(torch.bfloat16)
+    add_ssa(model, attention_gate="headwise", attention_gate_scale=2.0)
+    assert {p.dtype for n, p in model.named_parameters() if added(n)} == {torch.float32}
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       modules_to_save=list(ADDED_MODULES)))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for n, p in trainable.items() if added(n)} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    ids = torch.randint(0, 96, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    torch.optim.AdamW(trainable.values(), lr=1e-2).step()
+    changed = {n for n, p in trainable.items() if not torch.equal(p, before[n])}
+    assert any("lora_B" in n for n in changed) and any(n.endswith("position_param") for n in changed)
+    assert any(".gate." in n for n in changed)
