@@ -37,9 +37,36 @@ def main(request_file: str, result_file: str) -> None:
                 module=type(model).__module__, class_name=type(model).__name__,
                 bases=[c.__name__ for c in type(model).__mro__],
             )
+        if folder in request.get("train", []):
+            results[folder].update(pipeline_peft_and_trainer(folder, model, tokenizer, ids, greedy))
     results["imported lit_gpt"] = any(name.startswith("lit_gpt") and module is not None
                                       for name, module in sys.modules.items())
     torch.save(results, result_file)
+
+
+def pipeline_peft_and_trainer(folder: str, model, tokenizer, ids, greedy) -> dict:
+    """What a transformers user does next with a loaded model: a text-generation pipeline (its text against
+    generate's), then PEFT's LoRA with the added modules in modules_to_save and a step of the Trainer (which of the
+    adapters and the added modules moved)."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, pipeline
+
+    text = tokenizer.decode(ids[0])
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    piped = generator(text, max_new_tokens=8, min_new_tokens=8, do_sample=False, return_full_text=False,
+                      pad_token_id=0)[0]["generated_text"]
+    added = ["query_temperature", "key_temperature", "value_temperature", "gate"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", modules_to_save=added))
+    trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    rows = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}] * 4
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2, report_to=[],
+                                 use_cpu=True, save_strategy="no")
+        Trainer(model=peft_model, args=args, train_dataset=rows).train()
+    moved = sorted(n for n, p in peft_model.named_parameters() if n in trainable and not torch.equal(p, trainable[n]))
+    return dict(piped=piped, generated=tokenizer.decode(greedy[0, ids.size(1):ids.size(1) + 8]), moved=moved)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ CASES = {
     "gpt2 ssa with gate": dict(name="gpt2", **SMALL, attention_temperature="ssa", attention_gate="headwise"),
     "pythia selective": dict(name="pythia-14m", selective_mask="leviathan"),
 }
+TRAINED = ("llama gqa rope-scaling ssa", "gpt2 ssa with gate")  # also through pipeline, PEFT and the Trainer
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 3
 
 
@@ -59,7 +60,8 @@ def exported(tmp_path_factory):
         save_model_dir(model, root / f"lit-{i}", tokenizer_dir=GPT2_TOKENIZER)
         convert_lit_checkpoint(root / f"lit-{i}", root / f"hf-{i}")
         folders[case] = (root / f"lit-{i}", root / f"hf-{i}")
-    request = dict(folders=[str(hf) for _, hf in folders.values()], texts=[TEXT], length=24, pad=7)
+    request = dict(folders=[str(hf) for _, hf in folders.values()], texts=[TEXT], length=24, pad=7,
+                   train=[str(folders[case][1]) for case in TRAINED])
     (root / "request.json").write_text(json.dumps(request))
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "remote_code_child.py"), str(root / "request.json"),
                              str(root / "result.pt")], capture_output=True, text=True, cwd=root,
@@ -89,6 +91,17 @@ def test_the_export_loads_without_this_project(exported):
         card = (hf / "README.md").read_text()
         assert "attention_temperature" in card and f"`{folders[case][0].name}`" in card
         assert str(folders[case][0].parent) not in card  # the folder's name, never the machine's path
+
+
+@pytest.mark.parametrize("case", TRAINED)
+def test_a_family_export_runs_in_a_pipeline_and_trains_with_peft_and_the_trainer(exported, case):
+    """In the process that cannot import lit_gpt: the text-generation pipeline writes what generate does, and LoRA
+    with the added modules in modules_to_save trains them and the adapters in a step of the Trainer."""
+    folders, results, _ = exported
+    got = results[str(folders[case][1])]
+    assert got["piped"] == got["generated"] and got["piped"]
+    assert any("lora_B" in n for n in got["moved"]) and any("query_temperature" in n for n in got["moved"])
+    assert any(".gate." in n for n in got["moved"]) == ("gate" in case)
 
 
 @pytest.mark.parametrize("case", CASES)
