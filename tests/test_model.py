@@ -245,6 +245,22 @@ def test_fused_cross_entropy_equals_logits_then_cross_entropy(head):
         torch.testing.assert_close(model(idx, targets=targets), plain.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_the_fused_loss_takes_chunks_sized_for_the_device_and_any_size_gives_the_same_loss(monkeypatch):
+    """A GPU computes 16 times the CPU's logits at a time (a GPT-2 micro-batch of 12 x 1,024 tokens in 10 chunks, not
+    149); the chunk size changes nothing but the speed: 7-token chunks of 60 tokens equal one chunk."""
+    from lit_gpt import kernels
+
+    assert kernels.loss_chunk_rows(50304, torch.device("cuda")) == 1334
+    assert kernels.loss_chunk_rows(50304, torch.device("cpu")) == 83
+    assert kernels.loss_chunk_rows(50304, torch.device("meta")) == 83
+    model = build("pythia").double()
+    idx = torch.randint(0, 97, (3, 20))
+    one = model(idx, targets=idx)
+    monkeypatch.setitem(kernels.LOSS_CHUNK_ELEMENTS, "cpu", 7 * 97)
+    assert kernels.loss_chunk_rows(97, torch.device("cpu")) == 7
+    torch.testing.assert_close(model(idx, targets=idx), one, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("buffer", ["whole", "three parts"])
 @pytest.mark.parametrize("head", [dict(), dict(lm_head_bias=True)])
 def test_fused_cross_entropy_under_bf16_autocast_matches_the_float64_loss(head, buffer, monkeypatch):
