@@ -4,6 +4,15 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """pytest-xdist's workers run with Ctrl-C ignored, and a process started from one inherits that: the tools the
+    tests interrupt with SIGINT would carry on. Restore Python's own handler, as in a terminal."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` run where a GPU is present and skip, saying why, where none is."""
     if torch.cuda.is_available():
