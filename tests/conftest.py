@@ -5,8 +5,9 @@ import torch
 
 
 def pytest_configure(config):
-    """pytest-xdist's workers run with Ctrl-C ignored, and a process started from one inherits that: the tools the
-    tests interrupt with SIGINT would carry on. Restore Python's own handler, as in a terminal."""
+    """A suite started where Ctrl-C is ignored (a background job of a script) passes that on to pytest-xdist's workers
+    and to every tool a test starts, and a tool that ignores SIGINT carries on where a test interrupts it (prepare's
+    SIGINT test failed so in every parallel run started that way). Restore Python's own handler, as in a terminal."""
     import signal
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

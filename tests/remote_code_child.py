@@ -38,13 +38,13 @@ def main(request_file: str, result_file: str) -> None:
                 bases=[c.__name__ for c in type(model).__mro__],
             )
         if folder in request.get("train", []):
-            results[folder].update(pipeline_peft_and_trainer(folder, model, tokenizer, ids, greedy))
+            results[folder].update(pipeline_peft_and_trainer(model, tokenizer, ids, greedy))
     results["imported lit_gpt"] = any(name.startswith("lit_gpt") and module is not None
                                       for name, module in sys.modules.items())
     torch.save(results, result_file)
 
 
-def pipeline_peft_and_trainer(folder: str, model, tokenizer, ids, greedy) -> dict:
+def pipeline_peft_and_trainer(model, tokenizer, ids, greedy) -> dict:
     """What a transformers user does next with a loaded model: a text-generation pipeline (its text against
     generate's), then PEFT's LoRA with the added modules in modules_to_save and a step of the Trainer (which of the
     adapters and the added modules moved)."""
