@@ -572,10 +572,7 @@ class RunLock:
             fcntl.flock(self.folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.folder)
-            try:
-                holder = self.path.read_text().strip() or "unknown"
-            except OSError:
-                holder = "unknown"
+            holder = named_holder(self.out_dir)
             raise FileExistsError(f"{str(self.out_dir)!r} is in use by another run (process {holder}): wait for it"
                                   " to finish, or choose another --out_dir.") from None
         self.path.write_text(str(os.getpid()))
@@ -588,6 +585,31 @@ class RunLock:
             if any(folder.iterdir()):
                 break
             folder.rmdir()
+
+
+def named_holder(out_dir: Path) -> str:
+    """The process a locked run folder's .lock names, or "unknown"."""
+    try:
+        return (Path(out_dir) / LOCK_FILENAME).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_holder(out_dir: Path) -> str | None:
+    """The process that holds a run folder's lock (as its .lock names it, else "unknown"); None where none does."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    folder = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return named_holder(out_dir)
+    else:
+        fcntl.flock(folder, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(folder)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lit_gpt.checkpoint import load_checkpoint
+from lit_gpt.checkpoint import load_checkpoint, run_holder
 from lit_gpt.config import read_yaml
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.tokenizer import Tokenizer
@@ -155,6 +155,11 @@ class FinetuneStudy:
             done = subprocess.run(self.command(arm, seed, rates, steps, folder), env=env).returncode == 0
             if done:
                 break
+            holder = run_holder(folder)
+            if holder is not None:  # never delete a folder a live run writes into (an earlier runner's, say)
+                raise FileExistsError(f"{folder} is in use by another process ({holder}), perhaps a run an earlier"
+                                      " runner left: let it finish or stop it, then run the study again; nothing"
+                                      " was deleted.")
             print(f"  {part}/{name} failed (attempt {attempt})", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
         if not done:

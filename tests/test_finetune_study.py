@@ -166,6 +166,36 @@ def test_reused_records_must_carry_the_registered_plan_and_a_known_grid(tmp_path
         reuse(plan_sha256="0" * 64, grid_sha256=study.hashes["grid_sha256"])
 
 
+def test_a_failed_run_is_retried_from_scratch_unless_another_process_holds_its_folder(tmp_path, monkeypatch):
+    """The plan runs a failed run once more from the start, deleting its folder; a folder that a live run holds (one
+    an earlier runner left) is refused in one line and kept, where the runner once deleted it under that run."""
+    import sys
+
+    from lit_gpt.checkpoint import RunLock
+
+    study = FinetuneStudy(read_yaml(GRID, "grid"), tmp_path, tmp_path / "out", tmp_path / "records")
+    calls = []
+
+    def failing(arm, seed, rates, steps, folder):
+        calls.append(folder)
+        (folder / "partial.txt").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "partial.txt").write_text("a step of training")
+        return [sys.executable, "-c", "raise SystemExit(1)"]
+
+    monkeypatch.setattr(study, "command", failing)
+    folder = tmp_path / "out" / "tuning" / "vanilla-learning_rate=0.0001-seed0"
+    lock = RunLock(folder)  # another run holds the folder
+    try:
+        with pytest.raises(FileExistsError, match=f"in use by another process \\({lock.path.read_text()}\\)"):
+            study.run("tuning", "vanilla", 0, dict(learning_rate=1e-4), 100)
+        assert (folder / "partial.txt").is_file() and len(calls) == 1
+        assert not (tmp_path / "records" / "tuning").exists()
+    finally:
+        lock.release()
+    record = study.run("tuning", "vanilla", 0, dict(learning_rate=1e-4), 100)  # nobody holds it: two attempts
+    assert record["failed"] is True and len(calls) == 3 and not folder.exists()
+
+
 def test_the_grid_registers_five_paired_seeds_disjoint_from_the_tuning_seed():
     grid = read_yaml(GRID, "grid")
     assert len(grid["seeds"]) >= 4 and grid["tuning"]["seed"] not in grid["seeds"]
