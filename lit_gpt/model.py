@@ -569,7 +569,7 @@ def ssa_temperature(features, token_weight, position_param, log_n, form) -> tupl
         tau = tau + slope_and_derivative(position_param.to(log_n.dtype), form)[0] * log_n  # (T, h) or (1, T, h)
     token_term = None
     if token_weight is not None:
-        pre = torch.einsum("bthd,hd->bth", gelu(features.to(log_n.dtype)), token_weight.to(log_n.dtype))
+        pre = (gelu(features.to(log_n.dtype)) * token_weight.to(log_n.dtype)).sum(-1)  # u . gelu(f) per head
         token_term = torch.tanh(pre)  # (B, T, h)
         tau = tau + token_term
     return tau, token_term
