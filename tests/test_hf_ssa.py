@@ -50,14 +50,21 @@ def hf_model(family: str, attention: str = "eager", **fields):
             if name.endswith("bias") or "_norm" in name:
                 p.normal_(mean=1.0 if "_norm" in name else 0.0, std=0.1)
     add_ssa(model, **fields)
-    generator = torch.Generator().manual_seed(3)
-    slope = slope_parameter(torch.tensor(0.05, dtype=torch.float64), model.ssa_config.ssa_slope_form)
-    with torch.no_grad():  # away from their start (the model itself): slopes near 0.05, u and the gates random
+    set_away_from_start(model)
+    return model.eval()
+
+
+def set_away_from_start(model, slope: float = 0.05, seed: int = 3) -> None:
+    """The added parameters away from their start (the model itself): slopes near `slope`, token weights and gates
+    random, drawn in each parameter's own dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if added(name):
-                start = slope if name.endswith("position_param") else p
+                start = p
+                if name.endswith("position_param"):
+                    start = slope_parameter(torch.tensor(slope, dtype=p.dtype), model.ssa_config.ssa_slope_form)
                 p.copy_(start + torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
-    return model.eval()
 
 
 def our_name(key: str) -> str:
@@ -312,17 +319,6 @@ def test_the_peft_trainer_recipe_in_the_docs_runs_as_written(tmp_path, text_file
     assert type(loaded).__name__ == "LlamaSSAForCausalLM"
     slopes = [p for n, p in loaded.named_parameters() if n.endswith("query_temperature.position_param")]
     assert slopes and not torch.allclose(slopes[0].exp(), torch.full_like(slopes[0], 6e-4))
-
-
-def set_away_from_start(model, slope: float = 0.05, seed: int = 3) -> None:
-    """Slopes near `slope` and random token weights and gates, as hf_model does, in the model's own dtypes."""
-    generator = torch.Generator().manual_seed(seed)
-    slope = slope_parameter(torch.tensor(slope), model.ssa_config.ssa_slope_form)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if added(name):
-                start = slope.to(p.dtype) if name.endswith("position_param") else p
-                p.copy_(start + torch.randn(p.shape, generator=generator).to(p.dtype) * 0.3)
 
 
 def test_qlora_a_4bit_base_with_ssa_equals_its_dequantized_model_and_trains(tmp_path):
