@@ -1,12 +1,12 @@
-"""What SSA costs inside transformers (lit_gpt.hf_ssa.add_ssa) against the same transformers model without it: a
-training step (forward, backward, AdamW) and cached greedy decoding, with SmolLM2-135M's architecture (random
-weights, float32, transformers' sdpa attention).
+"""What SSA (lit_gpt.hf_ssa.add_ssa) and selective attention (add_selective) cost inside transformers against the same
+transformers model without them: a training step (forward, backward, AdamW) and cached greedy decoding, with
+SmolLM2-135M's architecture (random weights, float32, transformers' sdpa attention).
 
     python benchmarks/hf_ssa.py                                   # SmolLM2-135M, 1 x 512 tokens, 64 new tokens
     python benchmarks/hf_ssa.py --layers 4 --length 128 --new_tokens 16 --rounds 2    # a quick look
 
-The rows are measured in interleaved rounds (vanilla, SSA, vanilla, SSA, ...) and each keeps its fastest round: on a
-busy machine another process only ever slows a timing down. The ratio is SSA's time over vanilla's.
+The rows are measured in interleaved rounds (vanilla, SSA, selective, vanilla, ...) and each keeps its fastest round:
+on a busy machine another process only ever slows a timing down. The ratio is a row's time over vanilla's.
 """
 
 import argparse
@@ -15,7 +15,7 @@ import time
 import torch
 from common import header, table
 
-from lit_gpt.hf_ssa import add_ssa
+from lit_gpt.hf_ssa import add_selective, add_ssa
 
 
 def smollm2(layers: int):
@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    models = {"vanilla": smollm2(args.layers), "SSA": add_ssa(smollm2(args.layers))}
+    models = {"vanilla": smollm2(args.layers), "SSA": add_ssa(smollm2(args.layers)),
+              "selective": add_selective(smollm2(args.layers))}
     ids = torch.randint(0, 49152, (1, args.length))
     train = fastest({name: step_timer(model.train(), ids) for name, model in models.items()}, args.rounds)
     prompt = ids[:, :128]

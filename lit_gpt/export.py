@@ -160,13 +160,14 @@ def write_beside_weights(checkpoint_dir: Path, config: Config, folder: Path, hf_
 
 
 def exports_as_family(config: Config) -> bool:
-    """Whether transformers' own class of the model's family, with lit_gpt.hf_ssa's temperatures on it, computes this
-    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3), GPT-NeoX's and GPT-2's with a temperature or a gate,
-    without selective attention. The rest goes out as the LitGPTSSAForCausalLM wrapper."""
+    """Whether transformers' own class of the model's family, with what lit_gpt.hf_ssa adds on it, computes this
+    model: the Llama layouts (Llama, Mistral, Qwen2, Qwen3), GPT-NeoX's and GPT-2's with a temperature, a gate or
+    selective attention, except selective attention in a sliding window (the family's cache drops the keys whose running
+    sums it keeps). The rest goes out as the LitGPTSSAForCausalLM wrapper."""
     from lit_gpt.hf import hf_model_type
     from lit_gpt.hf_ssa import SUPPORTED_MODEL_TYPES
 
-    if config.vanilla_attention or config.selective_mask != "none":
+    if config.vanilla_attention or (config.selective_mask != "none" and config.sliding_window is not None):
         return False
     try:
         model_type = hf_model_type(config)
@@ -181,9 +182,10 @@ def without_temperature(config: Config) -> Config:
 
 
 def family_backbone(config: Config) -> Config:
-    """The backbone a family's own class computes: the config without the temperature and the gate that
-    lit_gpt.hf_ssa adds to it."""
-    return Config.from_dict({**config.to_dict(), "attention_temperature": "none", "attention_gate": "none"})
+    """The backbone a family's own class computes: the config without the temperature, the gate and the selective
+    mask that lit_gpt.hf_ssa adds to it."""
+    return Config.from_dict({**config.to_dict(), "attention_temperature": "none", "attention_gate": "none",
+                             "selective_mask": "none"})
 
 
 ADDED = r"(?:(?:query|key|value)_temperature|gate)\..+"  # what lit_gpt.hf_ssa adds to a family's attention

@@ -21,7 +21,13 @@ transformers has (eager, sdpa, flash):
 family's own with the temperatures; under PEFT, name TEMPERATURE_MODULES in `modules_to_save`. Supported: the Llama
 family's attention (Llama, Mistral, Qwen2, Qwen3, SmolLM2), GPT-NeoX's (Pythia) and GPT-2's, whose one fused
 projection gets one hook. `add_gate` puts gated attention on the same families (a hook before the output
-projection). Still to come (issue 45): selective attention.
+projection).
+
+Selective attention (`add_selective`) is an attention function instead, registered with transformers'
+`AttentionInterface` (and its mask with `AttentionMaskInterface`) as "lit_gpt_selective": sdpa's attention with F,
+built by our model's own `selective_mask`, subtracted from every head's logits. F needs, per key, the sum of S over
+the earlier queries; with a cache these running sums live on transformers' own cache layer (`selective_layer_class`),
+which beam search reorders with the keys.
 """
 
 import types
@@ -31,13 +37,15 @@ import torch
 import torch.nn as nn
 
 from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_GATE_SCALE, FINETUNE_SSA_INIT, Config
-from lit_gpt.model import AttentionGate, build_temperature
+from lit_gpt.model import AttentionGate, build_temperature, selective_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
 CONFIG_KEY = "lit_gpt_ssa"  # in config.json: the Config of the temperatures
 TEMPERATURE_MODULES = ("query_temperature", "key_temperature", "value_temperature")
 ADDED_MODULES = (*TEMPERATURE_MODULES, "gate")  # what add_ssa and add_gate put on a layer: PEFT's modules_to_save
 OUTPUT_PROJECTIONS = ("o_proj", "dense", "c_proj")  # the attention's output projection (Llama, GPT-NeoX, GPT-2)
+SELECTIVE = "lit_gpt_selective"  # selective attention's name in transformers' AttentionInterface
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")  # an attention layer's cache, by version
 REMOTE_SOURCES = ("config.py", "kernels.py", "model.py", "hf_ssa.py", "remote/ssa_modeling.py")
 MODELING_FILE = "modeling_lit_gpt_hf_ssa.py"
 REMOTE_CLASSES = {"llama": "LlamaSSAForCausalLM", "mistral": "MistralSSAForCausalLM", "qwen2": "Qwen2SSAForCausalLM",
@@ -71,12 +79,26 @@ def add_gate(model: nn.Module, attention_gate: str = "headwise", **fields) -> nn
                    attention_gate=attention_gate, attention_gate_scale=FINETUNE_GATE_SCALE, **fields)
 
 
+def add_selective(model: nn.Module, **fields) -> nn.Module:
+    """Selective attention (Leviathan, Kalman & Matias 2024) on every attention layer of a transformers causal LM, in
+    place: every head's logits minus F, the sum over earlier queries of ReLU of head 0's logits. It has no parameters,
+    so the model does not start as itself. `fields` are further attention fields (a gate: attention_gate="headwise").
+    The model's attention implementation becomes "lit_gpt_selective" (sdpa's kernel with F added). Returns the model."""
+    return add_ssa(model, attention_temperature=fields.pop("attention_temperature", "none"),
+                   selective_mask=fields.pop("selective_mask", "leviathan"), **fields)
+
+
 def attach(model: nn.Module, config: Config) -> nn.Module:
     """The temperatures of `config` on every attention layer, with their hooks; the config goes into the model's own
-    (config.json's `lit_gpt_ssa`), so that a saved model rebuilds them when loaded."""
+    (config.json's `lit_gpt_ssa`), so that a saved model rebuilds them when loaded. Selective attention sets the
+    model's attention implementation."""
     if config.selective_mask != "none":
-        raise ValueError("Selective attention in a transformers model is not supported yet: convert the model"
-                         " (scripts/convert_hf_checkpoint.py) to use it.")
+        register_selective_attention()
+        model.set_attn_implementation(SELECTIVE)
+        if model.config._attn_implementation != SELECTIVE:  # never plain attention in its place, silently
+            raise ValueError(f"{type(model).__name__} did not take the attention function {SELECTIVE!r} (it has"
+                             f" {model.config._attn_implementation!r}): selective attention needs a family class whose"
+                             " attention calls transformers' AttentionInterface.")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     weight = next(model.parameters())  # temperatures in float32 at least (bf16 weights: float32 temperatures)
     device, dtype = weight.device, torch.promote_types(weight.dtype, torch.float32)
@@ -168,6 +190,7 @@ def attention_hook(attn: nn.Module, args, kwargs):
     projections it calls now carry the temperature and gate hooks (PEFT may have wrapped them since, and merging
     unwraps)."""
     attn._ssa["x"] = kwargs.get("hidden_states", args[0] if args else None)
+    attn._ssa["cache"] = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
     hooks = attn._ssa["hooks"]
     gate = getattr(attn, "gate", None)
     if gate is not None:
@@ -235,8 +258,10 @@ def position_log(attn: nn.Module, output: torch.Tensor) -> torch.Tensor:
 
 
 def forget_input(attn: nn.Module, args, output) -> None:
-    """After each attention layer: its input is not kept past the call (a deep copy of the model could not take it)."""
+    """After each attention layer: its input and cache are not kept past the call (a deep copy of the model could not
+    take them)."""
     attn._ssa.pop("x", None)
+    attn._ssa.pop("cache", None)
 
 
 def scale_hook(attn: nn.Module, temperature: nn.Module, heads: int):
@@ -249,6 +274,117 @@ def scale_hook(attn: nn.Module, temperature: nn.Module, heads: int):
         return temperature(target, attn._ssa["x"], position_log(attn, output)).view(shape)
 
     return hook
+
+
+def register_selective_attention() -> None:
+    """Selective attention's function and mask under SELECTIVE in transformers' registries (a name the mask registry
+    lacks gets no mask at all, silently)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SELECTIVE, selective_attention)
+    AttentionMaskInterface.register(SELECTIVE, selective_attention_mask)
+
+
+def selective_attention_mask(*args, **kwargs):
+    """sdpa's boolean mask (B, 1, T, S), always built: F needs to know which keys each query sees, also where plain
+    causal attention would have been enough."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **(kwargs | {"allow_is_causal_skip": False}))
+
+
+def selective_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling: float | None = None, **kwargs):
+    """transformers' attention function of selective attention: sdpa's attention of query (B, nh, T, hs) and the
+    cached keys and values (B, ng, S, hs), with F (B, T, S) subtracted from every head's logits. The T queries are
+    the last T of the S cache slots (transformers' DynamicCache appends)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    T, S = query.size(2), key.size(2)
+    slots = torch.arange(S - T, S, device=query.device)
+    if attention_mask is None:  # a caller's own mask function may still skip it: plain causal attention
+        attention_mask = (torch.arange(S, device=query.device) <= slots.unsqueeze(-1)).expand(query.size(0), 1, T, S)
+    elif attention_mask.dtype != torch.bool:  # an additive mask: transformers masks with the dtype's minimum
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min
+    f = selective_mask(query, key, attention_mask[:, 0], slots, sums_of(module, query.size(0)))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  position_bias=-f.unsqueeze(1).to(query.dtype), **kwargs)
+
+
+def sums_of(module: nn.Module, batch_size: int):
+    """The running sums of S of this layer's cache (None without a cache): transformers' cache layer, made a
+    SelectiveDynamicLayer the first time."""
+    cache = getattr(module, "_ssa", {}).get("cache")
+    if cache is None:
+        return None
+    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache holds the decoder's
+    layer, selective = cache.layers[module.layer_idx], selective_layer_class()
+    if type(layer) is not selective:
+        if type(layer) is not selective.__base__:
+            raise ValueError(f"Selective attention keeps its sums beside transformers' DynamicCache; this cache's layer"
+                             f" is a {type(layer).__name__}: generate with the default cache (no static cache, no"
+                             " sliding window, no offloading).")
+        layer.__class__ = selective
+    return layer
+
+
+def selective_layer_class() -> type:
+    """transformers' DynamicLayer with selective attention's running sums: per cached key, the sum of S over the queries
+    seen so far (B, S), kept in step with the keys where transformers reorders (beam search), selects or repeats the
+    batch. Taking tokens back out (crop: assisted decoding, prompt lookup) cannot subtract what their queries added,
+    and is refused. One class for the process, defined at first use (transformers takes seconds to import)."""
+    global _SELECTIVE_LAYER
+    if _SELECTIVE_LAYER is not None:
+        return _SELECTIVE_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class SelectiveDynamicLayer(DynamicLayer):  # one base only: an existing layer can become one (__class__)
+        sums: torch.Tensor | None = None  # instances set their own
+
+        def add_selective_sums(self, input_pos: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            """The sums of the earlier calls (B, 1, S), zero for this call's T keys; then this call's s (B, T, S) is
+            added to them."""
+            B, T, S = s.shape
+            past = S - T
+            if (self.sums is None and past) or (self.sums is not None and tuple(self.sums.shape) != (B, past)):
+                held = "none" if self.sums is None else tuple(self.sums.shape)
+                raise ValueError(f"Selective attention's sums do not match the cache: it holds {past} keys for {B}"
+                                 f" rows, the sums {held}; start from an empty cache with selective attention on.")
+            before = s.new_zeros(B, S) if self.sums is None else nn.functional.pad(self.sums, (0, T))
+            self.sums = before + s.detach().sum(dim=1)
+            return before.unsqueeze(1)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            super().reorder_cache(beam_idx)
+            if self.sums is not None:
+                self.sums = self.sums.index_select(0, beam_idx.to(self.sums.device))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            super().batch_select_indices(indices)
+            if self.sums is not None:
+                self.sums = self.sums[indices]
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            if self.sums is not None:
+                self.sums = self.sums.repeat_interleave(repeats, dim=0)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove and self.sums is not None:
+                raise ValueError("Selective attention cannot take tokens back out of its cache (assisted decoding,"
+                                 " prompt lookup): generate without an assistant model or prompt lookup.")
+            super().crop(tokens_to_remove)
+
+        def reset(self) -> None:
+            super().reset()
+            self.sums = None
+
+    _SELECTIVE_LAYER = SelectiveDynamicLayer
+    return _SELECTIVE_LAYER
+
+
+_SELECTIVE_LAYER = None
 
 
 def remote_code() -> str | None:

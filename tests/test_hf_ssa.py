@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from lit_gpt import GPT  # noqa: E402
 from lit_gpt.hf import lit_weights_from_hf  # noqa: E402
-from lit_gpt.hf_ssa import add_ssa  # noqa: E402
+from lit_gpt.hf_ssa import add_selective, add_ssa, selective_layer_class  # noqa: E402
 from lit_gpt.model import slope_parameter  # noqa: E402
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
@@ -34,7 +34,12 @@ VARIANTS = {
     "logn": {"attention_temperature": "logn", "logn_length": 4},
     "gate headwise": {"attention_temperature": "none", "attention_gate": "headwise", "attention_gate_scale": 2.0},
     "ssa with gate elementwise": {"attention_gate": "elementwise", "attention_gate_scale": 2.0},
+    "selective": {"attention_temperature": "none", "selective_mask": "leviathan"},
+    "selective with gate headwise": {"attention_temperature": "none", "selective_mask": "leviathan",
+                                     "attention_gate": "headwise", "attention_gate_scale": 2.0},
 }
+SELECTIVE = VARIANTS["selective"]
+WITHOUT_PARAMETERS = ("logn", "selective")  # Qwen's logn and selective attention have none
 
 
 def added(name: str) -> bool:
@@ -93,7 +98,7 @@ def ours_of(model) -> GPT:
 def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
     model = hf_model(family, **VARIANTS[variant])
     ours = ours_of(model)
-    has_parameters = variant != "logn"  # Qwen's logn has none
+    has_parameters = variant not in WITHOUT_PARAMETERS
     assert (sum(added(k) for k in model.state_dict()) > 0) == has_parameters
     idx = torch.randint(0, 96, (2, 24))
     theirs_logits, our_logits = model(idx).logits, ours(idx)
@@ -101,6 +106,8 @@ def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
     torch.testing.assert_close(theirs_logits, our_logits, rtol=1e-6, atol=1e-6)
     (theirs_logits**2).mean().backward()
     (our_logits**2).mean().backward()
+    torch.testing.assert_close(model.get_input_embeddings().weight.grad, ours.transformer.wte.weight.grad,
+                               rtol=1e-5, atol=1e-8)
     ours_params = dict(ours.named_parameters())
     compared = 0
     for key, p in model.named_parameters():
@@ -108,6 +115,9 @@ def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
             torch.testing.assert_close(p.grad, ours_params[our_name(key)].grad, rtol=1e-5, atol=1e-8)
             compared += 1
     assert compared >= 2 or not has_parameters
+    if variant.startswith("selective"):  # without F (the family's own eager attention) it computes something else
+        model.set_attn_implementation("eager")
+        assert not torch.allclose(model(idx).logits, our_logits, rtol=1e-6, atol=1e-6)
     if not has_parameters:
         return
     # a model whose temperatures differ computes something else: the comparison can fail
@@ -116,11 +126,12 @@ def test_add_ssa_equals_our_model_in_outputs_and_gradients(family, variant):
     assert not torch.allclose(model(idx).logits, our_logits, rtol=1e-6, atol=1e-6)  # the tolerance passed above
 
 
+@pytest.mark.parametrize("variant", ["ssa", "selective"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decoding_and_beam_search_equal_full_recomputation(family):
+def test_cached_decoding_and_beam_search_equal_full_recomputation(family, variant):
     """With transformers' own DynamicCache, token by token: the logits of a full forward pass; beam search with the
-    cache chooses what it chooses without one."""
-    model = hf_model(family)
+    cache chooses what it chooses without one (selective attention: F's running sums live on the cache)."""
+    model = hf_model(family, **VARIANTS[variant])
     idx = torch.randint(0, 96, (1, 16))
     full = model(idx).logits
     cache = transformers.DynamicCache()
@@ -137,11 +148,13 @@ def test_cached_decoding_and_beam_search_equal_full_recomputation(family):
     assert len(hidden) == model.config.num_hidden_layers + 1
 
 
+@pytest.mark.parametrize("variant", ["ssa", "selective"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_left_padded_row_equals_the_row_unpadded(family):
-    """SSA's position term is absolute: positions come from the attention mask, so three pads change nothing. (sdpa:
+def test_a_left_padded_row_equals_the_row_unpadded(family, variant):
+    """SSA's position term is absolute: positions come from the attention mask, so three pads change nothing; nor do
+    they to selective attention, whose first real token is never masked and whose pads mask nothing. (sdpa:
     transformers' eager attention gives NaN for left-padded float64 rows, with or without SSA.)"""
-    model = hf_model(family, "sdpa")
+    model = hf_model(family, "sdpa", **VARIANTS[variant])
     row = torch.randint(1, 96, (1, 12))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], 1)
     batch = torch.cat([padded, torch.randint(1, 96, (1, 15))])
@@ -157,6 +170,63 @@ def test_a_left_padded_row_equals_the_row_unpadded(family):
     assert torch.equal(generated[0, 3:], model.generate(row, max_new_tokens=5, do_sample=False, pad_token_id=0)[0])
 
 
+def test_beam_search_reorders_selective_attentions_sums_with_the_keys(monkeypatch):
+    """Beam search reorders the cache between steps; F's running sums must follow their keys. With larger query and
+    key weights (F matters), cached beam search equals beam search without a cache, and it does not when the sums stay
+    in their old order."""
+    model = hf_model("llama", **SELECTIVE)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
+    torch.manual_seed(0)
+    idx = torch.randint(1, 96, (6, 8))
+    settings = dict(max_new_tokens=16, num_beams=4, do_sample=False, pad_token_id=0)
+    without = model.generate(idx, use_cache=False, **settings)
+    assert torch.equal(model.generate(idx, use_cache=True, **settings), without)
+    layer = selective_layer_class()
+    monkeypatch.setattr(layer, "reorder_cache", layer.__base__.reorder_cache)  # the keys reordered, not the sums
+    assert not torch.equal(model.generate(idx, use_cache=True, **settings), without)
+
+
+def test_selective_attentions_sums_follow_the_caches_batch_operations():
+    """add_selective puts selective attention on the model; its cache layers carry, per key, the sum of S over the
+    queries seen (each row's own), and reorder, repeat and select them with the keys; taking tokens back is refused."""
+    model = add_selective(transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]()).double().eval())
+    assert model.config._attn_implementation == "lit_gpt_selective" and model.ssa_config.selective_mask == "leviathan"
+    idx = torch.randint(0, 96, (3, 7))
+    cache = transformers.DynamicCache()
+    model(idx, past_key_values=cache, use_cache=True)
+    layer = cache.layers[1]
+    assert type(layer) is selective_layer_class() and layer.sums.shape == (3, 7)
+    alone = transformers.DynamicCache()
+    model(idx[2:], past_key_values=alone, use_cache=True)  # a row's sums are its own
+    torch.testing.assert_close(layer.sums[2:], alone.layers[1].sums)
+    sums, keys = layer.sums.clone(), layer.keys.clone()
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(layer.sums, sums[[2, 0, 1]]) and torch.equal(layer.keys, keys[[2, 0, 1]])
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(layer.sums, sums[[2, 2, 0, 0, 1, 1]])
+    cache.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(layer.sums, sums[[2, 1]]) and torch.equal(layer.keys, keys[[2, 1]])
+    with pytest.raises(ValueError, match="cannot take tokens back out of its cache"):
+        cache.crop(-2)
+
+
+def test_a_cache_selective_attention_cannot_use_is_refused_in_one_line():
+    """A cache filled without selective attention has no sums; a static cache keeps none: one line each."""
+    model = hf_model("llama", **SELECTIVE)
+    idx = torch.randint(0, 96, (1, 6))
+    cache = transformers.DynamicCache()
+    model.set_attn_implementation("eager")
+    model(idx, past_key_values=cache, use_cache=True)  # plain attention fills it
+    model.set_attn_implementation("lit_gpt_selective")
+    with pytest.raises(ValueError, match="sums do not match the cache: it holds 6 keys for 1 rows, the sums none"):
+        model(idx[:, :1], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="this cache's layer is a StaticLayer: generate with the default cache"):
+        model.generate(idx, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+
+
 def test_bad_fields_and_unsupported_models_are_one_line():
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]())
     with pytest.raises(ValueError, match="not an attention field"):
@@ -165,9 +235,8 @@ def test_bad_fields_and_unsupported_models_are_one_line():
                                                              ffn_dim=32, vocab_size=32, word_embed_proj_dim=16))
     with pytest.raises(ValueError, match="add_ssa supports model_type .*this model is 'opt'"):
         add_ssa(opt)
-    with pytest.raises(ValueError, match="Selective attention in a transformers model is not supported yet"):
-        add_ssa(transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]()), attention_temperature="none",
-                selective_mask="leviathan")
+    with pytest.raises(ValueError, match="selective_mask='leviathan' with attention_temperature='ssa' is not defined"):
+        add_ssa(transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]()), selective_mask="leviathan")
     add_ssa(model)
     with pytest.raises(ValueError, match="already has SSA"):
         add_ssa(model)
@@ -182,6 +251,7 @@ ids = torch.load(sys.argv[2])
 beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
 hidden = model(ids, output_hidden_states=True).hidden_states
 torch.save({"logits": model(ids).logits, "beams": beams, "class": type(model).__name__,
+            "attention": model.config._attn_implementation,
             "bases": [c.__name__ for c in type(model).__mro__], "hidden": len(hidden),
             "temperatures": {k: v for k, v in model.state_dict().items() if "temperature" in k or ".gate." in k}},
            sys.argv[3])
@@ -193,12 +263,14 @@ torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" 
 
 @pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}), ("gpt2", {}),
                                             ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
-                                            ("gpt2", {"attention_gate": "headwise", "attention_gate_scale": 2.0})])
+                                            ("gpt2", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
+                                            ("qwen2", VARIANTS["selective with gate headwise"]),
+                                            ("gpt_neox", SELECTIVE)])
 def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, fields, tmp_path):
     """save_pretrained writes the temperatures and remote code that subclasses the family's own class: loaded in a
     process where lit_gpt cannot be imported, it is a Llama (or Qwen3) with SSA, computes what the saved model did,
     runs beam search and returns hidden states; in bf16 the temperatures and the gate stay float32 (and the MLP's
-    gate_proj does not)."""
+    gate_proj does not). A model with selective attention loads with its attention function."""
     import subprocess
     import sys
 
@@ -214,14 +286,15 @@ def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(fam
     ssa_class = base_class.replace("ForCausalLM", "SSAForCausalLM").replace("LMHeadModel", "SSALMHeadModel")
     assert got["class"] == ssa_class and base_class in got["bases"]
     torch.testing.assert_close(got["logits"], model(ids).logits, rtol=1e-6, atol=1e-6)  # sdpa there, eager here
+    assert got["attention"] == ("lit_gpt_selective" if "selective_mask" in fields else "sdpa")
     expected = {k: v for k, v in model.state_dict().items() if added(k)}
-    assert got["temperatures"].keys() == expected.keys() and expected
+    assert got["temperatures"].keys() == expected.keys() and (expected or fields == SELECTIVE)
     assert all(torch.equal(got["temperatures"][k], v) for k, v in expected.items())
     assert torch.equal(got["beams"], model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
                                                     pad_token_id=0))
     assert got["hidden"] == model.config.num_hidden_layers + 1
     dtypes = torch.load(tmp_path / "out.pt.dtypes")
-    assert {dtype for name, dtype in dtypes.items() if "mlp" not in name} == {torch.float32}
+    assert {dtype for name, dtype in dtypes.items() if "mlp" not in name} == ({torch.float32} if expected else set())
     assert {dtype for name, dtype in dtypes.items() if "mlp" in name} == {torch.bfloat16}
 
 
@@ -236,6 +309,15 @@ def lora_model(family: str = "llama", **fields):
                              target_modules=targets,
                              modules_to_save=list(ADDED_MODULES))
     return model, peft.get_peft_model(model, config)
+
+
+def moved_by_a_step(model, idx) -> set[str]:
+    """The names of the trainable parameters that one AdamW step on the language-modelling loss changed."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(idx, labels=idx).loss.backward()
+    optimizer.step()
+    return {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
 
 
 @pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}), ("gpt2", {}),
@@ -257,13 +339,25 @@ def test_lora_through_peft_trains_adapters_and_temperatures_and_merges_with_ssa(
     assert sum("temperature" in name for name, _ in merged.named_parameters()) > 0
     torch.testing.assert_close(merged(idx).logits, adapted, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ours_of(merged)(idx), adapted, rtol=1e-6, atol=1e-6)  # our model, merged weights
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model(idx, labels=idx).loss.backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    changed = moved_by_a_step(model, idx)
     assert any("lora_B" in n for n in changed) and any("temperature" in n for n in changed)
     assert any(".gate." in n for n in changed) == bool(fields)
+
+
+def test_lora_through_peft_with_selective_attention_and_a_gate():
+    """Selective attention builds F from the queries and keys with their LoRA update (the attention function gets what
+    the adapted projections give): the adapted model equals our model with the merged weights; adapters and gate
+    train, and the merged model keeps the attention function."""
+    import copy
+
+    _, model = lora_model("llama", **VARIANTS["selective with gate headwise"])
+    idx = torch.randint(0, 96, (2, 16))
+    adapted = model(idx).logits
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert merged.config._attn_implementation == "lit_gpt_selective"
+    torch.testing.assert_close(ours_of(merged)(idx), adapted, rtol=1e-6, atol=1e-6)
+    changed = moved_by_a_step(model, idx)
+    assert any("lora_B" in n for n in changed) and any(".gate." in n for n in changed)
 
 
 def test_the_trainer_trains_a_step_of_lora_with_ssa(tmp_path):

@@ -32,9 +32,16 @@ def with_ssa(base: type) -> type:
                                                  f"{folder}/config.json")
         return model
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """The family's answer: transformers reads it from the source of the class's module, and this file's (our
+        model's attention, which takes no attention function) would say no, leaving selective attention unset."""
+        return base._can_set_attn_implementation()
+
     name = base.__name__.replace("ForCausalLM", "SSAForCausalLM").replace("LMHeadModel", "SSALMHeadModel")
     share_weight_renaming(base, name)
     return type(name, (base,), {"__init__": __init__, "from_pretrained": from_pretrained,
+                                "_can_set_attn_implementation": _can_set_attn_implementation,
                                 "_keep_in_fp32_modules": KEEP_IN_FLOAT32, "__module__": __name__})
 
 
