@@ -180,6 +180,7 @@ def positions_hook(state: dict):
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             positions = torch.arange(past, past + T, device=tokens.device).unsqueeze(0)
         state["positions"] = positions
+        state["log_n"] = {}  # log(n) of these positions, by (device, dtype): computed once per call, not per layer
         return None
 
     return hook
@@ -252,9 +253,14 @@ def fused_scale_hook(attn: nn.Module, temperatures: tuple, per_head: bool):
 
 
 def position_log(attn: nn.Module, output: torch.Tensor) -> torch.Tensor:
-    """log(n), n = position + 1, of the current call's tokens, in float32 at least (as our model has it)."""
+    """log(n), n = position + 1, of the current call's tokens, in float32 at least (as our model has it): computed by
+    the first layer that asks for it on this device, in this dtype."""
     dtype = torch.promote_types(output.dtype, torch.float32)
-    return torch.log1p(attn._ssa["state"]["positions"].to(output.device, dtype))
+    state = attn._ssa["state"]
+    key = (output.device, dtype)
+    if key not in state["log_n"]:
+        state["log_n"][key] = torch.log1p(state["positions"].to(output.device, dtype))
+    return state["log_n"][key]
 
 
 def forget_input(attn: nn.Module, args, output) -> None:

@@ -564,9 +564,10 @@ def ssa_temperature(features, token_weight, position_param, log_n, form) -> tupl
     """SSA's tau = 1 + slope log(n) + tanh(u . gelu(features)) in log_n's dtype (float32 or float64), broadcastable
     to (B, T, h), and its token term (None when off). features: (B, T, h, d) or None; token_weight: (h, d) or None;
     position_param: (h,), (1,) or None; log_n: (T, 1) or (1, T, 1)."""
-    tau = torch.ones_like(log_n)
     if position_param is not None:
-        tau = tau + slope_and_derivative(position_param.to(log_n.dtype), form)[0] * log_n  # (T, h) or (1, T, h)
+        tau = slope_and_derivative(position_param.to(log_n.dtype), form)[0] * log_n + 1  # (T, h) or (1, T, h)
+    else:
+        tau = torch.ones_like(log_n)
     token_term = None
     if token_weight is not None:
         pre = (gelu(features.to(log_n.dtype)) * token_weight.to(log_n.dtype)).sum(-1)  # u . gelu(f) per head
