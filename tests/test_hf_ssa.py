@@ -227,6 +227,27 @@ def test_a_cache_selective_attention_cannot_use_is_refused_in_one_line():
         model.generate(idx, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
+@pytest.mark.parametrize("family, variant", [("llama", "ssa separate"), ("gpt2", "selective with gate headwise")])
+def test_gradient_checkpointing_gives_the_same_gradients(family, variant):
+    """transformers' gradient checkpointing (the Trainer's gradient_checkpointing=True) runs each layer again in the
+    backward pass: the hooks and the attention function run again, with what they read then, and every gradient is
+    the one without checkpointing."""
+    model = hf_model(family, "sdpa", **VARIANTS[variant]).train()
+    for module in model.modules():  # GPT-2's dropout would draw other masks in the second run
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    idx = torch.randint(0, 96, (2, 16))
+    model(idx, labels=idx).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(idx, labels=idx).loss.backward()
+    assert any(added(n) for n in plain)
+    for name, p in model.named_parameters():
+        if name in plain:
+            torch.testing.assert_close(p.grad, plain[name], rtol=1e-9, atol=1e-12)
+
+
 def test_bad_fields_and_unsupported_models_are_one_line():
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES["llama"]())
     with pytest.raises(ValueError, match="not an attention field"):
