@@ -213,6 +213,23 @@ def test_selective_attentions_sums_follow_the_caches_batch_operations():
         cache.crop(-2)
 
 
+def test_selective_attention_takes_a_boolean_an_additive_or_no_mask_alike():
+    """The attention function gets sdpa's boolean mask from its own mask function; a caller's 4D additive mask
+    (transformers masks with the dtype's minimum) or none at all (plain causal attention) give the same output."""
+    from lit_gpt.hf_ssa import selective_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 6, 8, dtype=torch.float64).unbind(0)  # (B, heads, T, hs) each
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    additive = torch.zeros(2, 1, 6, 6, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    module = torch.nn.Module()
+    outputs = [selective_attention(module, q, k, v, mask, scaling=8**-0.5)[0] for mask in (allowed, additive, None)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=0, atol=0)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert not torch.allclose(outputs[0], plain, atol=1e-3)  # F changed something
+
+
 def test_a_cache_selective_attention_cannot_use_is_refused_in_one_line():
     """A cache filled without selective attention has no sums; a static cache keeps none: one line each."""
     model = hf_model("llama", **SELECTIVE)
