@@ -313,12 +313,12 @@ def selective_attention(module: nn.Module, query, key, value, attention_mask, dr
         attention_mask = (torch.arange(S, device=query.device) <= slots.unsqueeze(-1)).expand(query.size(0), 1, T, S)
     elif attention_mask.dtype != torch.bool:  # an additive mask: transformers masks with the dtype's minimum
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min
-    f = selective_mask(query, key, attention_mask[:, 0], slots, sums_of(module, query.size(0)))
+    f = selective_mask(query, key, attention_mask[:, 0], slots, sums_of(module))
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   position_bias=-f.unsqueeze(1).to(query.dtype), **kwargs)
 
 
-def sums_of(module: nn.Module, batch_size: int):
+def sums_of(module: nn.Module):
     """The running sums of S of this layer's cache (None without a cache): transformers' cache layer, made a
     SelectiveDynamicLayer the first time."""
     cache = getattr(module, "_ssa", {}).get("cache")
@@ -330,7 +330,7 @@ def sums_of(module: nn.Module, batch_size: int):
         if type(layer) is not selective.__base__:
             raise ValueError(f"Selective attention keeps its sums beside transformers' DynamicCache; this cache's layer"
                              f" is a {type(layer).__name__}: generate with the default cache (no static cache, no"
-                             " sliding window, no offloading).")
+                             " sliding window).")
         layer.__class__ = selective
     return layer
 
