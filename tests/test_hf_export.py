@@ -142,7 +142,7 @@ def test_what_a_family_class_can_express_exports_as_the_family_and_the_rest_as_t
 
 
 @pytest.mark.parametrize("case", ["gpt2 ssa", "llama gqa rope-scaling ssa", "llama logn", "pythia ssa separate keys"
-                                  " official", "pythia gate headwise"])
+                                  " official", "pythia gate headwise", "pythia selective"])
 def test_round_trip_gives_identical_weights(exported, tmp_path, case):
     from safetensors.torch import load_file
 
