@@ -328,9 +328,10 @@ def sums_of(module: nn.Module):
     layer, selective = cache.layers[module.layer_idx], selective_layer_class()
     if type(layer) is not selective:
         if type(layer) is not selective.__base__:
-            raise ValueError(f"Selective attention keeps its sums beside transformers' DynamicCache; this cache's layer"
-                             f" is a {type(layer).__name__}: generate with the default cache (no static cache, no"
-                             " sliding window).")
+            raise ValueError(f"Selective attention keeps its sums in a DynamicCache of full-attention layers; this"
+                             f" cache's layer is a {type(layer).__name__} (a static cache or a sliding window): use"
+                             " DynamicCache() of a model without a window, pass use_cache=False, or convert the model"
+                             " (scripts/convert_hf_checkpoint.py) to use this project's own cache.")
         layer.__class__ = selective
     return layer
 

@@ -230,6 +230,21 @@ def test_selective_attention_takes_a_boolean_an_additive_or_no_mask_alike():
     assert not torch.allclose(outputs[0], plain, atol=1e-3)  # F changed something
 
 
+def test_selective_attention_in_a_sliding_window_equals_ours_without_a_cache_and_refuses_the_windows_cache():
+    """Mistral with a window of 8 over 24 tokens: F sees the window's keys, as in our model; the window's cache drops
+    keys whose sums F needs, so a call that would fill it is refused in one line, saying what works instead."""
+    from lit_gpt.hf_ssa import add_selective
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**SMALL, sliding_window=8)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double().eval()
+    add_selective(model)
+    idx = torch.randint(0, 96, (2, 24))
+    torch.testing.assert_close(model(idx, use_cache=False).logits, ours_of(model)(idx), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer .* pass use_cache=False, or convert the model"):
+        model(idx)
+
+
 def test_a_cache_selective_attention_cannot_use_is_refused_in_one_line():
     """A cache filled without selective attention has no sums; a static cache keeps none: one line each."""
     model = hf_model("llama", **SELECTIVE)
@@ -240,7 +255,7 @@ def test_a_cache_selective_attention_cannot_use_is_refused_in_one_line():
     model.set_attn_implementation("lit_gpt_selective")
     with pytest.raises(ValueError, match="sums do not match the cache: it holds 6 keys for 1 rows, the sums none"):
         model(idx[:, :1], past_key_values=cache, use_cache=True)
-    with pytest.raises(ValueError, match="this cache's layer is a StaticLayer: generate with the default cache"):
+    with pytest.raises(ValueError, match=r"StaticLayer \(a static cache or a sliding window\): use DynamicCache"):
         model.generate(idx, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
