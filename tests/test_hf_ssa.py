@@ -297,44 +297,60 @@ def test_bad_fields_and_unsupported_models_are_one_line():
 
 LOADER = """
 import sys
-sys.modules["lit_gpt"] = None  # the folder must stand on its own: this project cannot be imported here
+sys.modules["lit_gpt"] = None  # the folders must stand on their own: this project cannot be imported here
 import torch, transformers
-model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64)
-ids = torch.load(sys.argv[2])
-beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
-hidden = model(ids, output_hidden_states=True).hidden_states
-torch.save({"logits": model(ids).logits, "beams": beams, "class": type(model).__name__,
-            "attention": model.config._attn_implementation,
-            "bases": [c.__name__ for c in type(model).__mro__], "hidden": len(hidden),
-            "temperatures": {k: v for k, v in model.state_dict().items() if "temperature" in k or ".gate." in k}},
-           sys.argv[3])
-loaded = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.bfloat16)
-torch.save({k: v.dtype for k, v in loaded.state_dict().items() if "temperature" in k or ".gate." in k or "mlp" in k},
-           sys.argv[3] + ".dtypes")
+ids, results = torch.load(sys.argv[1]), {}
+for folder in sys.argv[3:]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float64)
+    beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
+    results[folder] = {
+        "logits": model(ids).logits, "beams": beams, "class": type(model).__name__,
+        "attention": model.config._attn_implementation, "bases": [c.__name__ for c in type(model).__mro__],
+        "hidden": len(hidden),
+        "temperatures": {k: v for k, v in model.state_dict().items() if "temperature" in k or ".gate." in k},
+        "dtypes": {k: v.dtype for k, v in loaded.state_dict().items()
+                   if "temperature" in k or ".gate." in k or "mlp" in k}}
+torch.save(results, sys.argv[2])
 """
+SAVED = {"llama": ("llama", {}), "qwen3": ("qwen3", {}), "gpt_neox": ("gpt_neox", {}), "gpt2": ("gpt2", {}),
+         "llama gate": ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
+         "gpt2 gate": ("gpt2", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
+         "qwen2 selective with gate": ("qwen2", VARIANTS["selective with gate headwise"]),
+         "gpt_neox selective": ("gpt_neox", SELECTIVE)}
 
 
-@pytest.mark.parametrize("family, fields", [("llama", {}), ("qwen3", {}), ("gpt_neox", {}), ("gpt2", {}),
-                                            ("llama", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
-                                            ("gpt2", {"attention_gate": "headwise", "attention_gate_scale": 2.0}),
-                                            ("qwen2", VARIANTS["selective with gate headwise"]),
-                                            ("gpt_neox", SELECTIVE)])
-def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(family, fields, tmp_path):
+@pytest.fixture(scope="module")
+def saved_and_loaded(tmp_path_factory):
+    """Each case of SAVED saved with save_pretrained, then all loaded in one fresh process that cannot import
+    lit_gpt; returns {case: (model, what that process computed)} and the token ids."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("saved")
+    models = {case: hf_model(family, **fields) for case, (family, fields) in SAVED.items()}
+    folders = {case: str(root / f"saved-{i}") for i, case in enumerate(SAVED)}
+    for case, model in models.items():
+        model.save_pretrained(folders[case])
+    ids = torch.randint(0, 96, (1, 10))
+    torch.save(ids, root / "ids.pt")
+    result = subprocess.run([sys.executable, "-c", LOADER, str(root / "ids.pt"), str(root / "out.pt"),
+                             *folders.values()], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(root / "out.pt")
+    return {case: (models[case], got[folders[case]]) for case in SAVED}, ids
+
+
+@pytest.mark.parametrize("case", SAVED)
+def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(saved_and_loaded, case):
     """save_pretrained writes the temperatures and remote code that subclasses the family's own class: loaded in a
     process where lit_gpt cannot be imported, it is a Llama (or Qwen3) with SSA, computes what the saved model did,
     runs beam search and returns hidden states; in bf16 the temperatures and the gate stay float32 (and the MLP's
     gate_proj does not). A model with selective attention loads with its attention function."""
-    import subprocess
-    import sys
-
-    model = hf_model(family, **fields)
-    model.save_pretrained(tmp_path / "saved")
-    ids = torch.randint(0, 96, (1, 10))
-    torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "saved"), str(tmp_path / "ids.pt"),
-                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    loaded, ids = saved_and_loaded
+    model, got = loaded[case]
+    fields = SAVED[case][1]
     base_class = type(model).__name__
     ssa_class = base_class.replace("ForCausalLM", "SSAForCausalLM").replace("LMHeadModel", "SSALMHeadModel")
     assert got["class"] == ssa_class and base_class in got["bases"]
@@ -346,7 +362,7 @@ def test_a_saved_ssa_model_loads_as_its_family_with_ssa_without_this_project(fam
     assert torch.equal(got["beams"], model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
                                                     pad_token_id=0))
     assert got["hidden"] == model.config.num_hidden_layers + 1
-    dtypes = torch.load(tmp_path / "out.pt.dtypes")
+    dtypes = got["dtypes"]
     assert {dtype for name, dtype in dtypes.items() if "mlp" not in name} == ({torch.float32} if expected else set())
     assert {dtype for name, dtype in dtypes.items() if "mlp" in name} == {torch.bfloat16}
 
