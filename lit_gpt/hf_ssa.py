@@ -31,13 +31,13 @@ which beam search reorders with the keys.
 """
 
 import types
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn as nn
 
 from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_GATE_SCALE, FINETUNE_SSA_INIT, Config
-from lit_gpt.model import AttentionGate, build_temperature, selective_mask
+from lit_gpt.model import AttentionGate, allowed_keys, build_temperature, selective_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
 CONFIG_KEY = "lit_gpt_ssa"  # in config.json: the Config of the temperatures
@@ -310,7 +310,7 @@ def selective_attention(module: nn.Module, query, key, value, attention_mask, dr
     T, S = query.size(2), key.size(2)
     slots = torch.arange(S - T, S, device=query.device)
     if attention_mask is None:  # a caller's own mask function may still skip it: plain causal attention
-        attention_mask = (torch.arange(S, device=query.device) <= slots.unsqueeze(-1)).expand(query.size(0), 1, T, S)
+        attention_mask = allowed_keys(T, S, slots, None).expand(query.size(0), 1, T, S)
     elif attention_mask.dtype != torch.bool:  # an additive mask: transformers masks with the dtype's minimum
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min
     f = selective_mask(query, key, attention_mask[:, 0], slots, sums_of(module))
@@ -336,14 +336,12 @@ def sums_of(module: nn.Module):
     return layer
 
 
+@cache
 def selective_layer_class() -> type:
     """transformers' DynamicLayer with selective attention's running sums: per cached key, the sum of S over the queries
     seen so far (B, S), kept in step with the keys where transformers reorders (beam search), selects or repeats the
     batch. Taking tokens back out (crop: assisted decoding, prompt lookup) cannot subtract what their queries added,
     and is refused. One class for the process, defined at first use (transformers takes seconds to import)."""
-    global _SELECTIVE_LAYER
-    if _SELECTIVE_LAYER is not None:
-        return _SELECTIVE_LAYER
     from transformers.cache_utils import DynamicLayer
 
     class SelectiveDynamicLayer(DynamicLayer):  # one base only: an existing layer can become one (__class__)
@@ -387,11 +385,7 @@ def selective_layer_class() -> type:
             super().reset()
             self.sums = None
 
-    _SELECTIVE_LAYER = SelectiveDynamicLayer
-    return _SELECTIVE_LAYER
-
-
-_SELECTIVE_LAYER = None
+    return SelectiveDynamicLayer
 
 
 def remote_code() -> str | None:
