@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from lit_gpt.checkpoint import load_checkpoint, run_holder
-from lit_gpt.config import read_yaml
+from lit_gpt.config import FINETUNE_SSA_INIT, Config, read_yaml
 from lit_gpt.data.prepare import BUNDLED_WIKI, read_text
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import run_cli, write_file
 from study.data import decontaminate, prepare_folder, token_stream, training_windows
-from study.report import brief, wilcoxon_greater
+from study.report import brief, learned_kinds, wilcoxon_greater
 from study.report import sign_rule_power as rule_power
 from study.reproduce import code_commit, learned_parameters, registered, settings_name, window_loss
 
@@ -411,7 +411,62 @@ def report(study: FinetuneStudy, tuned: dict, scored: dict[str, dict[int, dict]]
         for s, r in sorted(runs.items()):
             if not r["failed"] and arm != "vanilla":
                 lines.append(f"- {arm} seed {s}: {brief(r, '.3g')}")
+    lines += ["", *movement(scored), *temperature_section(study, scored)]
     return "\n".join(lines) + "\n"
+
+
+# where each added parameter starts when it is added to the checkpoint (the start that gives the checkpoint's outputs)
+STARTS = {"slope": FINETUNE_SSA_INIT, "u norm": 0.0, "gate norm": 0.0, "scale": Config.constant_init}
+
+
+def movement(scored: dict[str, dict[int, dict]]) -> list[str]:
+    """How far each kind of added parameter moved from its start, over every layer, head and scored seed: whether an
+    arm learned anything, which its loss alone cannot say."""
+    rows = []
+    for arm, runs in scored.items():
+        kinds: dict[str, list[float]] = {}
+        for r in runs.values():
+            if not r["failed"]:
+                for kind, values in learned_kinds(r).items():
+                    kinds.setdefault(kind, []).extend(values)
+        for kind, values in kinds.items():
+            start = next(v for k, v in STARTS.items() if kind.endswith(k))
+            change = (f"{max(abs(v / start - 1) for v in values):.1%} of the start" if start else
+                      f"{max(values):.3g} (from 0)")
+            rows.append(f"| {arm} | {kind} | {start:g} | {min(values):.3g} to {max(values):.3g} | {change} |")
+    if not rows:
+        return []
+    return ["## How far the added parameters moved from their start", "",
+            "Over every layer, head and scored seed. A slope is SSA's position slope (tau = 1 + slope log(n) + the"
+            " token term); a u norm is the norm of a head's token weights (the token term is tanh(u . gelu(f)));"
+            " a gate norm is the norm of a head's gate weights (the gate is 2 sigmoid(x W), 1 at W = 0); a scale is the"
+            " constant arm's temperature. The records keep slopes to 5 decimals (1.7% of SSA's start), the others to 5"
+            " significant figures.", "",
+            "| arm | parameter | start | after fine-tuning | largest change |", "|---|---|---|---|---|", *rows, ""]
+
+
+def temperature_section(study: "FinetuneStudy", scored: dict[str, dict[int, dict]]) -> list[str]:
+    """The measured temperatures of reruns that kept their weights (study/temperatures.py's records in
+    <records>/temperatures), each beside the committed run it repeats."""
+    from study.temperatures import table
+
+    lines = []
+    for path in sorted((study.records / "temperatures").glob("*-seed*.json")):
+        record = json.loads(path.read_text())
+        arm, seed = record["arm"], record["seed"]
+        committed = scored.get(arm, {}).get(seed)
+        compared = ("no committed record to compare" if committed is None else
+                    f"the committed run's {committed['test_ppl']:.4f}")
+        lines += [f"### {arm}, seed {seed}", "",
+                  f"A rerun of the scored run with the same command, kept with its weights ({record['checkpoint']};"
+                  f" {record['cpu']}, code {record['code_commit'][:7]}): test perplexity"
+                  f" {record['ppl']['learned']:.4f}, {compared}.", "", *table(record), ""]
+    if not lines:
+        return []
+    return ["## What the learned temperatures are on the test text", "",
+            "`python study/temperatures.py`: the size of each term over every (layer, head, token) of the test text,"
+            " then the test loss with the learned temperatures and with a term switched off (slopes 0, token"
+            " weights 0; both off is the vanilla model with the same weights).", "", *lines]
 
 
 def measured_power(scored: dict[str, dict[int, dict]], grid: dict) -> list[str]:

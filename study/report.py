@@ -362,6 +362,12 @@ def brief(record: dict, fmt: str = ".3f") -> str:
     gate-weight norms, Scalable-Softmax's and the constant temperature's scales; each figure in format `fmt`."""
     if record["failed"]:
         return "failed"
+    return "; ".join(f"{kind} {min(v):{fmt}}-{max(v):{fmt}}" for kind, v in learned_kinds(record).items()) or "-"
+
+
+def learned_kinds(record: dict) -> dict[str, list[float]]:
+    """A record's learned parameters by kind (brief's names), over every layer and head; kinds without values left
+    out."""
     learned, kinds = record["learned"], {}
     for side in ("query", "key", "value"):
         kinds[f"{side} slope"] = [v for layer in learned["slopes"] for v in layer.get(side, [])]
@@ -372,7 +378,7 @@ def brief(record: dict, fmt: str = ".3f") -> str:
                              ("temperature.scale", "scale")):
             if name.endswith(suffix):
                 kinds.setdefault(kind, []).extend(values)
-    return "; ".join(f"{kind} {min(v):{fmt}}-{max(v):{fmt}}" for kind, v in kinds.items() if v) or "-"
+    return {kind: v for kind, v in kinds.items() if v}
 
 
 def lm_section(lm: dict, settings: dict, folder: Path, pending: bool = False) -> list[str]:

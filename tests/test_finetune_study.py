@@ -14,10 +14,12 @@ from study.finetune_study import (
     FinetuneStudy,
     best,
     interval,
+    movement,
     relative_differences,
     rule_power,
     sign_test_p,
     split_articles,
+    temperature_section,
     tune,
     verdict,
     wilcoxon_p,
@@ -218,3 +220,34 @@ def test_scored_text_shares_no_50_character_string_with_the_training_text():
     assert shared(val + test) == []
     long = max(train, key=len)
     assert long[100:150] in shared([test[0][:30] + long[100:160]])  # the check finds a planted leak
+
+
+def test_movement_reports_each_parameter_against_its_start():
+    """The largest change of a slope is relative to SSA's fine-tuning start (6e-4); of a token weight norm, its largest
+    value (it starts at 0); of the constant's scale, relative to 1."""
+    ssa = dict(failed=False, learned={"slopes": [{"query": [0.0006, 0.00066]}, {"query": [0.00057, 0.0006]}],
+                                      "transformer.h.0.attn.query_temperature.token_weight": [0.0, 0.02]})
+    constant = dict(failed=False, learned={"slopes": [{}], "transformer.h.0.attn.query_temperature.scale": [0.98, 1.0]})
+    rows = {line.split(" | ")[1]: line for line in movement({"ssa": {1: ssa}, "constant": {1: constant}})
+            if line.startswith("| ssa") or line.startswith("| constant")}
+    assert rows["query slope"].endswith("| 10.0% of the start |")
+    assert rows["query u norm"].endswith("| 0.02 (from 0) |")
+    assert rows["scale"].endswith("| 2.0% of the start |")
+    assert movement({"vanilla": {1: dict(failed=False, learned={"slopes": [{}]})}}) == []
+
+
+def test_temperature_section_sets_a_rerun_beside_its_committed_run(tmp_path):
+    grid = read_yaml(GRID, "grid")
+    study = FinetuneStudy(grid, tmp_path, tmp_path / "out", tmp_path / "records")
+    assert temperature_section(study, {}) == []
+    terms = {"query": {name: dict(mean=0.001, p99=0.002, max=0.003) for name in ("tau - 1", "position term",
+                                                                                  "token term")}}
+    record = dict(arm="ssa", seed=1, checkpoint="out/ssa-rerun/seed1/final", split="test", cpu="AMD EPYC",
+                  code_commit="bce1cf7" + "0" * 33, terms=terms, loss={"learned": 3.0, "neither (vanilla)": 3.001},
+                  ppl={"learned": math.exp(3.0), "neither (vanilla)": math.exp(3.001)})
+    (tmp_path / "records" / "temperatures").mkdir(parents=True)
+    (tmp_path / "records" / "temperatures" / "ssa-seed1.json").write_text(json.dumps(record))
+    text = "\n".join(temperature_section(study, {"ssa": {1: dict(test_ppl=20.5)}}))
+    assert f"test perplexity {math.exp(3.0):.4f}, the committed run's 20.5000" in text
+    assert "| neither (vanilla) | 3.001000 | +0.001000 |" in text
+    assert "| query | abs(token term) | 1.00e-03 | 2.00e-03 | 3.00e-03 |" in text
