@@ -447,7 +447,8 @@ def movement(scored: dict[str, dict[int, dict]]) -> list[str]:
 
 def temperature_section(study: "FinetuneStudy", scored: dict[str, dict[int, dict]]) -> list[str]:
     """The measured temperatures of reruns that kept their weights (study/temperatures.py's records in
-    <records>/temperatures), each beside the committed run it repeats."""
+    <records>/temperatures), each beside the committed run it repeats (and the rerun's own record from the study's
+    runner in <records>/reruns, where there is one)."""
     from study.temperatures import table
 
     lines = []
@@ -455,12 +456,19 @@ def temperature_section(study: "FinetuneStudy", scored: dict[str, dict[int, dict
         record = json.loads(path.read_text())
         arm, seed = record["arm"], record["seed"]
         committed = scored.get(arm, {}).get(seed)
+        rerun_path = study.records / "reruns" / path.name
+        rerun = json.loads(rerun_path.read_text()) if rerun_path.is_file() else None
+        trained = ("" if rerun is None else f" It was trained and scored by the study's runner at code"
+                   f" {rerun['code_commit'][:7]} ({rerun['cpu']}, {rerun['threads']} thread(s)); its record:"
+                   f" {rerun_path.relative_to(study.records)}.")
         compared = ("no committed record to compare" if committed is None else
-                    f"the committed run's {committed['test_ppl']:.4f}")
+                    f"the committed run's {committed['test_ppl']:.6f}" + (
+                        " (the same to every digit recorded)" if committed["test_ppl"] == record["ppl"]["learned"]
+                        else ""))
         lines += [f"### {arm}, seed {seed}", "",
-                  f"A rerun of the scored run with the same command, kept with its weights ({record['checkpoint']};"
-                  f" {record['cpu']}, code {record['code_commit'][:7]}): test perplexity"
-                  f" {record['ppl']['learned']:.4f}, {compared}.", "", *table(record), ""]
+                  f"A rerun of the scored run with its command, kept with its weights.{trained} Measured by code"
+                  f" {record['code_commit'][:7]} on {record['cpu']}: test perplexity {record['ppl']['learned']:.6f},"
+                  f" {compared}.", "", *table(record), ""]
     if not lines:
         return []
     return ["## What the learned temperatures are on the test text", "",

@@ -248,6 +248,12 @@ def test_temperature_section_sets_a_rerun_beside_its_committed_run(tmp_path):
     (tmp_path / "records" / "temperatures").mkdir(parents=True)
     (tmp_path / "records" / "temperatures" / "ssa-seed1.json").write_text(json.dumps(record))
     text = "\n".join(temperature_section(study, {"ssa": {1: dict(test_ppl=20.5)}}))
-    assert f"test perplexity {math.exp(3.0):.4f}, the committed run's 20.5000" in text
+    assert f"test perplexity {math.exp(3.0):.6f}, the committed run's 20.500000." in text
     assert "| neither (vanilla) | 3.001000 | +0.001000 |" in text
     assert "| query | abs(token term) | 1.00e-03 | 2.00e-03 | 3.00e-03 |" in text
+    (tmp_path / "records" / "reruns").mkdir()
+    rerun = dict(code_commit="bce1cf7" + "0" * 33, cpu="AMD EPYC", threads=1, test_ppl=math.exp(3.0))
+    (tmp_path / "records" / "reruns" / "ssa-seed1.json").write_text(json.dumps(rerun))
+    text = "\n".join(temperature_section(study, {"ssa": {1: dict(test_ppl=math.exp(3.0))}}))
+    assert "by the study's runner at code bce1cf7 (AMD EPYC, 1 thread(s))" in text
+    assert "(the same to every digit recorded)" in text
