@@ -62,7 +62,7 @@ def test_terms_match_the_formula():
     model = tiny_ssa()
     tokens = np.random.default_rng(0).integers(0, 97, 3 * WINDOW + 1).astype(np.int64)
     measured = measure_terms(model, tokens, WINDOW, batch=2)
-    rows = torch.from_numpy(tokens[: 3 * WINDOW].astype(np.int64)).view(3, WINDOW)
+    rows = torch.from_numpy(tokens[: 3 * WINDOW]).view(3, WINDOW)
     reference = reference_terms(model, rows)
     assert set(measured) == {"query", "value"}
     for side, terms in reference.items():
@@ -81,7 +81,7 @@ def test_switched_off_is_the_vanilla_model_and_restores_the_weights():
     vanilla.load_state_dict({k: v for k, v in before.items() if k in vanilla.state_dict()})
     tokens = np.random.default_rng(1).integers(0, 97, 4 * WINDOW + 1).astype(np.int64)
     result = losses(model, tokens, WINDOW)
-    rows = torch.from_numpy(tokens.astype(np.int64))
+    rows = torch.from_numpy(tokens)
     with torch.no_grad():
         x = torch.stack([rows[i * WINDOW: (i + 1) * WINDOW + 1] for i in range(4)])
         expected = torch.nn.functional.cross_entropy(vanilla(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).item()
