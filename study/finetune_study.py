@@ -411,7 +411,7 @@ def report(study: FinetuneStudy, tuned: dict, scored: dict[str, dict[int, dict]]
         for s, r in sorted(runs.items()):
             if not r["failed"] and arm != "vanilla":
                 lines.append(f"- {arm} seed {s}: {brief(r, '.3g')}")
-    lines += ["", *movement(scored), *temperature_section(study, scored)]
+    lines += ["", *movement(scored), *measured_section(study, scored)]
     return "\n".join(lines) + "\n"
 
 
@@ -445,14 +445,14 @@ def movement(scored: dict[str, dict[int, dict]]) -> list[str]:
             "| arm | parameter | start | after fine-tuning | largest change |", "|---|---|---|---|---|", *rows, ""]
 
 
-def temperature_section(study: "FinetuneStudy", scored: dict[str, dict[int, dict]]) -> list[str]:
-    """The measured temperatures of reruns that kept their weights (study/temperatures.py's records in
-    <records>/temperatures), each beside the committed run it repeats (and the rerun's own record from the study's
+def measured_section(study: "FinetuneStudy", scored: dict[str, dict[int, dict]]) -> list[str]:
+    """The measured temperatures and gates of reruns that kept their weights (study/measure_additions.py's records in
+    <records>/measured), each beside the committed run it repeats (and the rerun's own record from the study's
     runner in <records>/reruns, where there is one)."""
-    from study.temperatures import table
+    from study.measure_additions import table
 
     lines = []
-    for path in sorted((study.records / "temperatures").glob("*-seed*.json")):
+    for path in sorted((study.records / "measured").glob("*-seed*.json")):
         record = json.loads(path.read_text())
         arm, seed = record["arm"], record["seed"]
         committed = scored.get(arm, {}).get(seed)
@@ -471,10 +471,12 @@ def temperature_section(study: "FinetuneStudy", scored: dict[str, dict[int, dict
                   f" {compared}.", "", *table(record), ""]
     if not lines:
         return []
-    return ["## What the learned temperatures are on the test text", "",
-            "`python study/temperatures.py`: the size of each term over every (layer, head, token) of the test text,"
-            " then the test loss with the learned temperatures and with a term switched off (slopes 0, token"
-            " weights 0; both off is the vanilla model with the same weights).", "", *lines]
+    return ["## What the learned temperatures and gates are on the test text", "",
+            "`python study/measure_additions.py`: for SSA, the size of each term over every (layer, head, token) of the"
+            " test text, then the test loss with the learned temperatures and with a term switched off (slopes 0,"
+            " token weights 0; both off is the vanilla model with the same weights). For the gate, |g - 1| over every"
+            " (layer, head, token) with g = 2 sigmoid(x W) the factor on the head's output, g's range, and the test"
+            " loss with W = 0 (g = 1, the vanilla model with the same weights).", "", *lines]
 
 
 def measured_power(scored: dict[str, dict[int, dict]], grid: dict) -> list[str]:

@@ -14,12 +14,12 @@ from study.finetune_study import (
     FinetuneStudy,
     best,
     interval,
+    measured_section,
     movement,
     relative_differences,
     rule_power,
     sign_test_p,
     split_articles,
-    temperature_section,
     tune,
     verdict,
     wilcoxon_p,
@@ -236,24 +236,34 @@ def test_movement_reports_each_parameter_against_its_start():
     assert movement({"vanilla": {1: dict(failed=False, learned={"slopes": [{}]})}}) == []
 
 
-def test_temperature_section_sets_a_rerun_beside_its_committed_run(tmp_path):
+def test_measured_section_sets_a_rerun_beside_its_committed_run(tmp_path):
     grid = read_yaml(GRID, "grid")
     study = FinetuneStudy(grid, tmp_path, tmp_path / "out", tmp_path / "records")
-    assert temperature_section(study, {}) == []
+    assert measured_section(study, {}) == []
     terms = {"query": {name: dict(mean=0.001, p99=0.002, max=0.003) for name in ("tau - 1", "position term",
                                                                                   "token term")}}
     record = dict(arm="ssa", seed=1, checkpoint="out/ssa-rerun/seed1/final", split="test", cpu="AMD EPYC",
                   code_commit="bce1cf7" + "0" * 33, terms=terms, loss={"learned": 3.0, "neither (vanilla)": 3.001},
                   ppl={"learned": math.exp(3.0), "neither (vanilla)": math.exp(3.001)})
-    (tmp_path / "records" / "temperatures").mkdir(parents=True)
-    (tmp_path / "records" / "temperatures" / "ssa-seed1.json").write_text(json.dumps(record))
-    text = "\n".join(temperature_section(study, {"ssa": {1: dict(test_ppl=20.5)}}))
+    (tmp_path / "records" / "measured").mkdir(parents=True)
+    (tmp_path / "records" / "measured" / "ssa-seed1.json").write_text(json.dumps(record))
+    text = "\n".join(measured_section(study, {"ssa": {1: dict(test_ppl=20.5)}}))
     assert f"test perplexity {math.exp(3.0):.6f}, the committed run's 20.500000." in text
     assert "| neither (vanilla) | 3.001000 | +0.001000 |" in text
     assert "| query | abs(token term) | 1.00e-03 | 2.00e-03 | 3.00e-03 |" in text
     (tmp_path / "records" / "reruns").mkdir()
     rerun = dict(code_commit="bce1cf7" + "0" * 33, cpu="AMD EPYC", threads=1, test_ppl=math.exp(3.0))
     (tmp_path / "records" / "reruns" / "ssa-seed1.json").write_text(json.dumps(rerun))
-    text = "\n".join(temperature_section(study, {"ssa": {1: dict(test_ppl=math.exp(3.0))}}))
+    text = "\n".join(measured_section(study, {"ssa": {1: dict(test_ppl=math.exp(3.0))}}))
     assert "by the study's runner at code bce1cf7 (AMD EPYC, 1 thread(s))" in text
     assert "(the same to every digit recorded)" in text
+    gate = dict(arm="gate", addition="gate", seed=1, checkpoint="out/gate-rerun/seed1/final", split="test",
+                cpu="AMD EPYC", code_commit="bce1cf7" + "0" * 33,
+                terms={"gate": {"g - 1": dict(mean=0.01, p99=0.05, max=0.2)}}, gate_range=dict(lowest=0.8, highest=1.2),
+                loss={"learned": 3.0, "gate off, W = 0 (vanilla)": 3.002},
+                ppl={"learned": math.exp(3.0), "gate off, W = 0 (vanilla)": math.exp(3.002)})
+    (tmp_path / "records" / "measured" / "gate-seed1.json").write_text(json.dumps(gate))
+    text = "\n".join(measured_section(study, {"ssa": {1: dict(test_ppl=math.exp(3.0))}}))
+    assert "### gate, seed 1" in text and "no committed record to compare" in text
+    assert "| gate | abs(g - 1) | 1.00e-02 | 5.00e-02 | 2.00e-01 |" in text
+    assert "g ranges over [0.8000, 1.2000]." in text and "| gates | test loss, nats |" in text

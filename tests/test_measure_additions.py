@@ -1,5 +1,5 @@
-"""study/temperatures.py: the sizes of SSA's temperature terms against a reference written from SSA's formula, and
-the loss with the terms switched off against a vanilla model with the same weights."""
+"""study/measure_additions.py: the sizes of SSA's temperature terms, and the gate's values, against references written
+from their formulas, and the loss with each switched off against a vanilla model with the same weights."""
 
 import math
 
@@ -10,7 +10,7 @@ from torch.nn.functional import gelu
 
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
-from study.temperatures import losses, main, measure_terms, ssa_temperatures, switched_off
+from study.measure_additions import addition, losses, main, measure_gates, measure_terms, switched_off
 from tests.helpers import FAMILIES, randomize_temperatures
 
 WINDOW = 16
@@ -96,7 +96,50 @@ def test_switched_off_is_the_vanilla_model_and_restores_the_weights():
     assert math.isfinite(result["no token term"])
 
 
-def test_refuses_an_existing_record_and_a_model_without_ssa(tmp_path):
+def tiny_gate(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(Config(**{**FAMILIES["llama"], "attention_gate": "headwise", "attention_gate_scale": 2.0})).eval()
+    with torch.no_grad():  # gate weights far from their zero start, so that the gates move the loss
+        for block in model.transformer.h:
+            block.attn.gate.proj.weight.normal_(0.0, 0.5)
+    return model
+
+
+def test_gates_match_the_formula_and_switched_off_is_the_vanilla_model():
+    model = tiny_gate()
+    tokens = np.random.default_rng(2).integers(0, 97, 3 * WINDOW + 1).astype(np.int64)
+    terms, extremes = measure_gates(model, tokens, WINDOW, batch=2)
+    inputs = []  # the attention's input x of every layer, read before the gate sees it
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+             for b in model.transformer.h]
+    with torch.no_grad():
+        model(torch.from_numpy(tokens[: 3 * WINDOW]).view(3, WINDOW))
+    for h in hooks:
+        h.remove()
+    g = torch.cat([(2 * torch.sigmoid(x.double() @ b.attn.gate.proj.weight.detach().double().T)).flatten()
+                   for b, x in zip(model.transformer.h, inputs)])
+    got = terms["gate"]["g - 1"]
+    assert got["mean"] == pytest.approx((g - 1).abs().mean().item(), rel=1e-4)
+    assert got["max"] == pytest.approx((g - 1).abs().max().item(), rel=1e-4)
+    assert got["p99"] == pytest.approx(np.percentile((g - 1).abs().numpy(), 99), rel=1e-4)
+    assert extremes == pytest.approx({"lowest": g.min().item(), "highest": g.max().item()}, rel=1e-5)
+    assert got["max"] > 0.1  # the fixture's gates are far from 1
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    vanilla = GPT(Config(**FAMILIES["llama"])).eval()
+    vanilla.load_state_dict({k: v for k, v in before.items() if k in vanilla.state_dict()})
+    result = losses(model, tokens, WINDOW)
+    with torch.no_grad():
+        x = torch.stack([torch.from_numpy(tokens[i * WINDOW: (i + 1) * WINDOW + 1]) for i in range(3)])
+        expected = torch.nn.functional.cross_entropy(vanilla(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).item()
+    assert set(result) == {"learned", "gate off, W = 0 (vanilla)"}
+    assert result["gate off, W = 0 (vanilla)"] == pytest.approx(expected, rel=1e-6)
+    assert abs(result["learned"] - expected) > 1e-4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_refuses_an_existing_record_and_a_model_without_one_addition(tmp_path):
     existing = tmp_path / "t.json"
     existing.write_text("{}")
     with pytest.raises(ValueError, match="never overwritten"):
@@ -104,5 +147,8 @@ def test_refuses_an_existing_record_and_a_model_without_ssa(tmp_path):
     assert existing.read_text() == "{}"
     with pytest.raises(ValueError, match="expected a new .json"):
         main(tmp_path, tmp_path / "t.txt", seed=1)
-    with pytest.raises(ValueError, match="no SSA temperature"):
-        ssa_temperatures(GPT(Config(**FAMILIES["llama"])))
+    with pytest.raises(ValueError, match="expected exactly one of an SSA temperature or a gate"):
+        addition(GPT(Config(**FAMILIES["llama"])))
+    with pytest.raises(ValueError, match="expected 2"):
+        addition(GPT(Config(**{**FAMILIES["llama"], "attention_gate": "headwise"})))
+    assert addition(tiny_ssa()) == "ssa" and addition(tiny_gate()) == "gate"
