@@ -69,16 +69,16 @@ def addition(model: GPT) -> str:
 def switched_off(model: GPT, terms: tuple[str, ...]):
     """Within the block, SSA's position slopes are 0 ("position"), its token weights 0 ("token") and the gates' W 0
     ("gate"); restored after."""
-    saved = {name: p.detach().clone() for name, p in model.named_parameters()
-             if name.endswith(("position_param", "token_weight", "gate.proj.weight"))}
+    added = model.added_parameter_names()
+    saved = {name: p.detach().clone() for name, p in model.named_parameters() if name in added}
     with torch.no_grad():
         for t in ssa_temperatures(model):
             if "position" in terms and t.position_param is not None:
                 t.position_param.fill_(slope_parameter(torch.zeros((), dtype=torch.float64), t.config.ssa_slope_form))
             if "token" in terms and t.token_weight is not None:
                 t.token_weight.zero_()
-        for g in gates(model):
-            if "gate" in terms:
+        if "gate" in terms:
+            for g in gates(model):
                 g.proj.weight.zero_()
     try:
         yield model
@@ -94,11 +94,17 @@ def summary(values: torch.Tensor) -> dict:
     return dict(mean=float(values.mean()), p99=float(np.percentile(values, 99)), max=float(values.max()))
 
 
+def whole_windows(tokens: np.ndarray, window: int) -> torch.Tensor:
+    """The inputs of every non-overlapping window that has a next token to predict at its end, as window_loss reads
+    them: (windows, window)."""
+    count = (len(tokens) - 1) // window
+    return torch.from_numpy(tokens[: count * window].reshape(count, window))
+
+
 @torch.inference_mode()
 def measure_terms(model: GPT, tokens: np.ndarray, window: int, batch: int = 4) -> dict:
     """|tau - 1|, |slope log(n)| and |token term| of each side over every (layer, head, token) of the windows."""
-    count = (len(tokens) - 1) // window
-    rows = torch.from_numpy(np.stack([tokens[i * window: i * window + window] for i in range(count)]))
+    rows = whole_windows(tokens, window)
     slopes = learned_slopes(model)
     log_n = torch.arange(1, window + 1, dtype=torch.float32).log()  # (T,): query i sees i + 1 keys
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -124,8 +130,7 @@ def measure_terms(model: GPT, tokens: np.ndarray, window: int, batch: int = 4) -
 def measure_gates(model: GPT, tokens: np.ndarray, window: int, batch: int = 4) -> tuple[dict, dict]:
     """|g - 1| over every (layer, head or channel, token) of the windows, g = scale sigmoid(x W) read from the gates'
     projections; and g's lowest and highest value."""
-    count = (len(tokens) - 1) // window
-    rows = torch.from_numpy(np.stack([tokens[i * window: i * window + window] for i in range(count)]))
+    rows = whole_windows(tokens, window)
     values: list[torch.Tensor] = []
     hooks = [g.proj.register_forward_hook(lambda m, i, o, s=g.scale: values.append(s * torch.sigmoid(o.float())))
              for g in gates(model)]
