@@ -344,9 +344,10 @@ def fit(
             if saved:
                 save(f"step-{state['step']:08d}")
             signum = interrupted()
-            if fabric.world_size > 1:  # every rank stops at the same step, or the others would wait forever
-                anyone = fabric.strategy.reduce_boolean_decision(bool(signum), all=False)
-                signum = signum or (signal.SIGINT if anyone else 0)
+            if fabric.world_size > 1:  # every rank stops at the same step, or the others would wait forever, and for
+                # the same reason: a rank that the signal reaches after its own check learns of it here, so the
+                # largest number wins (SIGTERM 15 over SIGINT 2) and every rank says "Terminated" and exits 143
+                signum = int(fabric.all_reduce(torch.tensor(signum, device=fabric.device), reduce_op="max"))
             if signum:  # Ctrl-C or SIGTERM: stop here, between steps, with this step saved
                 if not saved:
                     save(f"step-{state['step']:08d}")
