@@ -6,8 +6,10 @@ this project (vanilla and SSA) against LitGPT (when installed) and Hugging Face 
 """
 
 import argparse
+import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 from common import header, median_seconds, table
@@ -15,13 +17,15 @@ from common import header, median_seconds, table
 from lit_gpt import GPT, Config
 from lit_gpt.generation import generate
 from lit_gpt.hf import hf_config_from_lit, hf_weights_from_lit
-from lit_gpt.kernels import use_onednn_linear
+from lit_gpt.kernels import LINEAR_PATH_VARIABLE, faster_linear_path, use_onednn_linear
 
 
-def ours(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int, onednn: bool = True):
+def ours(config: Config, state: dict, prompt: torch.Tensor, new_tokens: int, linear: str | None = None):
+    """`linear`: None measures which linear path is faster here, as the tools do (load_for_inference); "onednn" or
+    "torch" takes that one."""
     model = GPT(config).eval()
     model.load_state_dict(state, strict=False)
-    if onednn:  # what the tools do (load_for_inference)
+    with mock.patch.dict(os.environ, {LINEAR_PATH_VARIABLE: linear} if linear else {}):
         use_onednn_linear(model)
     return lambda: torch.cat(list(generate(model, prompt, new_tokens)), dim=1)
 
@@ -96,7 +100,8 @@ def main() -> None:
                                                   prompt, args.new_tokens)),
             ("lit-gpt-ssa, selective attention", ours(Config.from_name(args.model, selective_mask="leviathan"), state,
                                                       prompt, args.new_tokens)),
-            ("lit-gpt-ssa, vanilla, PyTorch's linear (no oneDNN)", ours(config, state, prompt, args.new_tokens, False))]
+            ("lit-gpt-ssa, vanilla, oneDNN's linear", ours(config, state, prompt, args.new_tokens, "onednn")),
+            ("lit-gpt-ssa, vanilla, PyTorch's linear", ours(config, state, prompt, args.new_tokens, "torch"))]
     try:
         rows.append(("LitGPT", litgpt_generate(config, state, prompt, args.new_tokens)))
     except ImportError:
@@ -109,8 +114,8 @@ def main() -> None:
     for _, run in rows:
         run()  # warm-up
     rounds: dict[str, list[float]] = {label: [] for label, _ in rows}
-    for _ in range(args.repeats):
-        for label, run in rows:
+    for i in range(args.repeats):  # each round starts one row further on, so that no row always runs first
+        for label, run in rows[i % len(rows):] + rows[: i % len(rows)]:
             start = time.perf_counter()
             run()
             rounds[label].append(time.perf_counter() - start)
@@ -125,7 +130,10 @@ def main() -> None:
                   f"{per_token * args.new_tokens / s / 1e9:.1f}",
                   f"{statistics.median(ratios[label]):.3f} ({ratios[label][0]:.3f}-{ratios[label][-1]:.3f})",
                   f"{litgpt / s:.2f}x" if litgpt else "-"] for label, s in results]))
-    print(f"\n{args.repeats} interleaved rounds after one warm-up run of each.")
+    largest = max((m.weight for m in GPT(config).modules() if type(m) is torch.nn.Linear), key=torch.Tensor.numel)
+    print(f"\n{args.repeats} interleaved rounds, each starting one row further on, after one warm-up run of each. The"
+          " first four rows take the linear path that a measurement at load found faster on this machine:"
+          f" {faster_linear_path(largest.detach())}.")
     print(f"\nThis machine streams memory at {read_bandwidth_gbs():.1f} GB/s (a sum over 512 MB,"
           f" {torch.get_num_threads()} threads); ms / token includes the prompt's prefill spread over the new tokens.")
 

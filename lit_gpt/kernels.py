@@ -187,8 +187,9 @@ def faster_linear_path(weight: torch.Tensor, rounds: int = 5, repeats: int = 3, 
     """"onednn" or "torch": whichever multiplies a token's vector by `weight` faster on this machine, the fastest of
     `rounds` interleaved timings of each (a busy machine only slows a timing down). Neither path wins everywhere:
     on a 2-core AMD EPYC oneDNN decoded pythia-70m 1.77x as fast as PyTorch's own product; on a 2-core Intel Xeon
-    with AMX, PyTorch's own was faster (0.97x against 1.02x LitGPT's speed). A few hundred milliseconds for a 50k-row
-    output layer; the answer is kept for the process. `timer(path)` replaces the measurement (tests)."""
+    with AMX, PyTorch's own was faster (1.03x LitGPT's speed against oneDNN's 0.94x; benchmarks/results/generation.md).
+    A few hundred milliseconds for a 50k-row output layer; the answer is kept for the process. `timer(path)` replaces
+    the measurement (tests)."""
     forced = os.environ.get(LINEAR_PATH_VARIABLE)
     if forced is not None:
         if forced not in ("onednn", "torch"):
