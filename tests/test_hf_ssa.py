@@ -12,6 +12,7 @@ from lit_gpt import GPT  # noqa: E402
 from lit_gpt.hf import lit_weights_from_hf  # noqa: E402
 from lit_gpt.hf_ssa import add_selective, add_ssa, selective_layer_class  # noqa: E402
 from lit_gpt.model import slope_parameter  # noqa: E402
+from lit_gpt.remote.modeling import CACHE_NAME  # noqa: E402
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
              max_position_embeddings=128, vocab_size=96)
@@ -135,10 +136,10 @@ def test_cached_decoding_and_beam_search_equal_full_recomputation(family, varian
     idx = torch.randint(0, 96, (1, 16))
     full = model(idx).logits
     cache = transformers.DynamicCache()
-    out = model(idx[:, :10], past_key_values=cache, use_cache=True)
+    out = model(idx[:, :10], **{CACHE_NAME: cache}, use_cache=True)
     steps = [out.logits]
     for t in range(10, 16):
-        steps.append(model(idx[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
+        steps.append(model(idx[:, t : t + 1], **{CACHE_NAME: getattr(out, CACHE_NAME)}, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
     settings = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
     with_cache = model.generate(idx[:, :6], use_cache=True, **settings)
@@ -196,11 +197,11 @@ def test_selective_attentions_sums_follow_the_caches_batch_operations():
     assert model.config._attn_implementation == "lit_gpt_selective" and model.ssa_config.selective_mask == "leviathan"
     idx = torch.randint(0, 96, (3, 7))
     cache = transformers.DynamicCache()
-    model(idx, past_key_values=cache, use_cache=True)
+    model(idx, **{CACHE_NAME: cache}, use_cache=True)
     layer = cache.layers[1]
     assert type(layer) is selective_layer_class() and layer.sums.shape == (3, 7)
     alone = transformers.DynamicCache()
-    model(idx[2:], past_key_values=alone, use_cache=True)  # a row's sums are its own
+    model(idx[2:], **{CACHE_NAME: alone}, use_cache=True)  # a row's sums are its own
     torch.testing.assert_close(layer.sums[2:], alone.layers[1].sums)
     sums, keys = layer.sums.clone(), layer.keys.clone()
     cache.reorder_cache(torch.tensor([2, 0, 1]))
@@ -251,10 +252,10 @@ def test_a_cache_selective_attention_cannot_use_is_refused_in_one_line():
     idx = torch.randint(0, 96, (1, 6))
     cache = transformers.DynamicCache()
     model.set_attn_implementation("eager")
-    model(idx, past_key_values=cache, use_cache=True)  # plain attention fills it
+    model(idx, **{CACHE_NAME: cache}, use_cache=True)  # plain attention fills it
     model.set_attn_implementation("lit_gpt_selective")
     with pytest.raises(ValueError, match="sums do not match the cache: it holds 6 keys for 1 rows, the sums none"):
-        model(idx[:, :1], past_key_values=cache, use_cache=True)
+        model(idx[:, :1], **{CACHE_NAME: cache}, use_cache=True)
     with pytest.raises(ValueError, match=r"StaticLayer \(a static cache or a sliding window\): use DynamicCache"):
         model.generate(idx, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
@@ -272,7 +273,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, variant):
     model(idx, labels=idx).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()  # its name by version
     model(idx, labels=idx).loss.backward()
     assert any(added(n) for n in plain)
     for name, p in model.named_parameters():
