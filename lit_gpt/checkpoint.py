@@ -21,9 +21,8 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import lightning as L
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
@@ -33,6 +32,9 @@ from lit_gpt.config import CONFIG_FILENAME, Config
 from lit_gpt.model import ADDED_MODULES, GPT, WEIGHTS_FILENAME, slope_parameter
 from lit_gpt.tokenizer import TOKENIZER_FILES
 from lit_gpt.utils import check_fits, check_readable, process_alive, set_interrupt_note
+
+if TYPE_CHECKING:  # only the training scripts need Lightning; the tools that read checkpoints start without it
+    import lightning as L
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -492,7 +494,7 @@ def module_of(model) -> GPT:
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint(fabric: L.Fabric, state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict,
+def save_checkpoint(fabric: "L.Fabric", state: dict, folder: Path, tokenizer_dir: Path | None, hparams: dict,
                     keep_last: int | None = None, transform=None) -> None:
     """A complete checkpoint folder (weights, config, tokenizer, training state), renamed into place when done;
     then only the `keep_last` latest step-* checkpoints are kept (final/ is never removed). `transform(weights,
@@ -613,7 +615,7 @@ def run_holder(out_dir: Path) -> str | None:
 
 
 @contextmanager
-def run_lock(fabric: L.Fabric, out_dir: Path) -> Iterator[None]:
+def run_lock(fabric: "L.Fabric", out_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock for the block (rank 0 holds it; every rank learns when it is refused)."""
     lock, error = None, None
     if fabric.global_rank == 0:
@@ -703,7 +705,7 @@ def check_same_architecture(checkpoint: Path, config: Config) -> None:
                          " settings, or choose another --out_dir for a new run.")
 
 
-def whole_training_state(fabric: L.Fabric, state: dict) -> dict:
+def whole_training_state(fabric: "L.Fabric", state: dict) -> dict:
     """What training_state.pth holds, the same whatever the strategy and the number of processes: the whole weights
     and the whole AdamW state keyed by parameter name (torch's distributed state-dict API, which gathers FSDP2's
     shards; every rank takes part), and the counters. A run saved under DDP resumes under FSDP2 or on another number
@@ -734,7 +736,7 @@ def named_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, module)
                              for group in saved["param_groups"]]}
 
 
-def load_training_state(fabric: L.Fabric, path: Path, state: dict) -> list[dict]:
+def load_training_state(fabric: "L.Fabric", path: Path, state: dict) -> list[dict]:
     """Restore model, optimizer, counters and RNG (only tensors and plain containers are accepted from the file), on
     any strategy and number of processes. Returns the history a checkpoint of an older version stored inside itself
     (empty for current ones)."""
