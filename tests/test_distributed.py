@@ -50,6 +50,22 @@ def val_losses(run: Path) -> list[float]:
     return [h["val_loss"] for h in json.loads((run / "history.json").read_text()) if "val_loss" in h]
 
 
+@pytest.mark.slow
+def test_a_rank_with_fewer_validation_batches_does_not_hang_the_run(small_base, tmp_path):
+    """16 records hold out one for validation: rank 0 has one batch, rank 1 none. A forward pass under DDP is a
+    collective, so rank 0 used to wait forever; now the validation equals one process's."""
+    data = records(tmp_path, 16)
+    steps = ["--train.max_steps", "2", "--eval.interval", "1", "--eval.initial_validation", "true"]
+    one = subprocess.run(finetune_cli(small_base, data, tmp_path / "one", *steps), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(finetune_cli(small_base, data, tmp_path / "two", *steps, "--devices", "2"),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(val_losses(tmp_path / "two")) == 3  # before, after step 1, after the last step
+    torch.testing.assert_close(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), rtol=1e-5, atol=1e-5)
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid`, read from /proc."""
     found = []
@@ -162,22 +178,6 @@ def test_sigterm_to_a_two_process_run_saves_one_step_and_resumes(small_base, tmp
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [h["step"] for h in json.loads((run / "history.json").read_text()) if "train_loss" in h]
     assert steps == list(range(1, step + 2))
-
-
-@pytest.mark.slow
-def test_a_rank_with_fewer_validation_batches_does_not_hang_the_run(small_base, tmp_path):
-    """16 records hold out one for validation: rank 0 has one batch, rank 1 none. A forward pass under DDP is a
-    collective, so rank 0 used to wait forever; now the validation equals one process's."""
-    data = records(tmp_path, 16)
-    steps = ["--train.max_steps", "2", "--eval.interval", "1", "--eval.initial_validation", "true"]
-    one = subprocess.run(finetune_cli(small_base, data, tmp_path / "one", *steps), capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(finetune_cli(small_base, data, tmp_path / "two", *steps, "--devices", "2"),
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert len(val_losses(tmp_path / "two")) == 3  # before, after step 1, after the last step
-    torch.testing.assert_close(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), rtol=1e-5, atol=1e-5)
 
 
 PRETRAIN = str(ROOT / "pretrain" / "openwebtext.py")
