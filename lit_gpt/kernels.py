@@ -23,13 +23,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         # under no_grad / inference_mode (validation) needs_input_grad still says True for weights that require grad
         needs_grad = wants_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         device = hidden.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # bf16-mixed: see low_precision
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # bf16-mixed: the products in bf16
             with torch.autocast(device, enabled=False):
-                total, grad_hidden, grad_weight, grad_bias = low_precision(
+                total, grad_hidden, grad_weight, grad_bias = chunked_loss(
                     hidden, weight, bias, targets, valid, count, needs_grad, torch.get_autocast_dtype(device))
         else:
-            total, grad_hidden, grad_weight, grad_bias = full_precision(hidden, weight, bias, targets, valid, count,
-                                                                        needs_grad)
+            total, grad_hidden, grad_weight, grad_bias = chunked_loss(hidden, weight, bias, targets, valid, count,
+                                                                      needs_grad, weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / count
@@ -57,84 +57,83 @@ def loss_gradient_(probs: torch.Tensor, targets: torch.Tensor, keep: torch.Tenso
     return probs
 
 
-# float32 logits computed at a time by the fused loss: on CPU about 16 MB, which stays in the caches; on a GPU 256 MB,
-# so that a GPT-2 micro-batch of 12 x 1,024 tokens takes 10 chunks rather than 149 (each chunk is some 20 kernel
-# launches, which a GPU pays for and a CPU hardly does)
-LOSS_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+# Logits whose softmax is taken at a time (float32 elements). On the CPU 4 MB, which stays in the caches while the
+# softmax and its gradient pass over it several times; on a GPU 256 MB, so that a GPT-2 micro-batch of 12 x 1,024
+# tokens takes 10 chunks rather than hundreds (each chunk is some 20 kernel launches, which a GPU pays for and a
+# CPU hardly does).
+LOSS_CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
+# Logits one matrix product computes (bytes, in the products' dtype): the three products with the output layer's
+# weight (logits, input gradient, weight gradient) each pass over the whole (vocabulary x width) weight, so they are
+# made once per LOSS_BUFFER_BYTES of logits, not once per softmax chunk. On two Intel Xeon cores this took a training
+# step of pythia-70m (4 x 512 tokens) to 0.836x its time (benchmarks/results/loss_chunks_intel.md), for 256 MB more.
+LOSS_BUFFER_BYTES = 2**28
 
 
 def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """How many tokens' logits the fused loss computes at a time on `device`."""
+    """How many tokens' softmax the fused loss computes at a time on `device`."""
     return max(1, LOSS_CHUNK_ELEMENTS.get(device.type, LOSS_CHUNK_ELEMENTS["cpu"]) // vocab_size)
 
 
-def full_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool):
-    """LinearCrossEntropy's forward in the inputs' dtype: the summed loss and, where wanted, the gradients."""
-    chunk = loss_chunk_rows(weight.size(0), hidden.device)
+def loss_buffer_rows(vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many tokens' logits the fused loss computes with one matrix product: a whole number of softmax chunks."""
+    chunk = loss_chunk_rows(vocab_size, device)
+    return max(1, LOSS_BUFFER_BYTES // (vocab_size * dtype.itemsize * chunk)) * chunk
+
+
+def chunked_loss(hidden, weight, bias, targets, valid, count, needs_grad: bool, dtype: torch.dtype):
+    """LinearCrossEntropy's forward: the summed loss and, where wanted, the gradients of hidden, weight and bias.
+
+    The three matrix products run in `dtype` (the weight's, or bf16 under bf16-mixed autocast, the weight cast once)
+    on a buffer of `loss_buffer_rows` tokens' logits; softmax, log-sum-exp and every sum are float32 at least, a
+    cache-sized chunk of rows at a time (`softmax_chunks_`). The weight gradient adds one product per buffer in
+    float32."""
+    V, N = weight.size(0), hidden.size(0)
+    rows = min(N, loss_buffer_rows(V, hidden.device, dtype))
     acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
+    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
     grad_hidden = torch.empty_like(hidden) if needs_grad else None
     grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
     grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
     total = hidden.new_zeros((), dtype=acc)
-    for start in range(0, hidden.size(0), chunk):
-        h, t, keep = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-        logits = F.linear(h, weight, bias).to(acc)  # (chunk, V)
+    for first in range(0, N, rows):
+        last = min(N, first + rows)
+        h = hidden[first:last].to(dtype)
+        logits = F.linear(h, w, b)  # (rows, V) in dtype
+        total += softmax_chunks_(logits, targets[first:last], valid[first:last], count, needs_grad, acc, grad_bias)
+        if needs_grad:  # logits now holds their gradient
+            grad_hidden[first:last] = (logits @ w).to(hidden.dtype)
+            if dtype == acc:
+                grad_weight.addmm_(logits.t(), h)
+            else:  # the product in dtype with float32 accumulation inside, added in float32
+                grad_weight += logits.t() @ h
+        del logits  # before the next buffer's logits exist: one buffer at a time
+    return total, grad_hidden, grad_weight, grad_bias
+
+
+def softmax_chunks_(logits, targets, valid, count, needs_grad: bool, acc: torch.dtype, grad_bias) -> torch.Tensor:
+    """The summed cross-entropy of a buffer of logits, a `loss_chunk_rows` chunk at a time in `acc`; where gradients
+    are wanted, each chunk's softmax gradient replaces its logits (in their dtype, as a plain autocast backward keeps
+    it) and its column sums are added to `grad_bias`."""
+    chunk = loss_chunk_rows(logits.size(1), logits.device)
+    total = logits.new_zeros((), dtype=acc)
+    for start in range(0, logits.size(0), chunk):
+        part = logits[start : start + chunk]
+        t, keep = targets[start : start + chunk], valid[start : start + chunk]
+        x = part.to(acc)  # the buffer itself where its dtype is acc
         safe_t = t.masked_fill(~keep, 0)
-        target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-        peak = logits.amax(dim=-1, keepdim=True)
-        exp = logits.sub_(peak).exp_()  # in place: one exp per logit serves the loss and the gradient
+        target_logit = x.gather(1, safe_t[:, None]).squeeze(1)
+        peak = x.amax(dim=-1, keepdim=True)
+        exp = x.sub_(peak).exp_()  # in place: one exp per logit serves the loss and the gradient
         norm = exp.sum(dim=-1, keepdim=True)
-        lse = (peak + norm.log()).squeeze(1)
-        total += ((lse - target_logit) * keep).sum()
+        total += ((peak.squeeze(1) + norm.log().squeeze(1) - target_logit) * keep).sum()
         if not needs_grad:
             continue
         grad = loss_gradient_(exp.div_(norm), safe_t, keep, count)
-        grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-        grad_weight.addmm_(grad.t(), h.to(acc))
         if grad_bias is not None:
             grad_bias += grad.sum(0)
-    return total, grad_hidden, grad_weight, grad_bias
-
-
-GRADIENT_BUFFER = 2**27  # low_precision's softmax gradients held at most (256 MB of bf16) before a weight product
-
-
-def low_precision(hidden, weight, bias, targets, valid, count, needs_grad: bool, dtype: torch.dtype):
-    """LinearCrossEntropy's forward under autocast (bf16-mixed): the three matrix products in `dtype`, log-softmax
-    and every sum in float32. The weight is cast once, and each chunk's softmax gradient is kept in `dtype` (as a
-    plain autocast backward keeps it) in a buffer of up to GRADIENT_BUFFER values, so that the weight gradient is
-    one product per buffer, added in float32, instead of one float32 pass over (vocabulary x width) per chunk."""
-    V, N = weight.size(0), hidden.size(0)
-    chunk = loss_chunk_rows(V, hidden.device)
-    rows = min(N, max(chunk, GRADIENT_BUFFER // V))  # rows of softmax gradient the buffer holds
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-    grad_hidden = torch.empty_like(hidden) if needs_grad else None
-    grad_weight = None
-    grad_bias = torch.zeros_like(bias, dtype=acc) if needs_grad and bias is not None else None
-    buffer = torch.empty(rows, V, dtype=dtype, device=hidden.device) if needs_grad else None
-    total = hidden.new_zeros((), dtype=acc)
-    for first in range(0, N, rows):  # one buffer's rows
-        last = min(N, first + rows)
-        h_rows = hidden[first:last].to(dtype)
-        for start in range(first, last, chunk):
-            end = min(last, start + chunk)
-            t, keep = targets[start:end], valid[start:end]
-            logp = torch.log_softmax(F.linear(h_rows[start - first : end - first], w, b), dim=-1, dtype=acc)
-            safe_t = t.masked_fill(~keep, 0)
-            total -= (logp.gather(1, safe_t[:, None]).squeeze(1) * keep).sum()
-            if not needs_grad:
-                continue
-            grad = loss_gradient_(logp.exp_(), safe_t, keep, count)
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-            piece = buffer[start - first : end - first]
-            piece.copy_(grad)
-            grad_hidden[start:end] = (piece @ w).to(hidden.dtype)
-        if needs_grad:
-            product = buffer[: last - first].t() @ h_rows  # (V, width) in dtype, float32 accumulation inside
-            grad_weight = product.to(acc) if grad_weight is None else grad_weight.add_(product)
-    return total, grad_hidden, grad_weight, grad_bias
+        if grad.data_ptr() != part.data_ptr():
+            part.copy_(grad)
+    return total
 
 
 ONEDNN_GELU_FROM = 1 << 15  # elements: below this PyTorch's own GELU is the faster one on the CPUs measured

@@ -245,20 +245,38 @@ def test_fused_cross_entropy_equals_logits_then_cross_entropy(head):
         torch.testing.assert_close(model(idx, targets=targets), plain.detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_the_fused_loss_takes_chunks_sized_for_the_device_and_any_size_gives_the_same_loss(monkeypatch):
-    """A GPU computes 16 times the CPU's logits at a time (a GPT-2 micro-batch of 12 x 1,024 tokens in 10 chunks, not
-    149); the chunk size changes nothing but the speed: 7-token chunks of 60 tokens equal one chunk."""
+@pytest.mark.parametrize("products", ["one", "per three chunks"])
+def test_the_fused_loss_takes_chunks_sized_for_the_device_and_any_size_gives_the_same_loss(products, monkeypatch):
+    """The softmax is taken over cache-sized chunks on the CPU and 64 times as many logits at a time on a GPU (a GPT-2
+    micro-batch of 12 x 1,024 tokens in 10 chunks); the matrix products run over a buffer of 256 MB of logits. Chunk
+    and buffer sizes change nothing but the speed: 7-token chunks of 60 tokens, in one product or in products of 21
+    tokens (the last shorter), equal one chunk."""
     from lit_gpt import kernels
 
     assert kernels.loss_chunk_rows(50304, torch.device("cuda")) == 1334
-    assert kernels.loss_chunk_rows(50304, torch.device("cpu")) == 83
-    assert kernels.loss_chunk_rows(50304, torch.device("meta")) == 83
+    assert kernels.loss_chunk_rows(50304, torch.device("cpu")) == 20
+    assert kernels.loss_chunk_rows(50304, torch.device("meta")) == 20
+    assert kernels.loss_buffer_rows(50304, torch.device("cpu"), torch.float32) == 1320  # 66 chunks: 255 MB
+    assert kernels.loss_buffer_rows(50304, torch.device("cpu"), torch.bfloat16) == 2660
+    assert kernels.loss_buffer_rows(50304, torch.device("cuda"), torch.float32) == 1334
+    assert kernels.loss_buffer_rows(50304, torch.device("cuda"), torch.bfloat16) == 2668
+    assert kernels.loss_buffer_rows(10**6, torch.device("cuda"), torch.float32) == 67  # at least one chunk
     model = build("pythia").double()
     idx = torch.randint(0, 97, (3, 20))
     one = model(idx, targets=idx)
+    one.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
     monkeypatch.setitem(kernels.LOSS_CHUNK_ELEMENTS, "cpu", 7 * 97)
     assert kernels.loss_chunk_rows(97, torch.device("cpu")) == 7
-    torch.testing.assert_close(model(idx, targets=idx), one, rtol=1e-12, atol=1e-12)
+    if products == "per three chunks":
+        monkeypatch.setattr(kernels, "LOSS_BUFFER_BYTES", 3 * 7 * 97 * 8 + 100)
+        assert kernels.loss_buffer_rows(97, torch.device("cpu"), torch.float64) == 21
+    chunked = model(idx, targets=idx)
+    chunked.backward()
+    torch.testing.assert_close(chunked, one, rtol=1e-12, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("buffer", ["whole", "three parts"])
@@ -266,14 +284,15 @@ def test_the_fused_loss_takes_chunks_sized_for_the_device_and_any_size_gives_the
 def test_fused_cross_entropy_under_bf16_autocast_matches_the_float64_loss(head, buffer, monkeypatch):
     """--precision bf16-mixed: the fused loss multiplies in bf16 (the weight cast once, the softmax gradients kept in
     bf16 for one weight product per buffer, added in float32) and takes log-softmax and sums in float32. Its loss and
-    gradients agree with the float64 computation from the same bf16-rounded inputs, over 9 chunks, with the buffer
-    holding every row or a third of them (the last part shorter)."""
+    gradients agree with the float64 computation from the same bf16-rounded inputs, over 35 chunks, with the buffer
+    holding every row or about a third of them (the last part shorter)."""
     import lit_gpt.kernels as kernels
 
     if buffer == "three parts":
-        monkeypatch.setattr(kernels, "GRADIENT_BUFFER", 3000 * 4500)
+        monkeypatch.setattr(kernels, "LOSS_BUFFER_BYTES", 4500 * 3000 * 2)
+        assert kernels.loss_buffer_rows(3000, torch.device("cpu"), torch.bfloat16) == 12 * 349
     torch.manual_seed(0)
-    vocab, width, tokens = 3000, 64, 12_000  # 2**22 // 3000 = 1398 rows a chunk
+    vocab, width, tokens = 3000, 64, 12_000  # 2**20 // 3000 = 349 rows a chunk
     hidden = torch.randn(tokens, width, requires_grad=True)
     weight = (torch.randn(vocab, width) * 0.1).requires_grad_()
     bias = (torch.randn(vocab) * 0.1).requires_grad_() if head else None
