@@ -1,5 +1,7 @@
 """Fixtures and markers. Shared helpers are in helpers.py."""
 
+import os
+
 import pytest
 import torch
 
@@ -12,10 +14,34 @@ def pytest_configure(config):
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    share_the_cores()
+
+
+def share_the_cores() -> None:
+    """Each pytest-xdist worker, and every process its tests start, computes on the worker's share of the cores
+    (OMP_NUM_THREADS, unless it is set already). PyTorch otherwise gives each process a thread per core, so `-n 2` on
+    two cores ran two to six threads at once, each waiting on the others: tests/test_pretrain.py and test_tools.py
+    took 129 s that way and 108 s with a thread per worker (Intel Xeon, 2 cores). A two-process training run's ranks
+    take this value too, where Lightning would have divided the cores between them (one thread each on two cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# The files that take longest (each starts many training processes; benchmarks/results/suite_time.md), longest first.
+# pytest-xdist's --dist loadfile hands out files in collection order, so with these first the workers end together
+# instead of one running the last long file while the other waits.
+LONGEST_FILES = ("test_distributed.py", "test_study.py", "test_pretrain.py", "test_tools.py", "test_hf_export.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` run where a GPU is present and skip, saying why, where none is."""
+    """The longest files first (LONGEST_FILES), the rest in their order. Tests marked `cuda` run where a GPU is present
+    and skip, saying why, where none is."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present (scripts/gpu_check.sh runs these on one)")
