@@ -88,7 +88,7 @@ def chunked_loss(hidden, weight, bias, targets, valid, count, needs_grad: bool, 
     cache-sized chunk of rows at a time (`softmax_chunks_`). The weight gradient adds one product per buffer in
     float32."""
     V, N = weight.size(0), hidden.size(0)
-    rows = min(N, loss_buffer_rows(V, hidden.device, dtype))
+    rows = max(1, min(N, loss_buffer_rows(V, hidden.device, dtype)))  # at least 1: no tokens is a loss of 0
     acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in float32 at least
     w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
     grad_hidden = torch.empty_like(hidden) if needs_grad else None

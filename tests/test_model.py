@@ -261,6 +261,7 @@ def test_the_fused_loss_takes_chunks_sized_for_the_device_and_any_size_gives_the
     assert kernels.loss_buffer_rows(50304, torch.device("cuda"), torch.float32) == 1334
     assert kernels.loss_buffer_rows(50304, torch.device("cuda"), torch.bfloat16) == 2668
     assert kernels.loss_buffer_rows(10**6, torch.device("cuda"), torch.float32) == 67  # at least one chunk
+    assert LinearCrossEntropy.apply(torch.zeros(0, 8), torch.randn(5, 8), None, torch.zeros(0, dtype=torch.long)) == 0
     model = build("pythia").double()
     idx = torch.randint(0, 97, (3, 20))
     one = model(idx, targets=idx)
