@@ -111,7 +111,14 @@ def draw_masks(fabric: L.Fabric) -> list:
     add_lora(model, LoRAArgs(rank=2, dropout=0.5))
     seed_ranks(fabric, 7)
     mask = model.transformer.h[0].attn.qkv.dropout(torch.ones(64)) > 0
-    return fabric.all_gather(mask).tolist()  # a list: a tensor would not survive its process
+    gathered = fabric.all_gather(mask).tolist()  # a list: a tensor would not survive its process
+    if fabric.world_size > 1:
+        # ddp_spawn's processes end without the atexit hook that destroys the process group in a launched script: a
+        # rank that exited while gloo still held the other's all_gather aborted once in CI ("terminate called without
+        # an active exception", SIGABRT; pytorch/pytorch#190489). Both ranks wait, then close the group themselves.
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
+    return gathered
 
 
 def test_each_process_draws_its_own_dropout_masks():
