@@ -163,6 +163,17 @@ def wandb_logger(out_dir: Path):
     return WandbLogger(name=out_dir.resolve().name, save_dir=str(out_dir / "logs"))
 
 
+def launch_and_close(fabric: L.Fabric, function, *args) -> None:
+    """`fabric.launch(function, *args)`; then, in a run of several processes, every rank waits for the others and
+    closes its process group. Lightning closes it at exit for NCCL only, and a gloo process that ends with its group
+    open can abort as it exits ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489),
+    after the run has saved. A rank that failed never gets here: its exit ends the others' wait with an error."""
+    fabric.launch(function, *args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def finish_logging(fabric: L.Fabric) -> None:
     """Flush every logger at the end of a run; a W&B run is also finished (its summary and files written)."""
     for logger in fabric.loggers:

@@ -16,7 +16,7 @@ from lit_gpt.config import ATTENTION_FIELDS, FINETUNE_GATE_SCALE, FINETUNE_SSA_I
 from lit_gpt.data.alpaca import InstructionBatches, encode_records, load_records
 from lit_gpt.data.prepare import META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import TokenBatches, TokenData
-from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
+from lit_gpt.fabric import RunArgs, build_fabric, check_launch, launch_and_close, on_rank_zero
 from lit_gpt.lora import LoRAArgs, add_lora, check_same_kind, lora_files
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def launch(checkpoint_dir: Path, ssa: bool, ssa_only: bool, model: dict | None, 
     hparams = hyperparameters(**{f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "base"},
                               ssa=ssa, run=run)
     fabric = build_fabric(run, out_dir)
-    fabric.launch(main, job, hparams)
+    launch_and_close(fabric, main, job, hparams)
 
 
 @dataclass

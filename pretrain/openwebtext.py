@@ -19,7 +19,7 @@ from lit_gpt.checkpoint import find_resume_checkpoint, run_lock, save_checkpoint
 from lit_gpt.config import Config, with_ssa_flag
 from lit_gpt.data.prepare import GPT2_TOKENIZER, META_FILENAME, prepare_before_launch
 from lit_gpt.data.tokens import BinShardData, TokenBatches, TokenData
-from lit_gpt.fabric import RunArgs, build_fabric, check_launch, on_rank_zero
+from lit_gpt.fabric import RunArgs, build_fabric, check_launch, launch_and_close, on_rank_zero
 from lit_gpt.lora import check_same_kind
 from lit_gpt.model import GPT
 from lit_gpt.training import (
@@ -120,7 +120,7 @@ def setup(
     hparams = hyperparameters(model_name=model_name, **{f.name: getattr(job, f.name) for f in dataclasses.fields(job)},
                               run=run)
     fabric = build_fabric(run, out_dir)
-    fabric.launch(main, job, hparams)
+    launch_and_close(fabric, main, job, hparams)
 
 
 @dataclass

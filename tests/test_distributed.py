@@ -113,9 +113,9 @@ def draw_masks(fabric: L.Fabric) -> list:
     mask = model.transformer.h[0].attn.qkv.dropout(torch.ones(64)) > 0
     gathered = fabric.all_gather(mask).tolist()  # a list: a tensor would not survive its process
     if fabric.world_size > 1:
-        # ddp_spawn's processes end without the atexit hook that destroys the process group in a launched script: a
-        # rank that exited while gloo still held the other's all_gather aborted once in CI ("terminate called without
-        # an active exception", SIGABRT; pytorch/pytorch#190489). Both ranks wait, then close the group themselves.
+        # Lightning destroys the process group at exit for NCCL only, so these gloo processes ended with it open, and
+        # a rank aborted once in CI as it exited ("terminate called without an active exception", SIGABRT; the
+        # symptom of pytorch/pytorch#190489). Both ranks wait for each other, then close the group themselves.
         fabric.barrier()
         torch.distributed.destroy_process_group()
     return gathered
@@ -129,6 +129,27 @@ def test_each_process_draws_its_own_dropout_masks():
     single = draw_masks(L.Fabric(accelerator="cpu", devices=1))
     assert ranks[0] == single
     assert ranks[0] != ranks[1]
+
+
+def test_a_finished_run_closes_its_process_group_after_every_rank_is_done(monkeypatch):
+    """The training scripts launch through launch_and_close: after the run, a rank of a multi-process run waits for the
+    others and closes its process group (a gloo process that exits with it open can abort; Lightning closes it for
+    NCCL only). One process has no group and nothing to close. The two-process tests here run it for real."""
+    from lit_gpt.fabric import launch_and_close
+
+    class Launcher:
+        def launch(self, function, *args):
+            calls.append("launch")
+            function(*args)
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    for initialized, closed in ((True, ["barrier", "destroy"]), (False, [])):
+        calls.clear()
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda value=initialized: value)
+        launch_and_close(Launcher(), calls.append, "the run")
+        assert calls == ["launch", "the run", *closed]
 
 
 def test_a_multi_node_start_that_cannot_find_its_nodes_is_refused():
