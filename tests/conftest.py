@@ -31,9 +31,9 @@ def share_the_cores() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-# The files that take longest (each starts many training processes; benchmarks/results/suite_time.md), longest first.
-# pytest-xdist's --dist loadfile hands out files in collection order, so with these first the workers end together
-# instead of one running the last long file while the other waits.
+# The files that took longest in `pytest --durations` on two cores (each starts many training processes), longest
+# first. pytest-xdist's --dist loadfile hands out files in collection order, so none of these is the last file handed
+# out while the other worker has nothing left (measured alone, this changed the suite's time by less than its spread).
 LONGEST_FILES = ("test_distributed.py", "test_study.py", "test_pretrain.py", "test_tools.py", "test_hf_export.py")
 
 
