@@ -164,11 +164,16 @@ def wandb_logger(out_dir: Path):
 
 
 def launch_and_close(fabric: L.Fabric, function, *args) -> None:
-    """`fabric.launch(function, *args)`; then, in a run of several processes, every rank waits for the others and
-    closes its process group. Lightning closes it at exit for NCCL only, and a gloo process that ends with its group
-    open can abort as it exits ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489),
-    after the run has saved. A rank that failed never gets here: its exit ends the others' wait with an error."""
+    """`fabric.launch(function, *args)`, then `close_process_group`. A rank that failed never gets there: its exit
+    ends the others' wait with an error."""
     fabric.launch(function, *args)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """In a run of several processes, every rank waits for the others and closes its process group. Lightning closes
+    it at exit for NCCL only, and a gloo process that ends with its group open can abort as it exits ("terminate
+    called without an active exception", SIGABRT; pytorch/pytorch#190489), after the run has saved."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

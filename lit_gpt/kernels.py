@@ -131,7 +131,7 @@ def softmax_chunks_(logits, targets, valid, count, needs_grad: bool, acc: torch.
         grad = loss_gradient_(exp.div_(norm), safe_t, keep, count)
         if grad_bias is not None:
             grad_bias += grad.sum(0)
-        if grad.data_ptr() != part.data_ptr():
+        if x is not part:  # a float32 copy of a bf16 buffer's chunk
             part.copy_(grad)
     return total
 

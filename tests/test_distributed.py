@@ -16,7 +16,7 @@ import torch
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import load_checkpoint, save_model_dir
 from lit_gpt.data.prepare import GPT2_TOKENIZER
-from lit_gpt.fabric import check_nodes
+from lit_gpt.fabric import check_nodes, close_process_group
 from lit_gpt.lora import LoRAArgs, add_lora
 from lit_gpt.training import seed_ranks
 
@@ -112,12 +112,7 @@ def draw_masks(fabric: L.Fabric) -> list:
     seed_ranks(fabric, 7)
     mask = model.transformer.h[0].attn.qkv.dropout(torch.ones(64)) > 0
     gathered = fabric.all_gather(mask).tolist()  # a list: a tensor would not survive its process
-    if fabric.world_size > 1:
-        # Lightning destroys the process group at exit for NCCL only, so these gloo processes ended with it open, and
-        # a rank aborted once in CI as it exited ("terminate called without an active exception", SIGABRT; the
-        # symptom of pytorch/pytorch#190489). Both ranks wait for each other, then close the group themselves.
-        fabric.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()  # a rank of this ddp_spawn run once aborted in CI as it exited with the group open
     return gathered
 
 
